@@ -1,0 +1,63 @@
+"""Attention as one function with several implementations.
+
+``attention(q, k, v, q_pos=..., kv_pos=...)`` masks by *positions*, not array indices:
+a key is visible to a query when ``kv_pos <= q_pos`` (causal), ``kv_pos >= 0`` (a slot
+holding a real token; caches mark empty slots with -1) and the segment ids match (packed
+documents). This makes gathered token subsets (Mixture-of-Recursions) and KV caches work
+with the same code. Grouped-query attention: ``k``/``v`` carry ``num_kv_heads`` heads and
+each serves ``num_heads // num_kv_heads`` query heads.
+
+Implementations: ``xla`` (the pure-``jnp`` reference below). Pallas kernels register
+themselves in ``IMPLEMENTATIONS`` under their own names.
+"""
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+def attention_mask(q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=None, causal=True):
+  """Boolean mask [B, T, S]: which key slots each query may attend to."""
+  mask = (kv_pos >= 0)[:, None, :]
+  if causal:
+    mask = mask & (kv_pos[:, None, :] <= q_pos[:, :, None])
+  if q_segment_ids is not None:
+    mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+  return mask
+
+
+def xla_attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=None,
+                  causal=True, scale=None):
+  """Reference attention. q: [B, T, H, D]; k, v: [B, S, Hkv, D]; positions int [B, T] / [B, S].
+
+  Softmax runs in float32; a query with no visible key returns zeros.
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  if h % hkv:
+    raise ValueError(f'num_heads={h} is not a multiple of num_kv_heads={hkv}.')
+  scale = d ** -0.5 if scale is None else scale
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * scale
+  mask = attention_mask(q_pos, kv_pos, q_segment_ids, kv_segment_ids, causal)
+  logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+  weights = jax.nn.softmax(logits, axis=-1)
+  weights = jnp.where(mask[:, None, None], weights, 0.0)
+  out = jnp.einsum('bkgts,bskd->btkgd', weights.astype(v.dtype), v)
+  return out.reshape(b, t, h, d)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {'xla': xla_attention}
+
+
+def attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=None,
+              causal=True, impl: str = 'xla', scale: Optional[float] = None):
+  """Dispatches to the implementation named ``impl`` (see module docstring)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'attention impl={impl!r} unknown; available: {sorted(IMPLEMENTATIONS)}.')
+  if q_segment_ids is not None and kv_segment_ids is None:
+    kv_segment_ids = q_segment_ids
+  return IMPLEMENTATIONS[impl](q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)

@@ -1,0 +1,29 @@
+"""Functional KV caches shared by every model family.
+
+A cache is a plain dict pytree:
+  ``k``, ``v``: [L, B, S, Hkv, D] per-layer keys/values (L cache layers),
+  ``pos``: [B, S] int32 position of the token in each slot, -1 where empty,
+  ``end``: [B] int32 next slot to write.
+Each forward call writes its T tokens at slots ``end .. end+T-1`` of every row (padding
+tokens, segment id 0, are written with position -1 so nobody attends to them) and
+advances ``end`` by T. Writing past S is not checked inside ``jit`` (slots would be
+clamped); callers check ``end + T <= S`` statically, as ``model.decode.generate`` does.
+"""
+import jax.numpy as jnp
+
+from model.layers import KVContext, write_slots
+
+
+def init_cache(num_layers, batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
+  """An empty cache for ``max_len`` slots per row."""
+  shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'pos': jnp.full((batch, max_len), -1, jnp.int32), 'end': jnp.zeros((batch,), jnp.int32)}
+
+
+def advance(cache, positions, segment_ids=None):
+  """Returns (KVContext for this call's layers, cache with ``pos``/``end`` updated)."""
+  new_pos = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+  pos = write_slots(cache['pos'], new_pos.astype(jnp.int32), cache['end'])
+  ctx = KVContext(kv_pos=pos, write_idx=cache['end'])
+  return ctx, dict(cache, pos=pos, end=cache['end'] + positions.shape[1])

@@ -1,0 +1,183 @@
+"""Llama building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, decoder block.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mesh
+mapping lives in the config's rules, never here. Parameters are float32; compute runs in
+``cfg.dtype``; norms, softmax and RoPE run in float32.
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import attention as attention_lib
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and options of the Llama-style decoder (built from ``config.model``)."""
+  name: str = 'llama'
+  vocab_size: int = 259
+  embed_dim: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: embed_dim // num_heads
+  mlp_dim: int = 768
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  scan_layers: bool = False
+  remat: bool = False
+  dtype: str = 'float32'
+  attention_impl: str = 'xla'
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.dtype not in _DTYPES:
+      raise ValueError(f'model.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}.')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'model.num_heads={self.num_heads} must be a multiple of '
+                       f'model.num_kv_heads={self.num_kv_heads}.')
+    if not self.head_dim and self.embed_dim % self.num_heads:
+      raise ValueError(f'model.embed_dim={self.embed_dim} is not divisible by '
+                       f'model.num_heads={self.num_heads}; set model.head_dim.')
+
+  @classmethod
+  def from_config(cls, config, **overrides):
+    """Builds from a ConfigDict/dict; unknown fields raise, naming the field."""
+    values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+    values.update(overrides)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f'Unknown model config field(s) {unknown} for {cls.__name__}; '
+                       f'known fields: {sorted(names)}.')
+    return cls(**values)
+
+  @property
+  def dims_per_head(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+
+def _init(cfg, names):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Llama)."""
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def apply_rope(x, positions, theta):
+  """Rotary embedding, rotate-half convention (as Hugging Face Llama). x: [B, T, H, D]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :d // 2], x32[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVContext:
+  """What every layer needs to read/write its slice of a KV cache.
+
+  ``kv_pos`` [B, S] are the positions of all cache slots *after* this call's tokens are
+  written (-1 = empty); ``write_idx`` [B] is the slot where this call's first token goes.
+  """
+  kv_pos: jax.Array
+  write_idx: jax.Array
+
+
+def write_slots(buffer, update, start):
+  """Writes update [B, T, ...] into buffer [B, S, ...] at per-row slot ``start`` [B]."""
+  def one(buf, upd, s):
+    return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), s, axis=0)
+  return jax.vmap(one)(buffer, update, start)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE at the tokens' positions."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, layer_kv=None, kv_ctx: Optional[KVContext] = None):
+    cfg = self.cfg
+    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
+    dense = lambda feats, names, name: nn.DenseGeneral(
+        feats, use_bias=False, dtype=cfg.compute_dtype, kernel_init=_init(cfg, names), name=name)
+    q = dense((h, d), ('embed', 'heads', 'head_dim'), 'q')(x)
+    k = dense((hkv, d), ('embed', 'kv_heads', 'head_dim'), 'k')(x)
+    v = dense((hkv, d), ('embed', 'kv_heads', 'head_dim'), 'v')(x)
+    q = apply_rope(q, positions, cfg.rope_theta)
+    k = apply_rope(k, positions, cfg.rope_theta)
+    if layer_kv is None:
+      kv_pos = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+      keys, values, new_kv = k, v, None
+    else:
+      keys = write_slots(layer_kv[0], k, kv_ctx.write_idx)
+      values = write_slots(layer_kv[1], v, kv_ctx.write_idx)
+      kv_pos, new_kv, segment_ids = kv_ctx.kv_pos, (keys, values), None
+    out = attention_lib.attention(q, keys, values, q_pos=positions, kv_pos=kv_pos,
+                                  q_segment_ids=segment_ids, impl=cfg.attention_impl)
+    out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+                          kernel_init=_init(cfg, ('heads', 'head_dim', 'embed')), name='o')(out)
+    return out, new_kv
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dense = lambda feats, names, name: nn.Dense(
+        feats, use_bias=False, dtype=cfg.compute_dtype, kernel_init=_init(cfg, names), name=name)
+    hidden = nn.silu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'gate')(x)) * dense(
+        cfg.mlp_dim, ('embed', 'mlp'), 'up')(x)
+    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
+    return dense(cfg.embed_dim, ('mlp', 'embed'), 'down')(hidden)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm Llama block: x + Attn(norm(x)); x + MLP(norm(x)).
+
+  Called as ``block(x, layer_kv, (positions, segment_ids, kv_ctx))`` so that ``nn.scan``
+  can scan over layers with the per-layer cache as the scanned input; returns
+  ``(x, new_layer_kv)``.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_kv, ctx):
+    positions, segment_ids, kv_ctx = ctx
+    cfg = self.cfg
+    attn_out, new_kv = Attention(cfg, name='attn')(
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x), positions, segment_ids,
+        layer_kv, kv_ctx)
+    x = x + attn_out
+    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    return x, new_kv

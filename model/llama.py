@@ -1,0 +1,87 @@
+"""Llama-style decoder: the "vanilla" baseline every other family builds on.
+
+token embedding (tied or untied) -> L x DecoderBlock -> RMSNorm -> LM head. Layers are a
+Python loop of distinct modules (``layers_0`` ...) or, with ``scan_layers``, one
+``nn.scan`` (parameters stacked under ``layers`` with a leading 'layers' axis; compile
+time flat in depth).
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from model import kv_cache
+from model.layers import DecoderBlock, ModelConfig, RMSNorm, _init
+
+
+class Embedder(nn.Module):
+  """Token embedding and LM head; ``attend`` reuses the embedding when tied."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype,
+                          embedding_init=_init(cfg, ('vocab', 'embed')), name='embed')
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              kernel_init=_init(cfg, ('embed', 'vocab')), name='lm_head')
+
+  def encode(self, tokens):
+    return self.embed(tokens)
+
+  def decode(self, x):
+    logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'):
+  """Applies ``num_layers`` DecoderBlocks (loop or scan) inside the calling module.
+
+  ``layer_caches`` is None or (k, v) stacked [num_layers, ...]; returns (x, new caches).
+  """
+  block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+  if cfg.scan_layers:
+    scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(0, nn.broadcast), length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+    return scanned(cfg, name=name)(x, layer_caches, ctx)
+  new_k, new_v = [], []
+  for i in range(num_layers):
+    layer_kv = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+    x, kv = block(cfg, name=f'{name}_{i}')(x, layer_kv, ctx)
+    if kv is not None:
+      new_k.append(kv[0])
+      new_v.append(kv[1])
+  return x, (None if layer_caches is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+
+class Llama(nn.Module):
+  """``apply(params, tokens, positions, segment_ids, cache, train) -> (logits, aux)``.
+
+  ``aux`` holds ``losses`` (auxiliary losses, already scaled; none for this family) and,
+  when a cache was given, the updated ``cache``.
+  """
+  cfg: ModelConfig
+
+  def init_cache(self, batch, max_len):
+    cfg = self.cfg
+    return kv_cache.init_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads,
+                               cfg.dims_per_head, cfg.compute_dtype)
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False):
+    del train  # No dropout in this family.
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embedder = Embedder(cfg, name='embedder')
+    x = nn.with_logical_constraint(embedder.encode(tokens), ('batch', 'length', 'embed'))
+    kv_ctx, layer_caches, new_cache = None, None, None
+    if cache is not None:
+      kv_ctx, new_cache = kv_cache.advance(cache, positions, segment_ids)
+      layer_caches = (cache['k'], cache['v'])
+    x, new_layer_caches = run_layers(cfg, x, (positions, segment_ids, kv_ctx), layer_caches,
+                                     cfg.num_layers)
+    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(x)
+    aux = {'losses': {}}
+    if cache is not None:
+      aux['cache'] = dict(new_cache, k=new_layer_caches[0], v=new_layer_caches[1])
+    return embedder.decode(x), aux
