@@ -1,0 +1,322 @@
+"""Tokenizers behind one interface: byte-level, SentencePiece, Hugging Face.
+
+`make_tokenizer(config, workdir)` builds the tokenizer named by `config.kind`
+and saves it under `workdir/tokenizer/`; a resumed run finds it there and
+reloads it, so every run in a workdir uses the same vocabulary. `encode` never
+adds BOS/EOS: the data pipeline adds them where its config says.
+"""
+
+import abc
+from collections.abc import Iterable
+import io
+import json
+import os
+import shutil
+from typing import ClassVar
+
+from ml_collections import config_dict
+import sentencepiece as spm
+import tokenizers as hf_tokenizers
+
+MARKER_FILE = 'tokenizer_kind.json'
+TOKENIZER_SUBDIR = 'tokenizer'
+
+
+def default_tokenizer_config() -> config_dict.ConfigDict:
+  """Tokenizer config; `kind` is 'byte', 'sentencepiece' or 'huggingface'."""
+  return config_dict.ConfigDict(dict(
+      kind='byte',
+      # sentencepiece: trained on the first `max_train_chars` characters of the
+      # texts given to `make_tokenizer`, one line per sentence.
+      vocab_size=1024,
+      model_type='bpe',  # or 'unigram'
+      max_train_chars=3_000_000,
+      character_coverage=0.9999,
+      # huggingface: path of a tokenizer.json; special ids override the ones
+      # found by name (tokenizer_config.json beside it, then common names).
+      path='',
+      bos_id=config_dict.placeholder(int),
+      eos_id=config_dict.placeholder(int),
+      pad_id=config_dict.placeholder(int),
+  ))
+
+
+class Tokenizer(abc.ABC):
+  """The interface the data pipeline, trainer and samplers rely on."""
+
+  kind: ClassVar[str]
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; special ids (pad, bos, eos) decode to nothing."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def bos_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def pad_id(self) -> int:
+    ...
+
+  @classmethod
+  @abc.abstractmethod
+  def from_config(cls, config: config_dict.ConfigDict,
+                  texts: Iterable[str] | None) -> 'Tokenizer':
+    """Builds (or trains, from `texts`) the tokenizer described by `config`."""
+
+  @classmethod
+  @abc.abstractmethod
+  def load(cls, directory: str, info: dict) -> 'Tokenizer':
+    """Reloads what `save` wrote; `info` is the marker file's content."""
+
+  def _save_files(self, directory: str) -> None:
+    """Writes the files `load` needs besides the marker."""
+
+  def save(self, directory: str) -> None:
+    """Writes the tokenizer and a marker naming its kind into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    self._save_files(directory)
+    info = dict(kind=self.kind, vocab_size=self.vocab_size, bos_id=self.bos_id,
+                eos_id=self.eos_id, pad_id=self.pad_id)
+    with open(os.path.join(directory, MARKER_FILE), 'w') as f:
+      json.dump(info, f, indent=2)
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes: pad 0, bos 1, eos 2, byte b -> b + 3."""
+
+  kind = 'byte'
+  _OFFSET = 3
+
+  def encode(self, text):
+    return [b + self._OFFSET for b in text.encode('utf-8')]
+
+  def decode(self, ids):
+    data = bytes(int(i) - self._OFFSET for i in ids
+                 if self._OFFSET <= i < self.vocab_size)
+    return data.decode('utf-8', errors='replace')
+
+  vocab_size = property(lambda self: 256 + self._OFFSET)
+  pad_id = property(lambda self: 0)
+  bos_id = property(lambda self: 1)
+  eos_id = property(lambda self: 2)
+
+  @classmethod
+  def from_config(cls, config, texts):
+    return cls()
+
+  @classmethod
+  def load(cls, directory, info):
+    return cls()
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """SentencePiece with pad 0, bos 1, eos 2, unk 3 and byte fallback."""
+
+  kind = 'sentencepiece'
+  MODEL_FILE = 'spm.model'
+
+  def __init__(self, model_proto: bytes):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+  def encode(self, text):
+    return self._sp.encode(text)
+
+  def decode(self, ids):
+    return self._sp.decode([int(i) for i in ids])
+
+  vocab_size = property(lambda self: self._sp.vocab_size())
+  pad_id = property(lambda self: self._sp.pad_id())
+  bos_id = property(lambda self: self._sp.bos_id())
+  eos_id = property(lambda self: self._sp.eos_id())
+
+  @classmethod
+  def from_config(cls, config, texts):
+    """Trains on lines of `texts`, up to `config.max_train_chars` characters."""
+    if texts is None:
+      raise ValueError('tokenizer.kind=sentencepiece needs training texts: pass '
+                       'texts= to make_tokenizer (e.g. data.document_texts).')
+    model = io.BytesIO()
+    # Identity normalisation, kept whitespace and '\n' as a piece make
+    # decode(encode(text)) == text for code; byte_fallback covers rare chars.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts, config.max_train_chars),
+        model_writer=model, vocab_size=config.vocab_size,
+        model_type=config.model_type,
+        character_coverage=config.character_coverage,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
+        normalization_rule_name='identity', remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=['\n'], num_threads=os.cpu_count() or 1,
+        minloglevel=2)
+    return cls(model.getvalue())
+
+  @classmethod
+  def load(cls, directory, info):
+    with open(_existing(os.path.join(directory, cls.MODEL_FILE)), 'rb') as f:
+      return cls(f.read())
+
+  def _save_files(self, directory):
+    with open(os.path.join(directory, self.MODEL_FILE), 'wb') as f:
+      f.write(self._proto)
+
+
+def _lines(texts: Iterable[str], max_chars: int):
+  """Yields non-empty lines of `texts` until `max_chars` characters."""
+  total = 0
+  for text in texts:
+    for line in text.splitlines():
+      if line.strip():
+        yield line
+        total += len(line)
+        if total >= max_chars:
+          return
+
+
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json`, encoded without added special tokens."""
+
+  kind = 'huggingface'
+  FILE = 'tokenizer.json'
+  _NAMES = {
+      'bos': ('<s>', '<|begin_of_text|>', '<bos>', '<|endoftext|>'),
+      'eos': ('</s>', '<|end_of_text|>', '<eos>', '<|endoftext|>'),
+      'pad': ('<pad>', '<|pad|>', '[PAD]', '<|finetune_right_pad_id|>'),
+  }
+
+  def __init__(self, path: str, bos_id: int, eos_id: int, pad_id: int):
+    self._path = path
+    self._tok = hf_tokenizers.Tokenizer.from_file(_existing(path))
+    self._special = dict(bos=bos_id, eos=eos_id, pad=pad_id)
+
+  def encode(self, text):
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  vocab_size = property(
+      lambda self: self._tok.get_vocab_size(with_added_tokens=True))
+  bos_id = property(lambda self: self._special['bos'])
+  eos_id = property(lambda self: self._special['eos'])
+  pad_id = property(lambda self: self._special['pad'])
+
+  @classmethod
+  def from_config(cls, config, texts):
+    path = config.path
+    if not path:
+      raise ValueError('tokenizer.kind=huggingface needs tokenizer.path, the '
+                       'path of a tokenizer.json.')
+    tok = hf_tokenizers.Tokenizer.from_file(_existing(path))
+    named = _hf_special_token_names(os.path.dirname(path))
+    ids = {}
+    for name in ('bos', 'eos', 'pad'):
+      ids[name] = config[f'{name}_id']
+      candidates = (named.get(name),) + cls._NAMES[name]
+      for token in candidates:
+        if ids[name] is None and token is not None:
+          ids[name] = tok.token_to_id(token)
+    ids['pad'] = ids['eos'] if ids['pad'] is None else ids['pad']
+    missing = [n for n in ('bos', 'eos') if ids[n] is None]
+    if missing:
+      raise ValueError(f'{path}: no {"/".join(missing)} token found; set '
+                       + ', '.join(f'tokenizer.{n}_id' for n in missing))
+    return cls(path, ids['bos'], ids['eos'], ids['pad'])
+
+  @classmethod
+  def load(cls, directory, info):
+    return cls(os.path.join(directory, cls.FILE), info['bos_id'],
+               info['eos_id'], info['pad_id'])
+
+  def _save_files(self, directory):
+    target = os.path.join(directory, self.FILE)
+    if os.path.abspath(target) != os.path.abspath(self._path):
+      shutil.copyfile(self._path, target)
+
+
+def _hf_special_token_names(directory: str) -> dict[str, str]:
+  """bos/eos/pad token strings from a tokenizer_config.json, if present."""
+  path = os.path.join(directory, 'tokenizer_config.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    cfg = json.load(f)
+  names = {}
+  for name in ('bos', 'eos', 'pad'):
+    token = cfg.get(f'{name}_token')
+    names[name] = token.get('content') if isinstance(token, dict) else token
+  return names
+
+
+_KINDS: dict[str, type[Tokenizer]] = {
+    cls.kind: cls
+    for cls in (ByteTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)
+}
+
+
+def _existing(path: str) -> str:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Tokenizer file not found: {path}')
+  return path
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+  """Reloads a tokenizer written by `Tokenizer.save(directory)`."""
+  with open(_existing(os.path.join(directory, MARKER_FILE))) as f:
+    info = json.load(f)
+  return _KINDS[info['kind']].load(directory, info)
+
+
+def make_tokenizer(config: config_dict.ConfigDict, workdir: str | None = None,
+                   texts: Iterable[str] | None = None) -> Tokenizer:
+  """Builds the tokenizer of `config`, or reloads the one saved in `workdir`.
+
+  Args:
+    config: a `default_tokenizer_config()`-like ConfigDict.
+    workdir: run directory; the tokenizer is saved to `workdir/tokenizer/`, and
+      reloaded from there when present (after checking it matches `config`).
+    texts: training documents, needed only to train a new SentencePiece model.
+  """
+  if config.kind not in _KINDS:
+    raise ValueError(f'tokenizer.kind={config.kind!r}; expected one of '
+                     f'{sorted(_KINDS)}')
+  directory = workdir and os.path.join(workdir, TOKENIZER_SUBDIR)
+  if directory and os.path.exists(os.path.join(directory, MARKER_FILE)):
+    tokenizer = load_tokenizer(directory)
+    _check_matches(tokenizer, config, directory)
+    return tokenizer
+  tokenizer = _KINDS[config.kind].from_config(config, texts)
+  if directory:
+    tokenizer.save(directory)
+  return tokenizer
+
+
+def _check_matches(tokenizer: Tokenizer, config: config_dict.ConfigDict,
+                   directory: str) -> None:
+  """Raises if the tokenizer saved in a workdir disagrees with `config`."""
+  expected = [('kind', config.kind, tokenizer.kind)]
+  if config.kind == 'sentencepiece':
+    expected.append(('vocab_size', config.vocab_size, tokenizer.vocab_size))
+  for field, want, saved in expected:
+    if want != saved:
+      raise ValueError(
+          f'tokenizer.{field}={want!r} but the tokenizer saved in {directory} '
+          f'has {field}={saved!r}; use a fresh workdir or set '
+          f'tokenizer.{field}={saved!r}.')
