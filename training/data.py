@@ -1,0 +1,336 @@
+"""Grain input pipelines: documents -> tokens -> packed, batched LM examples.
+
+`make_dataset` returns a grain `IterDataset`; each element is a dict of int32
+numpy arrays of shape [batch_size // process_count, seq_len]:
+
+  tokens       input token ids (pad_id where segment_ids == 0)
+  targets      the next token of the same document: targets[t] = tokens[t+1],
+               or the token just past the row's end; pad_id where loss_mask == 0
+  positions    position within the packed segment, 0 at each segment start
+  segment_ids  1, 2, ... for the documents (or document chunks) of a row; 0 pad
+  loss_mask    1 where targets[t] is a real next token of the same segment
+
+So the loss is `sum(loss_mask * xent(logits(tokens)[t], targets[t]))`: no
+shifting is left to the trainer. Rows are cut from the concatenated token
+stream with `seq_len + 1` tokens each (grain's ConcatThenSplitIterDataset), so
+the last input of a row still has a target; a document longer than a row is
+split into chunks whose positions restart at 0, never dropped.
+
+Pipeline: documents of the split (a hash of each document's key decides its
+split) -> this process's shard `[process_index::process_count]` -> (train)
+seeded shuffle, reshuffled each epoch, repeated `num_epochs` times (None:
+forever) -> tokenize, add BOS/EOS -> pack -> (train) shuffle rows in windows of
+`shuffle_buffer` -> batch. Order depends only on the seed and the config; the
+iterator's `get_state()`/`set_state()` resume it exactly. The validation split
+is neither shuffled nor repeated: finite and the same on every call.
+
+Sources (`source`):
+  pycorpus     the running Python's standard library `.py` files (test suites
+               included; site-packages, dist-packages and pydoc_data/topics.py
+               excluded), one document per file, keyed by path relative to the
+               stdlib, plus each `pydoc_data.topics.topics` text (key 'topic/K').
+  text         files matching `paths`, one document per file.
+  jsonl        files matching `paths`, one document per non-blank line, the
+               string in field `text_field`.
+  arrayrecord  ArrayRecord files matching `paths`, each record a UTF-8 text.
+For file sources, `validation_paths` (if set) names the validation files and
+all of `paths` is training data; otherwise both splits come from `paths`.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+import functools
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+
+from array_record.python import array_record_module
+import grain
+import grain.experimental as grain_exp
+from ml_collections import config_dict
+import numpy as np
+
+from training import tokenizers
+
+SPLITS = ('train', 'validation')
+# Tokenization is cheap per document; a few threads keep the packer fed
+# without tokenizing far ahead of what a restored iterator needs.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+
+
+def default_data_config() -> config_dict.ConfigDict:
+  """Data config: the embedded pycorpus, byte-sized rows for tiny models."""
+  return config_dict.ConfigDict(dict(
+      source='pycorpus',  # 'pycorpus' | 'text' | 'jsonl' | 'arrayrecord'
+      paths=config_dict.placeholder(object),  # glob or list of globs
+      validation_paths=config_dict.placeholder(object),
+      text_field='text',  # jsonl
+      seq_len=256,
+      batch_size=16,  # global; each process gets batch_size // process_count
+      shuffle_buffer=1024,  # rows per shuffle window (train); <= 1: none
+      validation_fraction=0.05,
+      add_bos=True,
+      add_eos=True,
+      num_epochs=config_dict.placeholder(int),  # train; None: forever
+      max_docs=config_dict.placeholder(int),  # cap per split, before sharding
+      pack=True,  # False: one document per row, truncated to seq_len + 1
+  ))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Corpus:
+  """Random access to documents: `keys[i]` names document i, `read(i)` is it."""
+  keys: Sequence[str]
+  read: Callable[[int], str]
+
+
+def _read_file(path: str) -> str:
+  with open(path, encoding='utf-8', errors='replace') as f:
+    return f.read()
+
+
+def _pycorpus() -> _Corpus:
+  """Standard-library sources and pydoc topics (see the module docstring)."""
+  import pydoc_data.topics  # pylint: disable=g-import-not-at-top
+  root = sysconfig.get_paths()['stdlib']
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in (
+        'site-packages', 'dist-packages', '__pycache__')]
+    files.extend(os.path.relpath(os.path.join(dirpath, name), root)
+                 for name in filenames if name.endswith('.py'))
+  files = sorted(f for f in files
+                 if f != os.path.join('pydoc_data', 'topics.py'))
+  topics = pydoc_data.topics.topics
+  topic_keys = sorted(topics)
+
+  def read(i):
+    if i < len(files):
+      return _read_file(os.path.join(root, files[i]))
+    return topics[topic_keys[i - len(files)]]
+
+  return _Corpus(files + [f'topic/{k}' for k in topic_keys], read)
+
+
+def _glob(paths) -> list[str]:
+  """Sorted files matching a glob or list of globs; each must match."""
+  files = []
+  for pattern in [paths] if isinstance(paths, str) else list(paths or []):
+    matched = sorted(glob.glob(pattern, recursive=True))
+    if not matched:
+      raise FileNotFoundError(f'data.paths: no files match {pattern!r}')
+    files.extend(matched)
+  if not files:
+    raise ValueError('data.paths is empty; set it to a glob or list of globs')
+  return files
+
+
+def _text_files(paths, config) -> _Corpus:
+  del config  # Unused.
+  files = _glob(paths)
+  return _Corpus(files, lambda i: _read_file(files[i]))
+
+
+def _jsonl_files(paths, config) -> _Corpus:
+  """One document per non-blank line; lines are located by byte offset."""
+  keys, offsets = [], []
+  for path in _glob(paths):
+    with open(path, 'rb') as f:
+      offset = 0
+      for number, line in enumerate(f, start=1):
+        if line.strip():
+          keys.append(f'{path}:{number}')
+          offsets.append((path, offset))
+        offset += len(line)
+  field = config.text_field
+
+  def read(i):
+    path, offset = offsets[i]
+    with open(path, 'rb') as f:
+      f.seek(offset)
+      record = json.loads(f.readline())
+    if field not in record:
+      raise KeyError(f'{keys[i]}: no field data.text_field={field!r}')
+    return record[field]
+
+  return _Corpus(keys, read)
+
+
+def _arrayrecord_files(paths, config) -> _Corpus:
+  del config  # Unused.
+  files = _glob(paths)
+  keys = []
+  for path in files:
+    reader = array_record_module.ArrayRecordReader(path)
+    keys.extend(f'{path}:{i}' for i in range(reader.num_records()))
+    reader.close()
+  source = grain.sources.ArrayRecordDataSource(files)
+  return _Corpus(keys, lambda i: source[i].decode('utf-8', errors='replace'))
+
+
+_FILE_SOURCES = {
+    'text': _text_files,
+    'jsonl': _jsonl_files,
+    'arrayrecord': _arrayrecord_files,
+}
+
+
+def _in_validation(key: str, fraction: float) -> bool:
+  """A stable pseudo-random split of document keys (not Python's hash())."""
+  digest = hashlib.sha256(key.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64 < fraction
+
+
+def _split(config, split: str) -> tuple[_Corpus, np.ndarray]:
+  """The corpus and the indices of the documents of `split`, in key order."""
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}; expected one of {SPLITS}')
+  if config.source == 'pycorpus':
+    corpus = _pycorpus()
+  elif config.source in _FILE_SOURCES:
+    open_files = _FILE_SOURCES[config.source]
+    if config.validation_paths:
+      paths = config.validation_paths if split == 'validation' else config.paths
+      corpus = open_files(paths, config)
+      return corpus, _cap(np.arange(len(corpus.keys)), config)
+    corpus = open_files(config.paths, config)
+  else:
+    raise ValueError(f'data.source={config.source!r}; expected pycorpus or '
+                     f'one of {sorted(_FILE_SOURCES)}')
+  wanted = split == 'validation'
+  indices = [i for i, key in enumerate(corpus.keys)
+             if _in_validation(key, config.validation_fraction) == wanted]
+  return corpus, _cap(np.asarray(indices, np.int64), config)
+
+
+def _cap(indices: np.ndarray, config) -> np.ndarray:
+  return indices if config.max_docs is None else indices[:config.max_docs]
+
+
+def _documents(config, split: str, process_index: int, process_count: int,
+               seed: int, num_epochs: int | None
+               ) -> tuple[_Corpus, grain.MapDataset]:
+  """Document indices of this process, shuffled and repeated for training."""
+  corpus, indices = _split(config, split)
+  indices = indices[process_index::process_count]
+  if not indices.size:
+    raise ValueError(
+        f'No {split} documents for process {process_index} of {process_count} '
+        f'(data.source={config.source!r}, validation_fraction='
+        f'{config.validation_fraction}, max_docs={config.max_docs}).')
+  ds = grain.MapDataset.source(indices)
+  if split == 'train':
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  return corpus, ds
+
+
+def document_texts(data_config: config_dict.ConfigDict, split: str = 'train',
+                   seed: int = 0) -> Iterator[str]:
+  """Texts of one epoch of `split`, in training order (e.g. to fit a tokenizer)."""
+  corpus, ds = _documents(data_config, split, 0, 1, seed, num_epochs=1)
+  for index in ds:
+    yield corpus.read(int(index))
+
+
+def _tokenize(corpus: _Corpus, tokenizer: tokenizers.Tokenizer, config,
+              index) -> np.ndarray:
+  ids = tokenizer.encode(corpus.read(int(index)))
+  ids = ([tokenizer.bos_id] * config.add_bos + ids
+         + [tokenizer.eos_id] * config.add_eos)
+  return np.asarray(ids, np.int32)
+
+
+def _one_document_row(ids: np.ndarray, length: int) -> dict[str, np.ndarray]:
+  """A row holding one document, truncated to `length`, zero-padded."""
+  ids = ids[:length]
+  pad = length - ids.size
+  return dict(tokens=np.pad(ids, (0, pad)),
+              tokens_segment_ids=np.pad(np.ones_like(ids), (0, pad)),
+              tokens_positions=np.pad(np.arange(ids.size, dtype=np.int32),
+                                      (0, pad)))
+
+
+def _shift(pad_id: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Turns a packed row of seq_len + 1 tokens into inputs and targets."""
+  tokens, segments = row['tokens'], row['tokens_segment_ids']
+  inputs = segments[:-1]
+  loss_mask = (inputs == segments[1:]) & (inputs != 0)
+  return dict(
+      tokens=np.where(inputs != 0, tokens[:-1], pad_id).astype(np.int32),
+      targets=np.where(loss_mask, tokens[1:], pad_id).astype(np.int32),
+      positions=row['tokens_positions'][:-1].astype(np.int32),
+      segment_ids=inputs.astype(np.int32),
+      loss_mask=loss_mask.astype(np.int32),
+  )
+
+
+def _rows(config, tokenizer: tokenizers.Tokenizer, split: str,
+          process_index: int, process_count: int, seed: int
+          ) -> grain.IterDataset:
+  """Unbatched rows in the layout of the module docstring."""
+  num_epochs = config.num_epochs if split == 'train' else 1
+  corpus, ds = _documents(config, split, process_index, process_count, seed,
+                          num_epochs)
+  ds = ds.map(functools.partial(_tokenize, corpus, tokenizer, config))
+  ds = ds.filter(lambda ids: ids.size > 0)
+  rows = ds.to_iter_dataset(_READ_OPTIONS)
+  length = config.seq_len + 1
+  if config.pack:
+    rows = grain_exp.ConcatThenSplitIterDataset(
+        rows.map(lambda ids: dict(tokens=ids)),
+        length_struct=dict(tokens=length))
+  else:
+    rows = rows.map(functools.partial(_one_document_row, length=length))
+  rows = rows.map(functools.partial(_shift, tokenizer.pad_id))
+  if split == 'train' and config.shuffle_buffer > 1:
+    rows = grain_exp.WindowShuffleIterDataset(
+        rows, window_size=config.shuffle_buffer, seed=seed)
+  return rows
+
+
+def make_dataset(data_config: config_dict.ConfigDict,
+                 tokenizer: tokenizers.Tokenizer, split: str,
+                 process_index: int = 0, process_count: int = 1,
+                 seed: int = 0) -> grain.IterDataset:
+  """This process's batches of `split`; see the module docstring for layout.
+
+  Args:
+    data_config: a `default_data_config()`-like ConfigDict.
+    tokenizer: a `tokenizers.Tokenizer`.
+    split: 'train' (shuffled, repeated `num_epochs` times) or 'validation'
+      (in a fixed order, once; finite and deterministic).
+    process_index: this process's index; it reads a disjoint shard of documents.
+    process_count: number of processes sharing `data_config.batch_size`.
+    seed: shuffle seed (train only).
+
+  Returns:
+    A grain IterDataset of dicts of int32 arrays [batch_size // process_count,
+    seq_len]; `iter(ds)` has `get_state()` / `set_state()` for checkpoints.
+  """
+  if data_config.batch_size % process_count:
+    raise ValueError(f'data.batch_size={data_config.batch_size} is not '
+                     f'divisible by process_count={process_count}')
+  rows = _rows(data_config, tokenizer, split, process_index, process_count,
+               seed)
+  return rows.batch(data_config.batch_size // process_count,
+                    drop_remainder=True)
+
+
+def unigram_entropy(data_config: config_dict.ConfigDict,
+                    tokenizer: tokenizers.Tokenizer, split: str = 'validation',
+                    max_tokens: int = 1_000_000) -> float:
+  """Entropy (nats/token) of the unigram distribution of `split`'s targets.
+
+  Counts the targets the model is scored on (loss_mask == 1) of the first
+  `max_tokens` of them: the loss of the best context-free predictor.
+  """
+  counts = np.zeros(tokenizer.vocab_size, np.int64)
+  for row in _rows(data_config, tokenizer, split, 0, 1, seed=0):
+    counts += np.bincount(row['targets'][row['loss_mask'] == 1],
+                          minlength=tokenizer.vocab_size)
+    if counts.sum() >= max_tokens:
+      break
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
