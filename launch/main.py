@@ -31,7 +31,27 @@ def get_job(name):
   return getattr(importlib.import_module(module_name), fn_name)
 
 
+def _fake_cpu_devices(count):
+  """Asks XLA for ``count`` CPU devices (a dry run's stand-in for the target mesh).
+
+  Only effective before JAX's backend starts; harmless on GPU/TPU hosts, where the real
+  devices are used.
+  """
+  flag = f'--xla_force_host_platform_device_count={count}'
+  if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+
+
+class _QuietLibraries:
+  """Drops INFO records from JAX/Orbax/grain internals; ours and all warnings stay."""
+
+  def filter(self, record):
+    noisy = any(f'/{lib}/' in record.pathname for lib in ('orbax', 'jax', 'grain', 'flax'))
+    return record.levelno > 20 or not noisy
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
@@ -39,6 +59,8 @@ def main(argv):
     raise app.UsageError('--config=configs/X.py is required.')
   job = get_job(config.get('job', 'pretrain'))
   workdir = _WORKDIR.value or os.path.join('workdirs', config.get('name', config.get('job', 'run')))
+  if config.get('dry_run', False) and config.get('dry_run_devices', 0):
+    _fake_cpu_devices(config.dry_run_devices)
   if config.get('distributed', False):
     import jax
     jax.distributed.initialize()

@@ -1,0 +1,75 @@
+"""Orbax checkpointing of the train state and the grain iterator, with a shape check.
+
+Layout: ``workdir/checkpoints/<step>/{state,data}``. Restore goes through an abstract
+target carrying explicit shardings, so a checkpoint restores onto a different mesh.
+Before restoring, the saved parameter shapes are compared with the model's; a mismatch
+raises naming the parameter, and nothing in the workdir is touched.
+"""
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def _path_str(path):
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def flat_shapes(tree):
+  """{'a/b/c': shape} for every leaf with a ``shape``."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_str(p): tuple(v.shape) for p, v in leaves if hasattr(v, 'shape')}
+
+
+class Checkpointer:
+  """Keeps the last ``keep`` checkpoints of ``{'state': TrainState-dict, 'data': iterator}``."""
+
+  def __init__(self, workdir, keep=3, async_save=True):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state, data_iter=None, force=False):
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def check_shapes(self, step, abstract_params):
+    """Raises ValueError if the saved params' shapes differ from ``abstract_params``."""
+    saved = flat_shapes(self.manager.item_metadata(step)['state'].tree['params'])
+    wanted = flat_shapes(abstract_params)
+    problems = [f'{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}'
+                for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if problems:
+      raise ValueError(
+          f'Checkpoint at {self.directory}/{step} does not match the configured model '
+          f'({len(problems)} parameter(s) differ): ' + '; '.join(problems[:5]) +
+          '. Use a fresh --workdir or the config the checkpoint was trained with.')
+
+  def restore(self, step, abstract_state, data_iter=None):
+    """Restores onto ``abstract_state`` (ShapeDtypeStructs with shardings)."""
+    self.check_shapes(step, abstract_state['params'])
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
