@@ -27,8 +27,8 @@ is neither shuffled nor repeated: finite and the same on every call.
 Sources (`source`):
   pycorpus     the running Python's standard library `.py` files (test suites
                included; site-packages, dist-packages and pydoc_data/topics.py
-               excluded), one document per file, keyed by path relative to the
-               stdlib, plus each `pydoc_data.topics.topics` text (key 'topic/K').
+               excluded; read as UTF-8, invalid bytes replaced), one document
+               per file, keyed by path relative to the stdlib, plus each `pydoc_data.topics.topics` text (key 'topic/K').
   text         files matching `paths`, one document per file.
   jsonl        files matching `paths`, one document per non-blank line, the
                string in field `text_field`.
@@ -44,6 +44,7 @@ import glob
 import hashlib
 import json
 import os
+import pydoc_data.topics
 import sysconfig
 
 from array_record.python import array_record_module
@@ -93,7 +94,6 @@ def _read_file(path: str) -> str:
 
 def _pycorpus() -> _Corpus:
   """Standard-library sources and pydoc topics (see the module docstring)."""
-  import pydoc_data.topics  # pylint: disable=g-import-not-at-top
   root = sysconfig.get_paths()['stdlib']
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
