@@ -1,0 +1,161 @@
+"""One sampler for every model family: batched prefill, then a jit-compiled decode loop.
+
+``generate`` prefills a batch of right-padded prompts in one call, samples each row's
+first token from the logits at its last real prompt token, then feeds one token per row
+per step (at position ``prompt_length + step``) in a ``lax.while_loop`` that stops a row
+at a stop token and exits as soon as every row has stopped. ``sample_logits`` and
+``filter_logits`` are the pure sampling functions it uses (greedy, temperature, top-k,
+top-p).
+"""
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick the next token. ``top_k=0`` and ``top_p=1`` disable those filters."""
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+
+  def __post_init__(self):
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f'sampling.temperature={self.temperature} must be > 0 '
+                       '(use greedy=True for argmax decoding).')
+    if self.top_k < 0:
+      raise ValueError(f'sampling.top_k={self.top_k} must be >= 0 (0 disables it).')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'sampling.top_p={self.top_p} must be in (0, 1] (1 disables it).')
+
+
+class GenerateOutput(NamedTuple):
+  """``tokens`` [B, N] (``pad_id`` after a row stops); ``logprobs`` [B, N] float32, the raw
+  model log-softmax (temperature 1, no filtering) of each generated token, 0 at padding;
+  ``lengths`` [B] tokens generated per row, including the stop token."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+
+
+def filter_logits(logits, sampling: SamplingConfig):
+  """Logits [..., V] scaled by 1/temperature, with tokens outside top-k / top-p set to -inf.
+
+  Top-k keeps exactly k tokens (ties broken by index); top-p then keeps the smallest set
+  of most likely tokens whose probability mass (after top-k) is >= top_p.
+  """
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  vocab = logits.shape[-1]
+  use_k = 0 < sampling.top_k < vocab
+  if not use_k and sampling.top_p >= 1:
+    return logits
+  order = jnp.argsort(-logits, axis=-1, stable=True)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  keep = jnp.ones(sorted_logits.shape, bool)
+  if use_k:
+    keep = jnp.broadcast_to(jnp.arange(vocab) < sampling.top_k, keep.shape)
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+  if sampling.top_p < 1:
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = keep & (mass_before < sampling.top_p)
+  keep = jnp.take_along_axis(keep, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_logits(logits, rng, sampling: SamplingConfig):
+  """Samples token ids [...] from logits [..., V]: argmax if greedy, else filtered softmax."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def _pick(logits, rng, sampling, done, stop_tokens, pad_id):
+  """One step for every row: (tokens, logprobs, newly done); finished rows get pad_id."""
+  tokens = sample_logits(logits, rng, sampling)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                                 tokens[:, None], axis=-1)[:, 0]
+  tokens = jnp.where(done, pad_id, tokens)
+  logprobs = jnp.where(done, 0.0, logprobs)
+  stopped = done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else done
+  return tokens, logprobs, stopped
+
+
+def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampling,
+              stop_tokens, pad_id, max_len):
+  batch, prompt_len = prompts.shape
+  apply = lambda tokens, positions, segment_ids, cache: model.apply(
+      {'params': params}, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+  steps = jnp.arange(prompt_len)
+  segment_ids = (steps[None] < prompt_lengths[:, None]).astype(jnp.int32)
+  logits, aux = apply(prompts, jnp.broadcast_to(steps, prompts.shape), segment_ids,
+                      model.init_cache(batch, max_len))
+  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  done = jnp.zeros((batch,), bool)
+  token, logprob, done = _pick(last, jax.random.fold_in(rng, 0), sampling, done, stop_tokens,
+                               pad_id)
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+  logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
+  lengths = jnp.ones((batch,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, _, done = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, tokens, logprobs, lengths, done = state
+    positions = (prompt_lengths + step - 1)[:, None]
+    logits, aux = apply(tokens[:, step - 1, None], positions, None, cache)
+    token, logprob, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling, done,
+                                     stop_tokens, pad_id)
+    tokens = tokens.at[:, step].set(token)
+    logprobs = logprobs.at[:, step].set(logprob)
+    return step + 1, aux['cache'], tokens, logprobs, lengths + ~done, new_done
+
+  state = (jnp.int32(1), aux['cache'], tokens, logprobs, lengths, done)
+  _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, state)
+  return GenerateOutput(tokens, logprobs, lengths)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=(
+    'model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id', 'max_len'))
+
+
+def generate(model, params, prompts, max_new_tokens: int, sampling: SamplingConfig, rng,
+             stop_tokens=(), pad_id: int = 0, prompt_lengths=None, max_len=None) -> GenerateOutput:
+  """Samples up to ``max_new_tokens`` tokens after each prompt.
+
+  Args:
+    model: a family module with ``init_cache(batch, max_len)`` and the cache-aware
+      ``apply({'params': params}, tokens, positions, segment_ids, cache)``.
+    params: the model's parameter tree (the inside of ``{'params': ...}``).
+    prompts: int [B, P] right-padded prompts.
+    max_new_tokens: static number of decode steps N.
+    sampling: a SamplingConfig (static).
+    rng: a PRNG key; step i uses ``fold_in(rng, i)``.
+    stop_tokens: token ids that end a row (the stop token is kept, then ``pad_id``).
+    pad_id: the id written after a row stops.
+    prompt_lengths: int [B] real tokens per prompt (each >= 1); default: all P.
+    max_len: KV-cache slots per row; default P + N. Must be >= P + N.
+
+  Returns:
+    GenerateOutput(tokens [B, N], logprobs [B, N], lengths [B]); see GenerateOutput.
+  The whole call is jit-compiled (static N, sampling, stop_tokens, pad_id, max_len) and
+  may itself be traced inside a caller's ``jax.jit``.
+  """
+  batch, prompt_len = prompts.shape
+  max_len = prompt_len + max_new_tokens if max_len is None else max_len
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1.')
+  if prompt_len + max_new_tokens > max_len:
+    raise ValueError(f'prompt length {prompt_len} + max_new_tokens {max_new_tokens} = '
+                     f'{prompt_len + max_new_tokens} exceeds the KV-cache size max_len={max_len}.')
+  if prompt_lengths is None:
+    prompt_lengths = jnp.full((batch,), prompt_len, jnp.int32)
+  return _generate_jit(model, params, jnp.asarray(prompts, jnp.int32),
+                       jnp.asarray(prompt_lengths, jnp.int32), rng, max_new_tokens=max_new_tokens,
+                       sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens),
+                       pad_id=int(pad_id), max_len=int(max_len))
