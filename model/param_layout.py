@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def stack_layers(params, prefix='layers'):
@@ -24,8 +25,13 @@ def stack_layers(params, prefix='layers'):
     if jax.tree_util.tree_structure(layer) != structure:
       raise ValueError(f'{prefix}_{i} has a different parameter tree than {prefix}_0.')
   out = {k: v for k, v in params.items() if not pattern.match(k)}
-  out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  out[prefix] = jax.tree.map(_stack, *layers)
   return out
+
+
+def _stack(*xs):
+  """Host (numpy) arrays stay on the host; anything else is stacked by jax."""
+  return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
 
 def unstack_layers(params, num_layers, prefix='layers'):
