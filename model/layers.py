@@ -71,6 +71,29 @@ def _init(cfg, names):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
 
 
+class Linear(nn.Module):
+  """Bias-free projection whose kernel has the full logical shape ``in_dims + features``.
+
+  Contracts the trailing ``len(in_dims)`` axes of ``x`` (``axis``) with the kernel's leading
+  axes. Unlike ``nn.DenseGeneral`` the kernel is created in its final shape, so its logical
+  sharding annotation applies at creation.
+  """
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  cfg: 'ModelConfig'
+  axis: tuple[int, ...] = (-1,)
+
+  @nn.compact
+  def __call__(self, x):
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_dims = tuple(x.shape[a] for a in axis)
+    kernel = self.param('kernel', _init(self.cfg, self.names), in_dims + tuple(self.features),
+                        jnp.float32)
+    dtype = self.cfg.compute_dtype
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                               ((axis, tuple(range(len(axis)))), ((), ())))
+
+
 class RMSNorm(nn.Module):
   """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32 (Llama)."""
   eps: float = 1e-5
@@ -125,11 +148,9 @@ class Attention(nn.Module):
   def __call__(self, x, positions, segment_ids, layer_kv=None, kv_ctx: Optional[KVContext] = None):
     cfg = self.cfg
     h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    dense = lambda feats, names, name: nn.DenseGeneral(
-        feats, use_bias=False, dtype=cfg.compute_dtype, kernel_init=_init(cfg, names), name=name)
-    q = dense((h, d), ('embed', 'heads', 'head_dim'), 'q')(x)
-    k = dense((hkv, d), ('embed', 'kv_heads', 'head_dim'), 'k')(x)
-    v = dense((hkv, d), ('embed', 'kv_heads', 'head_dim'), 'v')(x)
+    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(x)
+    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(x)
+    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(x)
     q = apply_rope(q, positions, cfg.rope_theta)
     k = apply_rope(k, positions, cfg.rope_theta)
     if layer_kv is None:
@@ -141,8 +162,8 @@ class Attention(nn.Module):
       kv_pos, new_kv, segment_ids = kv_ctx.kv_pos, (keys, values), None
     out = attention_lib.attention(q, keys, values, q_pos=positions, kv_pos=kv_pos,
                                   q_segment_ids=segment_ids, impl=cfg.attention_impl)
-    out = nn.DenseGeneral(cfg.embed_dim, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                          kernel_init=_init(cfg, ('heads', 'head_dim', 'embed')), name='o')(out)
+    out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                 name='o')(out)
     return out, new_kv
 
 
@@ -153,12 +174,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dense = lambda feats, names, name: nn.Dense(
-        feats, use_bias=False, dtype=cfg.compute_dtype, kernel_init=_init(cfg, names), name=name)
-    hidden = nn.silu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'gate')(x)) * dense(
-        cfg.mlp_dim, ('embed', 'mlp'), 'up')(x)
-    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
-    return dense(cfg.embed_dim, ('mlp', 'embed'), 'down')(hidden)
+    gate = Linear((cfg.mlp_dim,), ('embed', 'mlp'), cfg, name='gate')(x)
+    up = Linear((cfg.mlp_dim,), ('embed', 'mlp'), cfg, name='up')(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return Linear((cfg.embed_dim,), ('mlp', 'embed'), cfg, name='down')(hidden)
 
 
 class DecoderBlock(nn.Module):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import DecoderBlock, ModelConfig, RMSNorm, _init
+from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm, _init
 
 
 class Embedder(nn.Module):
@@ -21,8 +21,7 @@ class Embedder(nn.Module):
     self.embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype,
                           embedding_init=_init(cfg, ('vocab', 'embed')), name='embed')
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              kernel_init=_init(cfg, ('embed', 'vocab')), name='lm_head')
+      self.lm_head = Linear((cfg.vocab_size,), ('embed', 'vocab'), cfg, name='lm_head')
 
   def encode(self, tokens):
     return self.embed(tokens)

@@ -4,3 +4,8 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# absltest helpers (create_tempdir, ...) read absl flags, which pytest never parses.
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+flags.FLAGS.mark_as_parsed()

@@ -2,12 +2,14 @@
 
 Layout: ``workdir/checkpoints/<step>/{state,data}``. Restore goes through an abstract
 target carrying explicit shardings, so a checkpoint restores onto a different mesh.
+The data iterator's state is stored as JSON with tuples tagged, because grain's packing
+state holds tuples that a plain JSON round trip turns into lists (after which grain's
+``ConcatThenSplitIterDataset`` resumes at the wrong place).
 Before restoring, the saved parameter shapes are compared with the model's; a mismatch
 raises naming the parameter, and nothing in the workdir is touched.
 """
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -28,6 +30,26 @@ def flat_shapes(tree):
   return {_path_str(p): tuple(v.shape) for p, v in leaves if hasattr(v, 'shape')}
 
 
+def _encode(obj):
+  if isinstance(obj, tuple):
+    return {'__tuple__': [_encode(x) for x in obj]}
+  if isinstance(obj, list):
+    return [_encode(x) for x in obj]
+  if isinstance(obj, dict):
+    return {k: _encode(v) for k, v in obj.items()}
+  return obj
+
+
+def _decode(obj):
+  if isinstance(obj, dict):
+    if set(obj) == {'__tuple__'}:
+      return tuple(_decode(x) for x in obj['__tuple__'])
+    return {k: _decode(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_decode(x) for x in obj]
+  return obj
+
+
 class Checkpointer:
   """Keeps the last ``keep`` checkpoints of ``{'state': TrainState-dict, 'data': iterator}``."""
 
@@ -36,7 +58,9 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=async_save),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -44,7 +68,7 @@ class Checkpointer:
   def save(self, step, state, data_iter=None, force=False):
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+      items['data'] = ocp.args.JsonSave(_encode(data_iter.get_state()))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def check_shapes(self, step, abstract_params):
@@ -64,8 +88,10 @@ class Checkpointer:
     self.check_shapes(step, abstract_state['params'])
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+      items['data'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iter is not None:
+      data_iter.set_state(_decode(restored['data']))
     return restored['state']
 
   def wait(self):

@@ -170,7 +170,7 @@ def dry_run(config):
   abstract_batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_spec)
                     for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
   step = make_train_step(model, tx, schedule, config.train)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(
         abstract, abstract_batch).compile()
   total, non_emb = count_params(abstract['params'])
@@ -202,7 +202,9 @@ def train_and_evaluate(config, workdir):
     return dry_run(config)
 
   # -- Tokenizer, data and config checks: fail before compiling or writing anything. ----
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir=workdir)
+  tokenizer = tokenizers.make_tokenizer(
+      config.tokenizer, workdir=workdir,
+      texts=data_lib.document_texts(config.data, seed=config.seed))
   check_config(config, tokenizer)
   pi, pc = jax.process_index(), jax.process_count()
   train_ds = data_lib.make_dataset(config.data, tokenizer, 'train', pi, pc, seed=config.seed)
@@ -220,7 +222,7 @@ def train_and_evaluate(config, workdir):
                                        async_save=config.train.get('async_checkpointing', True))
   train_iter = iter(train_ds)
   latest = checkpointer.latest_step()
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if latest is not None:
       state = checkpointer.restore(latest, abstract, train_iter)
       logging.info('Resumed from step %d in %s', latest, checkpointer.directory)
@@ -248,7 +250,7 @@ def train_and_evaluate(config, workdir):
   progress = _progress_bar(step, steps)
   last_eval = {}
   try:
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       if step == 0 and train_cfg.eval_every:
         last_eval = evaluate(eval_step, state['params'], val_ds, mesh, train_cfg.eval_batches)
         writer.write(0, {**last_eval, 'tokens_seen': 0})
