@@ -56,7 +56,9 @@ class Llama(nn.Module):
   """``apply(params, tokens, positions, segment_ids, cache, train) -> (logits, aux)``.
 
   ``aux`` holds ``losses`` (auxiliary losses, already scaled; none for this family) and,
-  when a cache was given, the updated ``cache``.
+  when a cache was given, the updated ``cache``. The trainer also passes ``targets`` and
+  ``loss_mask`` so that families with target-dependent auxiliary losses (early exit) can
+  compute them; this family ignores them.
   """
   cfg: ModelConfig
 
@@ -66,8 +68,9 @@ class Llama(nn.Module):
                                cfg.dims_per_head, cfg.compute_dtype)
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False):
-    del train  # No dropout in this family.
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
+               targets=None, loss_mask=None):
+    del train, targets, loss_mask  # No dropout or target-dependent losses in this family.
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

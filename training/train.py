@@ -83,7 +83,8 @@ def make_train_step(model, tx, schedule, train_config):
 
   def loss_fn(params, mb, rng, n_tokens):
     logits, aux = model.apply({'params': params}, mb['tokens'], positions=mb['positions'],
-                              segment_ids=mb['segment_ids'], train=True, rngs={'dropout': rng})
+                              segment_ids=mb['segment_ids'], train=True, targets=mb['targets'],
+                              loss_mask=mb['loss_mask'], rngs={'dropout': rng})
     ce, z, _ = losses.cross_entropy_sums(logits, mb['targets'], mb['loss_mask'], z_loss)
     aux_losses = aux.get('losses', {})
     loss = (ce + z) / n_tokens + sum(aux_losses.values(), 0.0) / accum
