@@ -1,11 +1,11 @@
 """One sampler for every model family: batched prefill, then a jit-compiled decode loop.
 
-``generate`` prefills a batch of right-padded prompts in one call, samples each row's
-first token from the logits at its last real prompt token, then feeds one token per row
-per step (at position ``prompt_length + step``) in a ``lax.while_loop`` that stops a row
-at a stop token and exits as soon as every row has stopped. ``sample_logits`` and
-``filter_logits`` are the pure sampling functions it uses (greedy, temperature, top-k,
-top-p).
+``generate`` prefills a batch of right-padded prompts in one call (padding has segment id
+0, so it is invisible), then a ``lax.while_loop`` feeds one token per row per step: first
+each row's last prompt token, then its previous sample, at position ``prompt_length - 1 +
+step``. A row stops at a stop token; the loop exits as soon as every row has stopped.
+``sample_logits`` and ``filter_logits`` are the pure sampling functions it uses (greedy,
+temperature, top-k, top-p).
 """
 import dataclasses
 from typing import NamedTuple
@@ -89,34 +89,31 @@ def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampl
   batch, prompt_len = prompts.shape
   apply = lambda tokens, positions, segment_ids, cache: model.apply(
       {'params': params}, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+  # Prefill every real prompt token but the last, which the first loop step feeds: the
+  # prefill's [B, P, V] logits are then unused and compiled away.
   steps = jnp.arange(prompt_len)
-  segment_ids = (steps[None] < prompt_lengths[:, None]).astype(jnp.int32)
-  logits, aux = apply(prompts, jnp.broadcast_to(steps, prompts.shape), segment_ids,
-                      model.init_cache(batch, max_len))
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-  done = jnp.zeros((batch,), bool)
-  token, logprob, done = _pick(last, jax.random.fold_in(rng, 0), sampling, done, stop_tokens,
-                               pad_id)
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-  logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(logprob)
-  lengths = jnp.ones((batch,), jnp.int32)
+  segment_ids = (steps[None] < prompt_lengths[:, None] - 1).astype(jnp.int32)
+  _, aux = apply(prompts, jnp.broadcast_to(steps, prompts.shape), segment_ids,
+                 model.init_cache(batch, max_len))
+  last = jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
 
   def cond(state):
-    step, _, _, _, _, done = state
+    step, *_, done = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, cache, tokens, logprobs, lengths, done = state
-    positions = (prompt_lengths + step - 1)[:, None]
-    logits, aux = apply(tokens[:, step - 1, None], positions, None, cache)
-    token, logprob, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling, done,
-                                     stop_tokens, pad_id)
+    step, cache, prev, tokens, logprobs, lengths, done = state
+    logits, aux = apply(prev[:, None], (prompt_lengths - 1 + step)[:, None], None, cache)
+    token, logprob, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling,
+                                     done, stop_tokens, pad_id)
     tokens = tokens.at[:, step].set(token)
     logprobs = logprobs.at[:, step].set(logprob)
-    return step + 1, aux['cache'], tokens, logprobs, lengths + ~done, new_done
+    return step + 1, aux['cache'], token, tokens, logprobs, lengths + ~done, new_done
 
-  state = (jnp.int32(1), aux['cache'], tokens, logprobs, lengths, done)
-  _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, state)
+  state = (jnp.int32(0), aux['cache'], last, jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), jnp.int32),
+           jnp.zeros((batch,), bool))
+  _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(tokens, logprobs, lengths)
 
 

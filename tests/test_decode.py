@@ -1,4 +1,6 @@
 """KV-cache decoding and sampling: model.decode.generate against full forward passes."""
+import functools
+
 from absl.testing import absltest, parameterized
 import flax.linen as nn
 import jax
@@ -12,12 +14,17 @@ from model.llama import Llama
 GREEDY = decode.SamplingConfig(greedy=True)
 
 
+@functools.cache
 def _model(scan_layers=False):
   cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, scan_layers=scan_layers, init_std=0.3)
   model = Llama(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))['params']
-  return model, params
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  return model, nn.meta.unbox(variables)['params']
+
+
+def _forward(model, params, tokens):
+  return jax.jit(model.apply)({'params': params}, tokens)[0]
 
 
 class CachedDecodingTest(parameterized.TestCase):
@@ -26,7 +33,7 @@ class CachedDecodingTest(parameterized.TestCase):
   def test_cached_logits_equal_full_forward(self, scan_layers):
     model, params = _model(scan_layers)
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 64)
-    full, _ = model.apply({'params': params}, tokens)
+    full = _forward(model, params, tokens)
     apply = jax.jit(lambda tok, pos, cache: model.apply(
         {'params': params}, tok, positions=pos, cache=cache))
     prefill = 3
@@ -65,7 +72,7 @@ class GenerateTest(parameterized.TestCase):
     prompt = self.prompts[:1, :5]
     out = decode.generate(model, params, prompt, 8, GREEDY, jax.random.key(0))
     seq = jnp.concatenate([prompt, out.tokens], axis=1)
-    logits, _ = model.apply({'params': params}, seq)
+    logits = _forward(model, params, seq)
     steps = logits[0, 4:-1]  # Logits that predicted each generated token.
     np.testing.assert_array_equal(out.tokens[0], jnp.argmax(steps, axis=-1))
     expected = jnp.take_along_axis(jax.nn.log_softmax(steps), out.tokens[0, :, None], 1)[:, 0]
