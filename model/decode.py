@@ -54,10 +54,9 @@ def filter_logits(logits, sampling: SamplingConfig):
     return logits
   order = jnp.argsort(-logits, axis=-1, stable=True)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  keep = jnp.ones(sorted_logits.shape, bool)
-  if use_k:
-    keep = jnp.broadcast_to(jnp.arange(vocab) < sampling.top_k, keep.shape)
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+  keep = jnp.broadcast_to(jnp.arange(vocab) < (sampling.top_k if use_k else vocab),
+                          sorted_logits.shape)
+  sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
   if sampling.top_p < 1:
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
@@ -74,7 +73,7 @@ def sample_logits(logits, rng, sampling: SamplingConfig):
 
 
 def _pick(logits, rng, sampling, done, stop_tokens, pad_id):
-  """One step for every row: (tokens, logprobs, newly done); finished rows get pad_id."""
+  """One step for every row -> (tokens, logprobs, done after it); done rows get pad_id."""
   tokens = sample_logits(logits, rng, sampling)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
                                  tokens[:, None], axis=-1)[:, 0]
