@@ -3,10 +3,11 @@
 A family is a Linen module class with a ``cfg`` field and a config dataclass with
 ``from_config``; registering a new one is one entry here.
 """
-from model import layers, llama
+from model import layers, llama, recursive
 
 FAMILIES = {
     'llama': (llama.Llama, layers.ModelConfig),
+    'recursive': (recursive.Recursive, recursive.RecursiveConfig),
 }
 
 
