@@ -3,10 +3,11 @@
 A family is a Linen module class with a ``cfg`` field and a config dataclass with
 ``from_config``; registering a new one is one entry here.
 """
-from model import layers, llama, recursive
+from model import layers, llama, mor, recursive
 
 FAMILIES = {
     'llama': (llama.Llama, layers.ModelConfig),
+    'mor': (mor.MoR, mor.MoRConfig),
     'recursive': (recursive.Recursive, recursive.RecursiveConfig),
 }
 

@@ -1,0 +1,394 @@
+"""Mixture-of-Recursions (MoR; Bae et al. 2025, arXiv:2507.10524), PAPERS.md §2.
+
+A recursive backbone (``sharing='middle_cycle'``: first and last layers unique, a block of
+``base_depth = (L-2)//N_r`` shared layers applied ``N_r`` times; ``cycle``: no unique ends,
+``L//N_r`` shared layers) whose lightweight routers decide how many recursions each token
+takes. Shared layers are one set of parameters (``shared_j``) applied at every recursion, so
+the attention projections are tied across recursions.
+
+Routers (option names as in the authors' code):
+
+* ``router='expert_choice'`` (§2.2.1): at recursion r, ``g = alpha * G(theta_r^T H / temperature)``
+  (G = sigmoid or tanh) over the tokens still active; the top ``k_r = max(1, int(capacity_r * T))``
+  stay (hierarchical filtering), sorted back into causal order, gathered with their original
+  positions and segment ids (static shapes), and updated ``H <- H + g * f(H)`` (``gating=
+  'weighted'``) or ``H <- H + f(H)`` (``'additive'``), where ``f`` is the whole shared block
+  output including its residuals (as in the authors' code). Top-k is not causal, so
+  ``sampling='aux_loss'`` trains the router logits with a BCE against the top-k mask (summed
+  over each recursion's candidates, divided by batch * candidates, summed over recursions,
+  times ``aux_coeff``), or ``'aux_router'`` trains a separate router on the detached hidden
+  state. Decoding (and ``causal_routing`` forward passes) keep a token at recursion r when that
+  logit is >= 0 (sigmoid >= 0.5, tanh >= 0) and it was kept at r-1.
+* ``router='token_choice'`` (§2.2.2): once, before the first recursion, ``g = G(theta^T H^1)``
+  over N_r depths (softmax or sigmoid); the token recurses ``argmax + 1`` times, carrying the
+  block output unweighted, and ends as ``H^1 + alpha * g_argmax * f^d(H^1)`` (the authors'
+  code). Balancing ``balance_coeff * sum_i f_i P_i`` (f_i: fraction of tokens choosing depth i,
+  P_i: mean probability of depth i). Inactive tokens are masked out of attention.
+* ``z_loss``: ``z_coeff * mean(logsumexp(logits)^2)`` per router call, summed.
+
+Attention at recursion r runs only among the tokens active at r. KV (§2.3): recursion-wise
+caching (each recursion's keys/values, visible only for the tokens that reached it) or, with
+``kv_sharing``, every recursion reuses the keys/values of recursion 1. The decoding cache is
+``model.kv_cache``'s dict plus ``depth`` [B, S]: the recursions each slot's token took; cache
+layers are first, (recursion, shared layer) or (shared layer) with ``kv_sharing``, last.
+Slots stay full-size per layer (static shapes): recursion-wise caching saves attention
+compute, not cache memory; KV sharing saves memory (N_r times fewer shared-layer slots).
+
+Not implemented: ``cap_warmup_step`` (needs the training step inside the model) and the
+loss-free (bias-update) balancing of token choice.
+"""
+import dataclasses
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from model import attention as attention_lib
+from model import kv_cache
+from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope,
+                          write_slots)
+from model.llama import Embedder
+
+_SHARING = ('middle_cycle', 'cycle')
+_ROUTERS = ('expert_choice', 'token_choice')
+# Hidden width (x embed_dim) of each router type; 0 = a single linear map. In the authors'
+# code `mlp` and `wide_mlp` are the same two-layer GELU MLP of width 2d.
+_ROUTER_WIDTH = {'linear': 0, 'mlp': 2, 'wide_mlp': 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoRConfig(ModelConfig):
+  """ModelConfig plus the MoR options (names as in the authors' code; see module docstring)."""
+  name: str = 'mor'
+  num_recursions: int = 3
+  sharing: str = 'middle_cycle'
+  router: str = 'expert_choice'
+  router_type: str = 'linear'
+  router_func: str = 'sigmoid'  # expert: sigmoid | tanh; token: softmax | sigmoid
+  alpha: float = 0.1
+  temperature: float = 1.0
+  capacity: tuple = ()  # per recursion; () -> (N_r - r) / N_r
+  gating: str = 'weighted'
+  sampling: str = 'aux_loss'
+  aux_coeff: float = 0.001
+  z_loss: bool = False
+  z_coeff: float = 0.001
+  balancing: str = 'loss'
+  balance_coeff: float = 0.1
+  kv_sharing: bool = False
+  causal_routing: bool = False  # expert choice, uncached eval forward: route as decoding does
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, 'capacity', tuple(float(c) for c in self.capacity))
+    checks = [('sharing', self.sharing, _SHARING), ('router', self.router, _ROUTERS),
+              ('router_type', self.router_type, tuple(_ROUTER_WIDTH)),
+              ('gating', self.gating, ('weighted', 'additive')),
+              ('sampling', self.sampling, ('aux_loss', 'aux_router')),
+              ('balancing', self.balancing, ('loss',)),
+              ('router_func', self.router_func,
+               ('sigmoid', 'tanh') if self.router == 'expert_choice' else ('softmax', 'sigmoid'))]
+    for field, value, allowed in checks:
+      if value not in allowed:
+        raise ValueError(f'model.{field}={value!r}; expected one of {allowed}.')
+    if self.num_recursions < 1 or self.base_depth < 1:
+      raise ValueError(f'model.num_layers={self.num_layers} with sharing={self.sharing!r} '
+                       f'leaves no shared layer for num_recursions={self.num_recursions}.')
+    caps = self.capacities
+    if len(caps) != self.num_recursions or not all(0 < c <= 1 for c in caps) or any(
+        b > a for a, b in zip(caps, caps[1:])):
+      raise ValueError(f'model.capacity={self.capacity}: expected {self.num_recursions} '
+                       'non-increasing values in (0, 1] (or () for (N_r - r) / N_r).')
+
+  @property
+  def num_ends(self) -> int:
+    """Unique layers before (and after) the shared block: 1 for middle_cycle, else 0."""
+    return int(self.sharing == 'middle_cycle')
+
+  @property
+  def base_depth(self) -> int:
+    """Shared layers in the recursion block: (L - 2)//N_r (middle_cycle) or L//N_r."""
+    return (self.num_layers - 2 * self.num_ends) // max(self.num_recursions, 1)
+
+  @property
+  def capacities(self) -> tuple:
+    n = self.num_recursions
+    return self.capacity or tuple((n - r) / n for r in range(n))
+
+  def top_ks(self, seq_len):
+    """Static tokens kept per row at each recursion: max(1, int(capacity_r * T))."""
+    return tuple(max(1, int(c * seq_len)) for c in self.capacities)
+
+  @property
+  def num_cache_layers(self) -> int:
+    shared = self.base_depth * (1 if self.kv_sharing else self.num_recursions)
+    return 2 * self.num_ends + shared
+
+
+class Router(nn.Module):
+  """Bias-free router: linear, or a GELU MLP of width ``_ROUTER_WIDTH * d``; float32 logits."""
+  cfg: MoRConfig
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, width = self.cfg, _ROUTER_WIDTH[self.cfg.router_type]
+    names = ('embed', 'router')
+    if width:
+      x = nn.gelu(Linear((width * cfg.embed_dim,), ('embed', 'mlp'), cfg, name='hidden')(x),
+                  approximate=False)
+      names = ('mlp', 'router')
+    return Linear((self.features,), names, cfg, name='proj')(x).astype(jnp.float32)
+
+
+class LayerCtx(NamedTuple):
+  """Where a shared layer's attention reads keys/values (see ``RecursionLayer``)."""
+  positions: jax.Array
+  segment_ids: Optional[jax.Array]
+  kv_pos: jax.Array
+  kv_segment_ids: Optional[jax.Array]
+  write_idx: Optional[jax.Array]
+
+
+class RecursionLayer(nn.Module):
+  """A shared layer: ``layers.DecoderBlock``'s parameters and computation, with its attention's
+  keys/values chosen by the call (one module serves every recursion, so weights are tied):
+
+  * ``layer_kv is None``: attend among ``x``'s own tokens; returns their (k, v);
+  * ``ctx.write_idx`` set: write ``x``'s (k, v) into the cache buffers ``layer_kv`` at
+    ``write_idx`` and attend over the buffers; returns the updated buffers;
+  * otherwise: attend over the given ``layer_kv`` (recursive KV sharing); returns None.
+  Visibility is ``ctx.kv_pos`` (-1 hides a key) and the segment ids.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_kv, ctx: LayerCtx):
+    cfg = self.cfg
+    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
+    y = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x)
+    q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(y),
+                   ctx.positions, cfg.rope_theta)
+    if layer_kv is not None and ctx.write_idx is None:
+      (keys, values), new_kv = layer_kv, None
+    else:
+      k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(y),
+                     ctx.positions, cfg.rope_theta)
+      v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(y)
+      if layer_kv is not None:
+        k = write_slots(layer_kv[0], k, ctx.write_idx)
+        v = write_slots(layer_kv[1], v, ctx.write_idx)
+      keys, values = new_kv = (k, v)
+    out = attention_lib.attention(q, keys, values, q_pos=ctx.positions, kv_pos=ctx.kv_pos,
+                                  q_segment_ids=ctx.segment_ids,
+                                  kv_segment_ids=ctx.kv_segment_ids, impl=cfg.attention_impl)
+    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                   name='o')(out)
+    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+
+
+class _Block:
+  """Applies the shared layers at recursion r with that recursion's keys/values.
+
+  ``run(r, h, positions, segment_ids, active)``: ``h`` [B, N, E] are the tokens processed
+  (gathered, or all with an ``active`` mask: inactive ones are hidden from attention).
+  Uncached: keys are the processed tokens (or recursion 1's with ``kv_sharing``). Cached:
+  every call's tokens are written into their recursion's cache layer; a slot is visible at
+  recursion r when its token reached r (``depth``), or reached recursion 1 when sharing.
+  """
+
+  def __init__(self, cfg, layers, cache=None, kv_ctx=None):
+    self.cfg, self.layers = cfg, layers
+    self.shared_kv, self.shared_vis = [None] * len(layers), None
+    self.cache_kv = None
+    if cache is not None:
+      first = cfg.num_ends
+      self.cache_kv = [(cache['k'][first + i], cache['v'][first + i])
+                       for i in range(cfg.num_cache_layers - 2 * first)]
+      self.kv_ctx = kv_ctx
+      self.new_depth = None
+      self.slot_depth = cache['depth']
+
+  def __call__(self, r, h, positions, segment_ids, active):
+    cfg, cached = self.cfg, self.cache_kv is not None
+    reuse = cfg.kv_sharing and r > 0
+    if cached:  # the cache's positions mark padding; segment ids are not needed
+      segment_ids = None
+      self.new_depth = active.astype(jnp.int32) + (0 if r == 0 else self.new_depth)
+      self.slot_depth = write_slots(self.slot_depth, self.new_depth, self.kv_ctx.write_idx)
+    if reuse:
+      kv_pos, kv_seg = self.shared_vis
+    elif cached:
+      kv_pos, kv_seg = jnp.where(self.slot_depth > r, self.kv_ctx.kv_pos, -1), None
+    else:
+      kv_pos, kv_seg = jnp.where(active & (segment_ids > 0), positions, -1), segment_ids
+    if r == 0:
+      self.shared_vis = (kv_pos, kv_seg)
+    write_idx = self.kv_ctx.write_idx if cached and not reuse else None
+    for j, layer in enumerate(self.layers):
+      slot = j if cfg.kv_sharing else r * len(self.layers) + j
+      if cached:
+        layer_kv = self.cache_kv[slot]
+      else:
+        layer_kv = self.shared_kv[j] if reuse else None
+      h, kv = layer(h, layer_kv, LayerCtx(positions, segment_ids, kv_pos, kv_seg, write_idx))
+      if cached and not reuse:
+        self.cache_kv[slot] = kv
+      elif r == 0:
+        self.shared_kv[j] = kv
+    return h
+
+
+def _take(x, idx):
+  """Gathers rows' entries at idx [B, K] along axis 1 of x [B, N, ...]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _scatter_add(x, idx, updates):
+  return jax.vmap(lambda a, i, u: a.at[i].add(u.astype(a.dtype)))(x, idx, updates)
+
+
+def _router_probs(cfg, logits):
+  """G(logits): sigmoid, tanh or softmax over the last axis."""
+  return {'sigmoid': jax.nn.sigmoid, 'tanh': jnp.tanh,
+          'softmax': lambda z: jax.nn.softmax(z, axis=-1)}[cfg.router_func](logits)
+
+
+def _z_loss(cfg, logits):
+  return cfg.z_coeff * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def _delta(cfg, gate, out):
+  """What a recursion adds to H: g * f(H) (weighted gating) or f(H) (additive)."""
+  return gate[..., None] * out if cfg.gating == 'weighted' else out
+
+
+def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, block):
+  """Training-time expert choice: static top-k per recursion among the previous survivors.
+
+  Returns (x, depth [B, T], losses).
+  """
+  b, t, _ = x.shape
+  idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  depth = jnp.zeros((b, t), jnp.int32)
+  bce, z = 0.0, 0.0
+  for r, k in enumerate(cfg.top_ks(t)):
+    h = _take(x, idx)
+    logits = routers[r](h / cfg.temperature)[..., 0]  # [B, candidates]
+    _, sel = jax.lax.top_k(logits, k)  # G is increasing: top-k of g = top-k of the logits
+    sel = jnp.sort(sel, axis=-1)  # causal order
+    target = jnp.zeros(logits.shape).at[jnp.arange(b)[:, None], sel].set(1.0)
+    decision = logits if cfg.sampling == 'aux_loss' else (
+        aux_routers[r](jax.lax.stop_gradient(h))[..., 0])
+    bce += optax.sigmoid_binary_cross_entropy(decision, target).sum() / decision.size
+    z += _z_loss(cfg, logits[..., None])
+    idx = _take(idx, sel)
+    gate = cfg.alpha * _router_probs(cfg, _take(logits, sel))
+    out = block(r, _take(h, sel), _take(positions, idx), _take(segment_ids, idx),
+                jnp.ones(idx.shape, bool))
+    x = _scatter_add(x, idx, _delta(cfg, gate, out))
+    depth = _scatter_add(depth, idx, jnp.ones(idx.shape, jnp.int32))
+  losses = {'mor_sampling': cfg.aux_coeff * bce}
+  if cfg.z_loss:
+    losses['mor_z'] = z
+  return x, depth, losses
+
+
+def expert_choice_causal(cfg, x, positions, segment_ids, routers, aux_routers, block):
+  """Causal expert choice (decoding): a token continues while its router (or aux router)
+  logit is >= 0; all tokens are processed with inactive ones masked. Returns (x, depth, {})."""
+  active = jnp.ones(x.shape[:2], bool)
+  depth = jnp.zeros(x.shape[:2], jnp.int32)
+  for r in range(cfg.num_recursions):
+    logits = routers[r](x / cfg.temperature)[..., 0]
+    decision = logits if cfg.sampling == 'aux_loss' else aux_routers[r](x)[..., 0]
+    active = active & (decision >= 0)
+    out = block(r, x, positions, segment_ids, active)
+    gate = cfg.alpha * _router_probs(cfg, logits)
+    x = jnp.where(active[..., None], x + _delta(cfg, gate, out).astype(x.dtype), x)
+    depth = depth + active
+  return x, depth, {}
+
+
+def token_choice(cfg, x, positions, segment_ids, router, block):
+  """Token choice: one routing decision before recursion 1. Returns (x, depth, losses)."""
+  logits = router(x / cfg.temperature)  # [B, T, N_r]
+  probs = _router_probs(cfg, logits)
+  choice = jnp.argmax(probs, axis=-1)
+  depth = choice + 1
+  gate = cfg.alpha * jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+  h = x
+  for r in range(cfg.num_recursions):
+    active = depth > r
+    h = jnp.where(active[..., None], block(r, h, positions, segment_ids, active), h)
+  frac = jnp.mean(jax.nn.one_hot(choice, cfg.num_recursions), axis=(0, 1))
+  losses = {'mor_balance': cfg.balance_coeff * jnp.sum(frac * jnp.mean(probs, axis=(0, 1)))}
+  if cfg.z_loss:
+    losses['mor_z'] = _z_loss(cfg, logits)
+  return x + _delta(cfg, gate, h).astype(x.dtype), depth.astype(jnp.int32), losses
+
+
+class MoR(nn.Module):
+  """``apply(params, tokens, positions, segment_ids, cache, train) -> (logits, aux)``.
+
+  ``aux``: ``losses`` (scaled router losses), ``depth`` [B, T] (recursions per token) and,
+  with a cache, the updated ``cache``. Expert choice routes by top-k unless a cache is given
+  (or ``causal_routing`` outside training), then by the causal threshold rule.
+  """
+  cfg: MoRConfig
+
+  def init_cache(self, batch, max_len):
+    cfg = self.cfg
+    cache = kv_cache.init_cache(cfg.num_cache_layers, batch, max_len, cfg.num_kv_heads,
+                                cfg.dims_per_head, cfg.compute_dtype)
+    return dict(cache, depth=jnp.zeros((batch, max_len), jnp.int32))
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
+               targets=None, loss_mask=None):
+    del targets, loss_mask  # No target-dependent losses in this family.
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    embedder = Embedder(cfg, name='embedder')
+    x = nn.with_logical_constraint(embedder.encode(tokens), ('batch', 'length', 'embed'))
+    kv_ctx, new_cache = None, None
+    if cache is not None:
+      kv_ctx, new_cache = kv_cache.advance(cache, positions, segment_ids)
+    block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+    layer_cls = nn.remat(RecursionLayer) if cfg.remat else RecursionLayer
+    ends_kv = []
+
+    def end_layer(x, name, i):
+      layer_kv = None if cache is None else (cache['k'][i], cache['v'][i])
+      x, kv = block_cls(cfg, name=name)(x, layer_kv, (positions, segment_ids, kv_ctx))
+      ends_kv.append(kv)
+      return x
+
+    if cfg.num_ends:
+      x = end_layer(x, 'first', 0)
+    block = _Block(cfg, [layer_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
+                   cache, kv_ctx)
+    if cfg.router == 'token_choice':
+      x, depth, losses = token_choice(cfg, x, positions, seg, Router(
+          cfg, cfg.num_recursions, name='router'), block)
+    else:
+      routers = [Router(cfg, 1, name=f'router_{r}') for r in range(cfg.num_recursions)]
+      aux_routers = ([Router(cfg, 1, name=f'aux_router_{r}') for r in range(cfg.num_recursions)]
+                     if cfg.sampling == 'aux_router' else None)
+      causal = cache is not None or (cfg.causal_routing and not train)
+      route = expert_choice_causal if causal else expert_choice_topk
+      x, depth, losses = route(cfg, x, positions, seg, routers, aux_routers, block)
+    if cfg.num_ends:
+      x = end_layer(x, 'last', cfg.num_cache_layers - 1)
+    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(x)
+    aux = {'losses': losses, 'depth': depth}
+    if cache is not None:
+      layers_kv = ends_kv[:cfg.num_ends] + block.cache_kv + ends_kv[cfg.num_ends:]
+      aux['cache'] = dict(new_cache, k=jnp.stack([k for k, _ in layers_kv]),
+                          v=jnp.stack([v for _, v in layers_kv]), depth=block.slot_depth)
+    return embedder.decode(x), aux
