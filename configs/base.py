@@ -21,7 +21,8 @@ def train_config(**overrides):
       steps=1000, learning_rate=3e-3, schedule='wsd', warmup_steps=100, decay_fraction=0.2,
       min_lr_ratio=0.0, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
       grad_accum=1, z_loss=0.0, log_every=10, eval_every=100, eval_batches=8,
-      checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True, tensorboard=True))
+      checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
+      report_unigram_entropy=False))
   cfg.update(overrides)
   return cfg
 

@@ -11,10 +11,11 @@ from configs import base
 def get_config():
   config = base.base_config()
   config.name = 'vanilla_tiny'
-  config.model = base.model_config(embed_dim=192, num_layers=4, num_heads=6, num_kv_heads=2,
-                                   mlp_dim=512)
-  config.data.seq_len = 256
+  config.model = base.model_config(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                   mlp_dim=384)
+  config.data.seq_len = 128
   config.data.batch_size = 16
-  config.train = base.train_config(steps=300, learning_rate=3e-3, warmup_steps=30,
-                                   eval_every=100, eval_batches=8, checkpoint_every=100)
+  config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=40,
+                                   eval_every=100, eval_batches=16, checkpoint_every=100,
+                                   report_unigram_entropy=True)
   return config

@@ -1,7 +1,10 @@
 """Trainer: sharding equivalence, exact resume, cross-mesh restore, early clear errors."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -113,6 +116,35 @@ class ResumeTest(absltest.TestCase):
     kernel = state['params']['layers_0']['mlp']['up']['kernel']
     self.assertEqual(tuple(kernel.sharding.spec), ('fsdp', 'tensor'))
     jax.tree.map(np.testing.assert_array_equal, p8, jax.device_get(state['params']))
+
+
+class SigtermTest(absltest.TestCase):
+
+  def test_sigterm_saves_and_exits_cleanly(self):
+    workdir = self.create_tempdir().full_path
+    overrides = ['--config.model.embed_dim=32', '--config.model.num_layers=2',
+                 '--config.model.mlp_dim=64', '--config.data.seq_len=32',
+                 '--config.data.batch_size=4', '--config.data.max_docs=40',
+                 '--config.data.shuffle_buffer=16', '--config.train.steps=100000',
+                 '--config.train.checkpoint_every=100000', '--config.train.eval_every=0',
+                 '--config.train.log_every=1', '--config.train.report_unigram_entropy=False']
+    proc = subprocess.Popen([sys.executable, '-m', 'launch.main', '--config=configs/vanilla_tiny.py',
+                             f'--workdir={workdir}', *overrides], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+        break
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    self.assertEqual(proc.returncode, 0, stderr[-2000:])
+    self.assertIn('SIGTERM', stderr)
+    step = ckpt_lib.Checkpointer(workdir, async_save=False).latest_step()
+    self.assertGreaterEqual(step, 3)
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      self.assertEqual(json.load(f)['step'], step)
 
 
 def _snapshot(directory):

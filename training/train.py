@@ -252,7 +252,7 @@ def train_and_evaluate(config, workdir):
   last_eval = {}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      if step == 0 and train_cfg.eval_every:
+      if (step == 0 or step >= steps) and train_cfg.eval_every:  # Start, or nothing to do.
         last_eval = evaluate(eval_step, state['params'], val_ds, mesh, train_cfg.eval_batches)
         writer.write(0, {**last_eval, 'tokens_seen': 0})
       t0, window_start = time.time(), step
@@ -287,7 +287,15 @@ def train_and_evaluate(config, workdir):
     checkpointer.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
-  return {'step': step, 'state': state, **last_eval}
+  summary = {'step': step, 'tokens_seen': step * tokens_per_step, **last_eval}
+  if train_cfg.get('report_unigram_entropy', False):
+    summary['validation_unigram_entropy'] = data_lib.unigram_entropy(
+        config.data, tokenizer, 'validation', max_tokens=200_000)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    print('Summary: ' + json.dumps(summary))
+  return {**summary, 'state': state}
 
 
 def _progress_bar(initial, total):
