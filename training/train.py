@@ -72,11 +72,13 @@ def make_init_fn(model, tx, seq_len):
   return init
 
 
-def make_train_step(model, tx, schedule, train_config):
+def make_train_step(model, tx, schedule, train_config, extra_losses=None):
   """Jittable ``step(state, batch) -> (state, metrics)`` with gradient accumulation.
 
   The batch is split into ``grad_accum`` micro-batches scanned in sequence; the LM loss is
   the mean over all the batch's target tokens, so accumulation matches one big batch.
+  ``extra_losses(micro_batch, logits) -> {name: scaled loss}`` (e.g. distillation from a
+  teacher) is added to the model's auxiliary losses.
   """
   accum = train_config.get('grad_accum', 1)
   z_loss = train_config.get('z_loss', 0.0)
@@ -86,7 +88,7 @@ def make_train_step(model, tx, schedule, train_config):
                               segment_ids=mb['segment_ids'], train=True, targets=mb['targets'],
                               loss_mask=mb['loss_mask'], rngs={'dropout': rng})
     ce, z, _ = losses.cross_entropy_sums(logits, mb['targets'], mb['loss_mask'], z_loss)
-    aux_losses = aux.get('losses', {})
+    aux_losses = {**aux.get('losses', {}), **(extra_losses(mb, logits) if extra_losses else {})}
     loss = (ce + z) / n_tokens + sum(aux_losses.values(), 0.0) / accum
     return loss, {'ce_sum': ce, 'z_sum': z, **{f'aux/{k}': v for k, v in aux_losses.items()}}
 
@@ -197,8 +199,13 @@ def dry_run(config):
   return report
 
 
-def train_and_evaluate(config, workdir):
-  """Pretrains ``config.model`` on ``config.data``; resumes from ``workdir`` if possible."""
+def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
+  """Pretrains ``config.model`` on ``config.data``; resumes from ``workdir`` if possible.
+
+  ``init_params`` (a parameter tree of the model's shapes, e.g. a converted checkpoint)
+  replaces the random initialisation of a fresh run; ``extra_losses`` goes to
+  ``make_train_step``.
+  """
   if config.get('dry_run', False):
     return dry_run(config)
 
@@ -229,6 +236,8 @@ def train_and_evaluate(config, workdir):
       logging.info('Resumed from step %d in %s', latest, checkpointer.directory)
     else:
       state = init_sharded(jax.random.PRNGKey(config.seed))
+      if init_params is not None:
+        state = _with_params(state, init_params, abstract, shardings, tx)
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
@@ -237,7 +246,8 @@ def train_and_evaluate(config, workdir):
   tokenizer.save(os.path.join(workdir, 'tokenizer'))
 
   # -- Step functions. --------------------------------------------------------------------
-  train_step = jax.jit(make_train_step(model, tx, schedule, config.train), donate_argnums=0,
+  train_step = jax.jit(make_train_step(model, tx, schedule, config.train, extra_losses),
+                       donate_argnums=0,
                        out_shardings=(shardings, None))
   eval_step = jax.jit(make_eval_step(model))
 
@@ -296,6 +306,19 @@ def train_and_evaluate(config, workdir):
       json.dump(summary, f, indent=2)
     print('Summary: ' + json.dumps(summary))
   return {**summary, 'state': state}
+
+
+def _with_params(state, params, abstract, shardings, tx):
+  """``state`` with the given parameters (shape-checked) and a fresh optimizer state."""
+  got, want = ckpt_lib.flat_shapes(params), ckpt_lib.flat_shapes(abstract['params'])
+  problems = [f'{k}: given {got.get(k)} vs model {want.get(k)}'
+              for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+  if problems:
+    raise ValueError(f'init_params do not match the configured model ({len(problems)} '
+                     'parameter(s) differ): ' + '; '.join(problems[:5]))
+  params = jax.device_put(jax.tree.map(jnp.asarray, params), shardings['params'])
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  return dict(state, params=params, opt_state=opt_state)
 
 
 def _progress_bar(initial, total):
