@@ -40,6 +40,9 @@ def base_config():
   config.tokenizer = default_tokenizer_config()
   config.data = default_data_config()
   config.train = train_config()
+  # After training, continue a prompt with the trained model (0 tokens: skip).
+  config.sample = config_dict.ConfigDict(dict(prompt='def ', max_new_tokens=0, temperature=0.8,
+                                              top_k=20, greedy=False))
   config.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = [[name, list(axes) if isinstance(axes, tuple) else axes]
                            for name, axes in sharding.DEFAULT_RULES]

@@ -18,4 +18,5 @@ def get_config():
   config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=40,
                                    eval_every=100, eval_batches=16, checkpoint_every=100,
                                    report_unigram_entropy=True)
+  config.sample.update(dict(prompt='import os\n\ndef ', max_new_tokens=160))
   return config
