@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 JOBS = {
     'pretrain': 'training.train:train_and_evaluate',
+    'uptrain': 'training.uptrain:uptrain',
     'ppi_eval': 'stats.jobs:ppi_eval',
     'repro_stratppi': 'stats.repro:stratppi',
     'repro_cost_optimal': 'stats.repro:cost_optimal',
