@@ -1,0 +1,102 @@
+"""Uptraining job: convert a vanilla checkpoint to a (Relaxed) Recursive Transformer and train
+it with the pretraining loop (Bae et al., arXiv:2410.20672, §3; PAPERS.md §1).
+
+``config.uptrain.source`` is a workdir of ours (``config.json`` + ``checkpoints/``) or a
+Hugging Face Llama/SmolLM directory (``model.hf_io``). From a vanilla source the recursive
+model takes the source's shapes and ``config.model``'s recursion options (``num_loops``,
+``sharing``, ``ln_share``, ``lora_rank(s)``, ``early_exit``, ``exit_distill``), is
+initialised by ``model.conversion`` (``uptrain.initialization``, ``uptrain.stepwise``)
+and, with ``uptrain.distill > 0``, also learns from the original model:
+``distill * KL(p_teacher || p_student)`` per target token (teacher weights are constants of
+the compiled step). From a recursive source (e.g. early-exit post-training after
+uptraining) its parameters are loaded as they are, with ``config.model``'s early-exit
+options; ``config.train.trainable`` (a regex) freezes the rest.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from model import conversion, hf_io
+from model.layers import ModelConfig
+from model.llama import Llama
+from model.recursive import RecursiveConfig
+from training import checkpoint as ckpt_lib
+from training.train import train_and_evaluate
+
+RECURSION_FIELDS = ('num_loops', 'sharing', 'ln_share', 'lora_rank', 'lora_ranks', 'early_exit',
+                    'exit_distill')
+EXIT_FIELDS = ('early_exit', 'exit_distill')
+
+
+def load_source(source):
+  """(model config, float32 params) of an HF directory or a workdir of ours (latest step)."""
+  path = os.path.join(source, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.uptrain.source={source!r}: {path} not found.')
+  with open(path) as f:
+    saved = json.load(f)
+  if 'model_type' in saved:
+    return hf_io.import_hf_checkpoint(source)
+  family = RecursiveConfig if saved['model'].get('name') == 'recursive' else ModelConfig
+  cfg = family.from_config(saved['model'])
+  checkpointer = ckpt_lib.Checkpointer(source, async_save=False)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.uptrain.source={source!r} has no checkpoint.')
+  restored = checkpointer.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  checkpointer.close()
+  return cfg, jax.tree.map(jnp.asarray, restored['state']['params'])
+
+
+def distillation_loss(teacher, teacher_params, coeff):
+  """``extra_losses`` for the trainer: coeff * mean over target tokens of KL(teacher || model)."""
+  def extra(mb, logits):
+    t_logits, _ = teacher.apply({'params': teacher_params}, mb['tokens'],
+                                positions=mb['positions'], segment_ids=mb['segment_ids'])
+    t = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(t) * (t - jax.nn.log_softmax(logits.astype(jnp.float32))), axis=-1)
+    mask = mb['loss_mask'].astype(jnp.float32)
+    return {'kd': coeff * jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)}
+  return extra
+
+
+def _model_config_dict(cfg):
+  values = dataclasses.asdict(cfg)
+  values['lora_ranks'] = dict(values['lora_ranks'])
+  return ml_collections.ConfigDict(values)
+
+
+def prepare(config):
+  """(config with the recursive model filled in, initial params, extra_losses or None)."""
+  up = config.uptrain
+  source_cfg, source_params = load_source(up.source)
+  options = {k: config.model[k] for k in RECURSION_FIELDS if k in config.model}
+  extra = None
+  if isinstance(source_cfg, RecursiveConfig):
+    cfg = dataclasses.replace(source_cfg, **{k: options[k] for k in EXIT_FIELDS if k in options})
+    params = source_params
+  else:
+    options['lora_ranks'] = dict(options.get('lora_ranks', {}))
+    cfg = conversion.recursive_config(
+        source_cfg, options.pop('num_loops'), options.pop('sharing'),
+        **options, dtype=config.model.get('dtype', source_cfg.dtype),
+        remat=config.model.get('remat', False))
+    params = conversion.convert_params(source_params, source_cfg, cfg, up.initialization,
+                                       up.get('stepwise', 'ends'), jax.random.PRNGKey(config.seed))
+    if up.get('distill', 0.0):
+      extra = distillation_loss(Llama(source_cfg), source_params, up.distill)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = _model_config_dict(cfg)
+  return config, params, extra
+
+
+def uptrain(config, workdir):
+  """The ``uptrain`` job: convert ``config.uptrain.source`` and train (resumes in ``workdir``)."""
+  config, params, extra = prepare(config)
+  return train_and_evaluate(config, workdir, init_params=params, extra_losses=extra)
