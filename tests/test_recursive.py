@@ -1,4 +1,6 @@
 """Recursive / Relaxed Recursive Transformers: sharing, conversion, LoRA, cache, early exit."""
+import json
+
 from absl.testing import absltest, parameterized
 import flax.linen as nn
 import jax
@@ -11,8 +13,10 @@ from model.layers import ModelConfig
 from model.llama import Llama
 from model.registry import build_model
 from training import optim
+from training import train, uptrain
 from training.train import count_params
-from configs import base
+from configs import base, recursive_tiny
+from tests.utils import tiny_config
 
 VANILLA = ModelConfig(vocab_size=64, embed_dim=16, num_layers=6, num_heads=2, num_kv_heads=1,
                       mlp_dim=32, tie_embeddings=False)
@@ -272,6 +276,43 @@ class EarlyExitTest(parameterized.TestCase):
     loop, logits = recursive.confidence_exit(exits, 0.85)
     np.testing.assert_array_equal(loop, [1, 0, 2])
     np.testing.assert_allclose(logits, exits[jnp.array([1, 0, 2]), jnp.arange(3)], atol=1e-6)
+
+
+class UptrainTest(absltest.TestCase):
+
+  def test_pretrain_uptrain_posttrain(self):
+    """Vanilla (4 layers) -> relaxed 2x2 with KD -> early-exit post-training, exits only."""
+    root = self.create_tempdir().full_path
+    vanilla = tiny_config(num_layers=4)
+    vanilla.train.steps = 2
+    train.train_and_evaluate(vanilla, f'{root}/vanilla')
+
+    config = recursive_tiny.get_config()
+    config.model = recursive_tiny.recursive_model_config(lora_rank=2)
+    config.data, config.train = vanilla.data, vanilla.train
+    config.uptrain.update(source=f'{root}/vanilla', distill=1.0)
+    config.train.trainable = ''
+    rec_config, params, extra = uptrain.prepare(config)
+    self.assertEqual(rec_config.model.num_layers, 4)
+    self.assertEqual(sorted(k for k in params if k.startswith('layers')),
+                     ['layers_0', 'layers_1'])
+    out = uptrain.uptrain(config, f'{root}/rec')
+    self.assertIn('lora_3', out['state']['params'])
+    metrics = [json.loads(line) for line in open(f'{root}/rec/metrics.jsonl')]
+    self.assertTrue(any('train/aux/kd' in m for m in metrics))
+
+    post = recursive_tiny.get_config()
+    post.model = recursive_tiny.recursive_model_config(early_exit='aggressive',
+                                                       exit_distill=1.0)
+    post.data, post.train = vanilla.data, vanilla.train
+    post.train.trainable = 'lora_[01]/'  # Only the first loop's LoRA trains.
+    post.uptrain.source = f'{root}/rec'
+    before = uptrain.load_source(f'{root}/rec')[1]
+    after = uptrain.uptrain(post, f'{root}/post')['state']['params']
+    np.testing.assert_array_equal(after['layers_0']['mlp']['up']['kernel'],
+                                  before['layers_0']['mlp']['up']['kernel'])
+    np.testing.assert_array_equal(after['lora_3']['q']['a'], before['lora_3']['q']['a'])
+    self.assertFalse(np.array_equal(after['lora_0']['q']['b'], before['lora_0']['q']['b']))
 
 
 if __name__ == '__main__':

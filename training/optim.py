@@ -2,6 +2,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -37,28 +38,31 @@ def _decay_mask(params):
       lambda path, _: not any(getattr(k, 'key', None) == 'scale' for k in path), params)
 
 
-def _trainable_labels(pattern, params):
-  """'train' for parameters whose path ('layers_0/attn/q/kernel') matches ``pattern``."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'train' if re.search(pattern, '/'.join(
-          str(getattr(k, 'key', k)) for k in path)) else 'frozen', params)
+def _keep_trainable(pattern):
+  """Zeroes the updates of parameters whose path ('layers_0/attn/q/kernel') does not match
+  ``pattern``; the optimizer state keeps its structure."""
+  def zero(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u if re.search(pattern, '/'.join(
+            str(getattr(k, 'key', k)) for k in path)) else jnp.zeros_like(u), updates)
+  return optax.stateless(zero)
 
 
 def make_optimizer(train):
   """optax chain: clip_by_global_norm -> AdamW(schedule).
 
   With ``train.trainable`` (a regex over parameter paths) only the matching parameters
-  train; the others get zero updates (``optax.set_to_zero``, no weight decay either).
+  train: the others' gradients are zeroed before clipping and their updates (weight decay
+  included) after AdamW.
   """
   schedule = make_schedule(train)
-  parts = []
+  pattern = train.get('trainable', '')
+  parts = [_keep_trainable(pattern)] if pattern else []
   if train.get('grad_clip', 0.0):
     parts.append(optax.clip_by_global_norm(train.grad_clip))
   parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.get('eps', 1e-8),
                            weight_decay=train.weight_decay, mask=_decay_mask))
-  tx = optax.chain(*parts)
-  pattern = train.get('trainable', '')
   if pattern:
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
-                               lambda params: _trainable_labels(pattern, params))
-  return tx, schedule
+    parts.append(_keep_trainable(pattern))
+  return optax.chain(*parts), schedule
