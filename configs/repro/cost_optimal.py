@@ -19,5 +19,5 @@ def get_config():
   config.uniform_rate = 0.1                    # standard PPI: label 10% of items (N = 9 n)
   config.target_widths = (0.01, 0.02, 0.04, 0.08)
   config.check_width = 0.02                    # Monte-Carlo check at this width
-  config.n_mc = 500
+  config.n_mc = 1000
   return config
