@@ -14,6 +14,7 @@ from ml_collections import config_flags
 JOBS = {
     'pretrain': 'training.train:train_and_evaluate',
     'uptrain': 'training.uptrain:uptrain',
+    'repro_relaxed_recursive': 'training.repro_recursive:run',
     'ppi_eval': 'stats.jobs:ppi_eval',
     'repro_stratppi': 'stats.repro:stratppi',
     'repro_cost_optimal': 'stats.repro:cost_optimal',
