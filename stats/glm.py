@@ -73,6 +73,7 @@ def _newton(loss, theta, steps):
   return jax.lax.fori_loop(0, steps, body, theta)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _fit(family, data, lam, steps):
   """Minimiser of the rectified loss L_lam (module docstring)."""
   X, Y, Yhat, Xu, Yhu, w, wu = data
@@ -86,6 +87,7 @@ def _fit(family, data, lam, steps):
   return _newton(loss, jnp.zeros(X.shape[1], X.dtype), steps)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _stats(family, theta, data, use_unlabeled):
   """Per-row gradients on labels, on predictions (labelled/unlabelled), and H^-1."""
   X, Y, Yhat, Xu, Yhu, w, wu = data
