@@ -152,9 +152,8 @@ class LayerCtx(NamedTuple):
   write_idx: Optional[jax.Array]
 
 
-class RecursionLayer(nn.Module):
-  """A shared layer: ``layers.DecoderBlock``'s parameters and computation, with its attention's
-  keys/values chosen by the call (one module serves every recursion, so weights are tied):
+class SharedKVAttention(nn.Module):
+  """``layers.Attention`` (same parameters) whose keys/values are chosen by the call:
 
   * ``layer_kv is None``: attend among ``x``'s own tokens; returns their (k, v);
   * ``ctx.write_idx`` set: write ``x``'s (k, v) into the cache buffers ``layer_kv`` at
@@ -168,15 +167,14 @@ class RecursionLayer(nn.Module):
   def __call__(self, x, layer_kv, ctx: LayerCtx):
     cfg = self.cfg
     h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    y = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x)
-    q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(y),
+    q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(x),
                    ctx.positions, cfg.rope_theta)
     if layer_kv is not None and ctx.write_idx is None:
       (keys, values), new_kv = layer_kv, None
     else:
-      k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(y),
+      k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(x),
                      ctx.positions, cfg.rope_theta)
-      v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(y)
+      v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(x)
       if layer_kv is not None:
         k = write_slots(layer_kv[0], k, ctx.write_idx)
         v = write_slots(layer_kv[1], v, ctx.write_idx)
@@ -184,8 +182,21 @@ class RecursionLayer(nn.Module):
     out = attention_lib.attention(q, keys, values, q_pos=ctx.positions, kv_pos=ctx.kv_pos,
                                   q_segment_ids=ctx.segment_ids,
                                   kv_segment_ids=ctx.kv_segment_ids, impl=cfg.attention_impl)
-    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                   name='o')(out)
+    return Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                  name='o')(out), new_kv
+
+
+class RecursionLayer(nn.Module):
+  """A shared layer: ``layers.DecoderBlock`` (same parameter tree) with ``SharedKVAttention``;
+  one module serves every recursion, so its weights are tied across recursions."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_kv, ctx: LayerCtx):
+    cfg = self.cfg
+    out, new_kv = SharedKVAttention(cfg, name='attn')(
+        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x), layer_kv, ctx)
+    x = x + out
     x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 

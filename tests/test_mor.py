@@ -1,0 +1,295 @@
+"""Mixture-of-Recursions: routers against hand computations, KV strategies, cached decoding,
+sharded training, parameter counts."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from configs import mor_360m, mor_tiny
+from model import decode, mor
+from model.registry import build_model
+from tests import test_train
+from tests.utils import tiny_config
+from training.train import count_params
+
+_SMALL = dict(vocab_size=64, embed_dim=32, num_layers=5, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def _cfg(**kw):
+  return mor.MoRConfig(**{**_SMALL, **kw})
+
+
+@functools.lru_cache(maxsize=None)
+def _model_and_params(**kw):
+  model = mor.MoR(_cfg(**kw))
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((2, 12), jnp.int32))['params']
+  return model, nn.meta.unbox(params)
+
+
+def _tokens(b=2, t=12, seed=0):
+  return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, _SMALL['vocab_size'])
+
+
+class _SpyBlock:
+  """Stands in for mor._Block: out = 2 * h; records what each recursion saw."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, r, h, positions, segment_ids, active):
+    self.calls.append((r, np.asarray(positions), np.asarray(active)))
+    return 2.0 * h
+
+
+def _first_feature(h):
+  return h[..., :1].astype(jnp.float32)
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_default_capacity_and_top_k(self):
+    cfg = _cfg(num_recursions=3)
+    np.testing.assert_allclose(cfg.capacities, (1.0, 2 / 3, 1 / 3))
+    self.assertEqual(cfg.top_ks(2048), (2048, 1365, 682))
+    self.assertEqual(_cfg(num_recursions=2, capacity=(1.0, 0.01)).top_ks(10), (10, 1))  # max(1, int(c * T))
+
+  def test_bad_options_name_the_field(self):
+    with self.assertRaisesRegex(ValueError, 'model.capacity'):
+      _cfg(capacity=(0.5, 1.0, 0.2))
+    with self.assertRaisesRegex(ValueError, 'model.router_func'):
+      _cfg(router='token_choice', router_func='tanh')
+    with self.assertRaisesRegex(ValueError, 'Unknown model config field'):
+      mor.MoRConfig.from_config(dict(_SMALL, mor_type='expert'))
+
+  def test_360m_unique_parameters(self):
+    model = build_model(mor_360m.get_config().model)
+    self.assertEqual((model.cfg.num_ends, model.cfg.base_depth), (1, 10))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    _, non_emb = count_params(params['params'])
+    self.assertAlmostEqual(non_emb / 1e6, 118.0, delta=0.5)  # paper: 118M
+
+  def test_one_parameter_set_per_shared_layer(self):
+    model, params = _model_and_params(num_layers=6, num_recursions=2)  # 1 + 2 + 1 layers
+    self.assertEqual(sorted(k for k in params if k.startswith('shared')),
+                     ['shared_0', 'shared_1'])
+    # DecoderBlock's tree, one kernel per projection: no per-recursion copies.
+    self.assertEqual(jax.tree.structure(params['shared_0']),
+                     jax.tree.structure(params['first']))
+    for name in ('q', 'k', 'v', 'o'):
+      self.assertEqual(params['shared_0']['attn'][name]['kernel'].ndim, 3)
+    per_layer = sum(x.size for x in jax.tree.leaves(params['first']))
+    _, non_emb = count_params(params)
+    routers = 2 * model.cfg.embed_dim
+    self.assertEqual(non_emb, 4 * per_layer + model.cfg.embed_dim + routers)
+
+
+class ExpertChoiceTest(absltest.TestCase):
+
+  def _route(self, x, **kw):
+    cfg = _cfg(num_recursions=2, capacity=(1.0, 0.5), **kw)
+    block = _SpyBlock()
+    t = x.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
+    out = mor.expert_choice_topk(cfg, x, positions, jnp.ones(x.shape[:2], jnp.int32),
+                                 [_first_feature] * 2, [_first_feature] * 2, block)
+    return cfg, block, out
+
+  def test_capacity_hierarchy_causal_order_and_weighted_gating(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 3))
+    cfg, block, (y, depth, losses) = self._route(x)
+    # Hand computation: g = 0.1 sigmoid(first feature), f(h) = 2h.
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    x0 = np.asarray(x)
+    x1 = x0 + 0.1 * sig(x0[..., :1]) * 2 * x0  # recursion 1: capacity 1, every token
+    top = np.sort(np.argsort(-x1[..., 0], axis=1)[:, :3], axis=1)
+    x2 = x1.copy()
+    for b in range(2):
+      x2[b, top[b]] += 0.1 * sig(x1[b, top[b], :1]) * 2 * x1[b, top[b]]
+    np.testing.assert_allclose(y, x2, rtol=1e-5, atol=1e-6)
+    expected_depth = np.ones((2, 6), int)
+    np.put_along_axis(expected_depth, top, 2, axis=1)
+    np.testing.assert_array_equal(depth, expected_depth)
+    # Recursion 2 saw exactly k = 3 tokens per row, in causal order, at original positions.
+    np.testing.assert_array_equal(block.calls[1][1], top)
+    bce = lambda z, t: np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))
+    target = np.zeros((2, 6))
+    np.put_along_axis(target, top, 1.0, axis=1)
+    expected = bce(x0[..., 0], 1.0).sum() / 12 + bce(x1[..., 0], target).sum() / 12
+    np.testing.assert_allclose(losses['mor_sampling'], 0.001 * expected, rtol=1e-5)
+
+  def test_hierarchical_filtering_keeps_only_previous_survivors(self):
+    cfg = _cfg(num_recursions=3, capacity=(0.5, 0.5, 0.25))
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 8, 3))
+    block = _SpyBlock()
+    # Router scores favour late tokens at recursion 1 but early ones afterwards.
+    routers = [lambda h: h[..., :1] * 0 + jnp.arange(h.shape[1])[None, :, None]] + [
+        lambda h: -jnp.arange(h.shape[1], dtype=jnp.float32)[None, :, None]] * 2
+    mor.expert_choice_topk(cfg, x, jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32), routers,
+                           None, block)
+    self.assertEqual([c[1].tolist() for c in block.calls],
+                     [[[4, 5, 6, 7]], [[4, 5, 6, 7]], [[4, 5]]])
+
+  def test_additive_gating_and_z_loss(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 2))
+    cfg = _cfg(num_recursions=1, capacity=(1.0,), gating='additive', z_loss=True)
+    y, _, losses = mor.expert_choice_topk(cfg, x, jnp.arange(4)[None], jnp.ones((1, 4), int),
+                                          [_first_feature], None, _SpyBlock())
+    np.testing.assert_allclose(y, 3 * x, rtol=1e-6)  # H + f(H) with f(H) = 2H
+    np.testing.assert_allclose(losses['mor_z'], 0.001 * np.mean(np.square(x[..., 0])),
+                               rtol=1e-5)
+
+  def test_causal_routing_thresholds_router_logits(self):
+    cfg = _cfg(num_recursions=2)
+    x = jnp.array([[[1.0, 1.0], [-1.0, 1.0], [0.5, -3.0]]])
+    block = _SpyBlock()
+    _, depth, _ = mor.expert_choice_causal(cfg, x, jnp.arange(3)[None], jnp.ones((1, 3), int),
+                                           [_first_feature] * 2, None, block)
+    np.testing.assert_array_equal(depth, [[2, 0, 2]])
+    np.testing.assert_array_equal(block.calls[0][2], [[True, False, True]])
+
+
+class TokenChoiceTest(absltest.TestCase):
+
+  def test_depths_update_and_losses_by_hand(self):
+    cfg = _cfg(num_recursions=3, router='token_choice', router_func='softmax', alpha=1.0,
+               z_loss=True)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3))
+    block = _SpyBlock()
+    y, depth, losses = mor.token_choice(cfg, x, jnp.broadcast_to(jnp.arange(5), (2, 5)),
+                                        jnp.ones((2, 5), int), lambda h: h, block)
+    logits = np.asarray(x)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    d = probs.argmax(-1) + 1
+    np.testing.assert_array_equal(depth, d)
+    g = probs.max(-1, keepdims=True)
+    np.testing.assert_allclose(y, logits + g * (2.0 ** d[..., None]) * logits, rtol=1e-5)
+    for r, _, active in block.calls:  # attention mask: tokens with depth > r
+      np.testing.assert_array_equal(active, d > r)
+    f = np.stack([(d == i + 1).mean() for i in range(3)])
+    np.testing.assert_allclose(losses['mor_balance'], 0.1 * np.sum(f * probs.mean((0, 1))),
+                               rtol=1e-5)
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(losses['mor_z'], 0.001 * np.mean(lse ** 2), rtol=1e-5)
+
+
+class _SpyLayer:
+  """Stands in for a RecursionLayer: records (layer_kv, ctx), returns (h, a fresh kv tag)."""
+
+  def __init__(self, log):
+    self.log = log
+
+  def __call__(self, h, layer_kv, ctx):
+    tag = ('kv', len(self.log))
+    self.log.append((layer_kv, ctx, tag))
+    return h, tag
+
+
+class KVStrategyTest(parameterized.TestCase):
+
+  @parameterized.parameters(False, True)
+  def test_uncached_keys_per_recursion(self, kv_sharing):
+    cfg = _cfg(num_recursions=3, kv_sharing=kv_sharing)
+    log = []
+    block = mor._Block(cfg, [_SpyLayer(log)])
+    pos, seg = jnp.arange(4)[None], jnp.ones((1, 4), int)
+    for r, active in enumerate([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 0]]):
+      block(r, jnp.zeros((1, 4, 2)), pos, seg, jnp.array([active], bool))
+    first_kv, first_ctx = log[0][2], log[0][1]
+    for r in (1, 2):
+      layer_kv, ctx, _ = log[r]
+      if kv_sharing:  # recursion 1's keys, visibility and segments
+        self.assertEqual(layer_kv, first_kv)
+        np.testing.assert_array_equal(ctx.kv_pos, first_ctx.kv_pos)
+      else:  # its own tokens, inactive ones hidden
+        self.assertIsNone(layer_kv)
+        np.testing.assert_array_equal(ctx.kv_pos, [[0, -1, 2, -1]] if r == 1 else [[-1, -1, 2, -1]])
+
+  def test_cache_layers(self):
+    self.assertEqual(_cfg(num_layers=8, num_recursions=3).num_cache_layers, 2 + 2 * 3)
+    self.assertEqual(_cfg(num_layers=8, num_recursions=3, kv_sharing=True).num_cache_layers, 4)
+
+  def test_kv_sharing_changes_the_function(self):
+    tokens = _tokens()
+    _, params = _model_and_params(num_recursions=2, capacity=(1.0, 1.0))
+    outs = [mor.MoR(_cfg(num_recursions=2, capacity=(1.0, 1.0), kv_sharing=s)).apply(
+        {'params': params}, tokens)[0] for s in (False, True)]
+    self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-4)
+
+
+class DecodeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('expert', dict(causal_routing=True)),
+      ('expert_kv_sharing', dict(causal_routing=True, kv_sharing=True)),
+      ('expert_aux_router', dict(causal_routing=True, sampling='aux_router')),
+      ('token_choice', dict(router='token_choice', router_func='softmax', alpha=1.0)),
+  )
+  def test_cached_decoding_equals_forward(self, kw):
+    model, params = _model_and_params(**kw)
+    tokens = _tokens(t=10)
+    full, aux = jax.jit(model.apply)({'params': params}, tokens)
+    depth = np.asarray(aux['depth'])
+    self.assertGreater(len(np.unique(depth)), 1)  # routing really varies per token
+    step = jax.jit(lambda toks, pos, cache: model.apply({'params': params}, toks,
+                                                       positions=pos, cache=cache))
+    cache = model.init_cache(2, 16)
+    logits, aux = step(tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)), cache)
+    outs = [logits]
+    for t in range(4, 10):
+      logits, aux = step(tokens[:, t:t + 1], jnp.full((2, 1), t), aux['cache'])
+      outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(aux['cache']['depth'][:, :10], depth)
+
+  def test_generate_matches_forward_argmax(self):
+    model, params = _model_and_params(causal_routing=True)
+    prompts = _tokens(t=5)
+    out = decode.generate(model, params, prompts, 4, decode.SamplingConfig(greedy=True),
+                          jax.random.PRNGKey(0))
+    seq = jnp.concatenate([prompts, out.tokens], axis=1)
+    logits, _ = model.apply({'params': params}, seq)
+    np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:8], -1))
+
+
+class TrainingTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('expert', {}),
+      ('expert_aux_router_mlp', dict(sampling='aux_router', router_type='mlp', z_loss=True)),
+      ('token_choice', mor_tiny.token_choice()),
+  )
+  def test_gradients_reach_every_router(self, kw):
+    model, params = _model_and_params(**kw)
+    tokens = _tokens()
+
+    def loss(p):
+      logits, aux = model.apply({'params': p}, tokens[:, :-1], train=True)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+      return ce + sum(aux['losses'].values())
+
+    grads = jax.grad(loss)(params)
+    routers = [k for k in grads if 'router' in k]
+    self.assertNotEmpty(routers)
+    for name in routers:
+      self.assertGreater(float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))), 0,
+                         name)
+
+  def test_sharded_train_step_matches_single_device(self):
+    config = tiny_config()
+    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 4,
+                                         'num_recursions': 2, 'z_loss': True})
+    batch = test_train._random_batch(config)
+    p1, m1, _ = test_train._one_step(config, (1, 1, 1), batch)
+    p8, m8, _ = test_train._one_step(config, (2, 2, 2), batch)
+    self.assertAlmostEqual(float(m1['train/loss']), float(m8['train/loss']), delta=1e-5)
+    self.assertIn('train/aux/mor_sampling', m8)
+    self.assertIn('train/aux/mor_z', m8)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p1, p8)
+
+
+if __name__ == '__main__':
+  absltest.main()
