@@ -1,5 +1,6 @@
 """Recursive / Relaxed Recursive Transformers: sharing, conversion, LoRA, cache, early exit."""
 import json
+import os
 
 from absl.testing import absltest, parameterized
 import flax.linen as nn
@@ -313,6 +314,26 @@ class UptrainTest(absltest.TestCase):
                                   before['layers_0']['mlp']['up']['kernel'])
     np.testing.assert_array_equal(after['lora_3']['q']['a'], before['lora_3']['q']['a'])
     self.assertFalse(np.array_equal(after['lora_0']['q']['b'], before['lora_0']['q']['b']))
+
+
+class ReproTest(absltest.TestCase):
+
+  def test_repro_tiny(self):
+    from configs.repro import relaxed_recursive  # pylint: disable=g-import-not-at-top
+    from training import repro_recursive  # pylint: disable=g-import-not-at-top
+    config = relaxed_recursive.get_config()
+    small = tiny_config()
+    config.model.update(embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    config.data = small.data
+    config.train.update(eval_batches=1, async_checkpointing=False)
+    config.repro.update(layers=4, pretrain_steps=2, uptrain_steps=1, post_steps=1,
+                        initializations=('stepwise', 'average'), lora_ranks=(2,))
+    workdir = self.create_tempdir().full_path
+    report = repro_recursive.run(config, workdir)
+    self.assertEqual(len(report['exits_after_post_training']), 2)
+    self.assertIn('relaxed_average_r2', report['eval_loss'])
+    for name in ('results.json', 'results.md', 'results.png'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)))
 
 
 if __name__ == '__main__':
