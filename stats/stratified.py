@@ -41,7 +41,7 @@ def _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata):
     num_strata = int(max(strata.max(), strata_unlabeled.max())) + 1
   onehot = (strata[:, None] == jnp.arange(num_strata)).astype(Y.dtype)
   onehot_u = (strata_unlabeled[:, None] == jnp.arange(num_strata)).astype(Y.dtype)
-  if v.is_concrete(strata, strata_unlabeled):
+  if v.is_concrete(onehot, onehot_u):
     for name, s, oh in [('strata', strata, onehot), ('strata_unlabeled', strata_unlabeled,
                                                      onehot_u)]:
       if bool(jnp.any(oh.sum(1) != 1)):
