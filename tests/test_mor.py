@@ -1,6 +1,7 @@
 """Mixture-of-Recursions: routers against hand computations, KV strategies, cached decoding,
 sharded training, parameter counts."""
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -10,10 +11,12 @@ import optax
 from absl.testing import absltest, parameterized
 
 from configs import mor_360m, mor_tiny
+from configs.repro import mor_isoflop
 from model import decode, mor
 from model.registry import build_model
 from tests import test_train
 from tests.utils import tiny_config
+from training import repro_mor
 from training.train import count_params
 
 _SMALL = dict(vocab_size=64, embed_dim=32, num_layers=5, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -215,7 +218,7 @@ class KVStrategyTest(parameterized.TestCase):
   def test_kv_sharing_changes_the_function(self):
     tokens = _tokens()
     _, params = _model_and_params(num_recursions=2, capacity=(1.0, 1.0))
-    outs = [mor.MoR(_cfg(num_recursions=2, capacity=(1.0, 1.0), kv_sharing=s)).apply(
+    outs = [jax.jit(mor.MoR(_cfg(num_recursions=2, capacity=(1.0, 1.0), kv_sharing=s)).apply)(
         {'params': params}, tokens)[0] for s in (False, True)]
     self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-4)
 
@@ -271,7 +274,7 @@ class TrainingTest(parameterized.TestCase):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
       return ce + sum(aux['losses'].values())
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     routers = [k for k in grads if 'router' in k]
     self.assertNotEmpty(routers)
     for name in routers:
@@ -289,6 +292,30 @@ class TrainingTest(parameterized.TestCase):
     self.assertIn('train/aux/mor_sampling', m8)
     self.assertIn('train/aux/mor_z', m8)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p1, p8)
+
+
+class ReproTest(absltest.TestCase):
+
+  def test_tiny_isoflop_run_writes_table_and_plot(self):
+    config = mor_isoflop.get_config()
+    config.base.data.update(seq_len=32, batch_size=8, max_docs=20, shuffle_buffer=4)
+    config.base.train.eval_batches = 1
+    shape = dict(embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    config.variants = {'vanilla': config.variants.vanilla, 'mor_expert_2':
+                       config.variants.mor_expert_2}
+    for model in config.variants.values():
+      model.update(shape)
+    config.flop_budget = 2 * repro_mor.train_flops_per_token(
+        build_model(config.variants.vanilla).cfg, 32) * 8 * 32
+    workdir = self.create_tempdir().full_path
+    rows = {r['model']: r for r in repro_mor.run(config, workdir)}
+    self.assertEqual(sorted(rows), ['mor_expert_2', 'vanilla'])
+    self.assertEqual(rows['vanilla']['steps'], 2)
+    self.assertGreater(rows['mor_expert_2']['steps'], 2)  # fewer FLOPs per token
+    self.assertLess(rows['mor_expert_2']['unique_params_non_embedding'],
+                    rows['vanilla']['unique_params_non_embedding'])
+    for name in ('mor_isoflop.md', 'mor_isoflop.json', 'mor_isoflop.png'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 
 
 if __name__ == '__main__':
