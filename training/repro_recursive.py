@@ -84,7 +84,8 @@ def run(config, workdir):
   before = exit_losses(config, os.path.join(workdir, 'recursive_stepwise'))
   post = up('early_exit_post', **{'uptrain.source': os.path.join(workdir, 'recursive_stepwise'),
                                   'model.early_exit': 'aggressive', 'model.exit_distill': 1.0,
-                                  'train.steps': r.post_steps})
+                                  'train.steps': r.post_steps,
+                                  'train.learning_rate': r.post_learning_rate})
   after = exit_losses(post, os.path.join(workdir, 'early_exit_post'))
   report = {'eval_loss': results, 'exits_before_post_training': before,
             'exits_after_post_training': after}

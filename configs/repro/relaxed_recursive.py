@@ -23,5 +23,6 @@ def get_config():
                                    tensorboard=False, trainable='')
   config.repro = config_dict.ConfigDict(dict(
       layers=6, pretrain_steps=300, uptrain_steps=100, post_steps=50,
+      post_learning_rate=3e-4,  # Post-training fine-tunes a trained model: 10x lower lr.
       initializations=('stepwise', 'average', 'lower', 'upper', 'random'), lora_ranks=(4, 16)))
   return config
