@@ -239,8 +239,9 @@ def cost_optimal(config, workdir):
   plt = _pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   a0 = config.difficulty_a[0]
+  colors = {name: f'C{i}' for i, name in enumerate(curves[a0])}
   for name, costs in curves[a0].items():
-    axes[0].plot(config.target_widths, costs, 'o-', label=name)
+    axes[0].plot(config.target_widths, costs, 'o-', color=colors[name], label=name)
   axes[0].set(xscale='log', yscale='log', xlabel='target 90% CI width',
               ylabel='total cost (strong label = 1)', title=f'difficulty ~ Beta({a0}, {a0})')
   axes[0].legend(fontsize=7)
@@ -249,7 +250,7 @@ def cost_optimal(config, workdir):
       axes[1].plot(config.difficulty_a,
                    [100 * next(r['saving_vs_classical'] for r in rows
                                if r['a'] == a and r['method'] == name)
-                    for a in config.difficulty_a], 'o-', label=name)
+                    for a in config.difficulty_a], 'o-', color=colors[name], label=name)
   axes[1].set(xscale='log', xlabel='Beta(a, a) parameter (small a: more heterogeneous)',
               ylabel='saving vs classical (%)', title=f'width {config.check_width}')
   axes[1].legend(fontsize=7)
