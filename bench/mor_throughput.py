@@ -64,7 +64,7 @@ def train_step_time(model, batch, seq_len, repeats):
 
 
 def memory_bytes(model, params, batch, max_len):
-  cache = jax.eval_shape(model.init_cache, batch, max_len)
+  cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
   return 4 * (sum(x.size for x in jax.tree.leaves(params)) +
               sum(x.size for x in jax.tree.leaves(cache)))
 
