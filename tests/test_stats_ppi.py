@@ -191,12 +191,12 @@ class CrossPPITest(parameterized.TestCase):
 class BootstrapTest(absltest.TestCase):
 
   def test_ppboot_matches_clt_interval(self):
-    Y, Yhat, Yhat_u, _, _ = _data(11, 300, 3000)
+    Y, Yhat, Yhat_u, _, _ = _data(11, 300, 1000)
     with jax.enable_x64(True):
-      boot = _flat(ppi.ppboot(jnp.mean, Y, Yhat, Yhat_u, lam=0.5, n_resamples=2000))
+      boot = _flat(ppi.ppboot(jnp.mean, Y, Yhat, Yhat_u, lam=0.5, n_resamples=1000))
       clt = _flat(ppi.ppi_mean_ci(Y, Yhat, Yhat_u, lam=0.5))
-      tuned = ppi.ppboot(jnp.mean, Y, Yhat, Yhat_u, n_resamples=500, alternative='larger')
-      classical = _flat(ppi.classical_bootstrap_ci(jnp.mean, Y, n_resamples=2000))
+      tuned = ppi.ppboot(jnp.mean, Y, Yhat, Yhat_u, n_resamples=200, alternative='larger')
+      classical = _flat(ppi.classical_bootstrap_ci(jnp.mean, Y, n_resamples=1000))
     width = clt[1] - clt[0]
     np.testing.assert_allclose(boot, clt, atol=0.1 * width)
     np.testing.assert_allclose(classical, _flat(ppi.classical_mean_ci(Y)), atol=0.1 * width)
