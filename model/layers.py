@@ -67,6 +67,25 @@ class ModelConfig:
     return _DTYPES[self.dtype]
 
 
+def decoder_block_params(cfg: ModelConfig) -> int:
+  """Parameters of one DecoderBlock: q, k, v, o, the SwiGLU MLP and two RMSNorms."""
+  e, d = cfg.embed_dim, cfg.dims_per_head
+  return 2 * e * d * (cfg.num_heads + cfg.num_kv_heads) + 3 * e * cfg.mlp_dim + 2 * e
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, layers: float,
+                             attention_layers: float, heads: int = 1,
+                             extra_params: float = 0) -> float:
+  """Training FLOPs per token (PaLM, App. B) for families that apply layers a variable number
+  of times: 6 x the weights a token passes through (``layers`` DecoderBlock applications,
+  ``heads`` final norm + LM head applications, ``extra_params``) + 12·H·D·T per attention
+  layer (``attention_layers``: full-sequence equivalents). For a Llama of L layers
+  (``layers = attention_layers = L``) this is ``train.analytic_flops_per_token``."""
+  weights = (layers * decoder_block_params(cfg) +
+             heads * (cfg.vocab_size + 1) * cfg.embed_dim + extra_params)
+  return 6 * weights + attention_layers * 12 * cfg.num_heads * cfg.dims_per_head * seq_len
+
+
 def _init(cfg, names):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), names)
 

@@ -58,7 +58,7 @@ class Llama(nn.Module):
   ``aux`` holds ``losses`` (auxiliary losses, already scaled; none for this family) and,
   when a cache was given, the updated ``cache``. The trainer also passes ``targets`` and
   ``loss_mask`` so that families with target-dependent auxiliary losses (early exit) can
-  compute them; this family ignores them.
+  compute them, and the training ``step`` (MoR's capacity warm-up); this family ignores them.
   """
   cfg: ModelConfig
 
@@ -69,8 +69,8 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
-               targets=None, loss_mask=None):
-    del train, targets, loss_mask  # No dropout or target-dependent losses in this family.
+               targets=None, loss_mask=None, step=None):
+    del train, targets, loss_mask, step  # No dropout, target- or step-dependent behaviour.
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

@@ -22,8 +22,20 @@ Routers (option names as in the authors' code):
 * ``router='token_choice'`` (§2.2.2): once, before the first recursion, ``g = G(theta^T H^1)``
   over N_r depths (softmax or sigmoid); the token recurses ``argmax + 1`` times, carrying the
   block output unweighted, and ends as ``H^1 + alpha * g_argmax * f^d(H^1)`` (the authors'
-  code). Balancing ``balance_coeff * sum_i f_i P_i`` (f_i: fraction of tokens choosing depth i,
-  P_i: mean probability of depth i). Inactive tokens are masked out of attention.
+  code). Balancing: ``balancing='loss'``, ``balance_coeff * sum_i f_i P_i`` (f_i: fraction of
+  tokens choosing depth i, P_i: mean probability of depth i); or ``'loss_free'`` (DeepSeek-V3
+  style, PAPERS.md §2), a bias ``b`` in the ``router_state`` collection (not a parameter, no
+  gradient) picks the depth by ``argmax(g + b)`` while the gate stays ``g``; each training
+  forward pass applied with ``mutable=['router_state']`` returns ``b + bias_update_rate *
+  sign(mean_i f_i - f)``, which the trainer keeps for the next step. Inactive tokens are
+  masked out of attention.
+* ``cap_warmup_step`` (expert choice, training): capacities start at 1 and reach their targets
+  along the authors' cosine, ``c_r + (1 - c_r) * (1 + cos(pi * min(1, step / W))) / 2``, where
+  ``step`` is the model call's ``step`` (the trainer's 0-based step; the authors' counter is
+  1-based). Shapes stay static: during training every recursion gathers ``k = T`` tokens
+  (the warm-up start) ranked by the router and masks those ranked below ``k_r(step)``, so a
+  run with warm-up pays the full recursion compute for all of its steps, not only the
+  warm-up (uncounted in ``flops_per_token``). Evaluation and decoding use the targets.
 * ``z_loss``: ``z_coeff * mean(logsumexp(logits)^2)`` per router call, summed.
 
 Attention at recursion r runs only among the tokens active at r. KV (§2.3): recursion-wise
@@ -33,9 +45,6 @@ caching (each recursion's keys/values, visible only for the tokens that reached 
 layers are first, (recursion, shared layer) or (shared layer) with ``kv_sharing``, last.
 Slots stay full-size per layer (static shapes): recursion-wise caching saves attention
 compute, not cache memory; KV sharing saves memory (N_r times fewer shared-layer slots).
-
-Not implemented: ``cap_warmup_step`` (needs the training step inside the model) and the
-loss-free (bias-update) balancing of token choice.
 """
 import dataclasses
 from typing import NamedTuple, Optional
@@ -48,7 +57,7 @@ import optax
 from model import attention as attention_lib
 from model import kv_cache
 from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope,
-                          write_slots)
+                          training_flops_per_token, write_slots)
 from model.llama import Embedder
 
 _SHARING = ('middle_cycle', 'cycle')
@@ -77,6 +86,8 @@ class MoRConfig(ModelConfig):
   z_coeff: float = 0.001
   balancing: str = 'loss'
   balance_coeff: float = 0.1
+  bias_update_rate: float = 0.001  # balancing='loss_free' (DeepSeek-V3's gamma)
+  cap_warmup_step: int = 0
   kv_sharing: bool = False
   causal_routing: bool = False  # expert choice, uncached eval forward: route as decoding does
 
@@ -87,7 +98,7 @@ class MoRConfig(ModelConfig):
               ('router_type', self.router_type, tuple(_ROUTER_WIDTH)),
               ('gating', self.gating, ('weighted', 'additive')),
               ('sampling', self.sampling, ('aux_loss', 'aux_router')),
-              ('balancing', self.balancing, ('loss',)),
+              ('balancing', self.balancing, ('loss', 'loss_free')),
               ('router_func', self.router_func,
                ('sigmoid', 'tanh') if self.router == 'expert_choice' else ('softmax', 'sigmoid'))]
     for field, value, allowed in checks:
@@ -120,6 +131,38 @@ class MoRConfig(ModelConfig):
   def top_ks(self, seq_len):
     """Static tokens kept per row at each recursion: max(1, int(capacity_r * T))."""
     return tuple(max(1, int(c * seq_len)) for c in self.capacities)
+
+  def warmup_top_ks(self, seq_len, step):
+    """Tokens kept per row at each recursion at training step ``step`` (traced int32):
+    ``max(1, int(c_r(step) * T))`` along the cosine warm-up, the targets once it is over."""
+    ratio = jnp.minimum(step / self.cap_warmup_step, 1.0)
+    decay = 0.5 * (1.0 + jnp.cos(jnp.pi * ratio))
+    return tuple(jnp.where(ratio >= 1, k, jnp.maximum(1, jnp.floor((c + (1 - c) * decay) *
+                                                                    seq_len)).astype(jnp.int32))
+                 for c, k in zip(self.capacities, self.top_ks(seq_len)))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Expected training FLOPs per token under the target capacities (token choice: the
+    balanced split (N_r - r)/N_r), as the paper counts them: a shared layer runs on the
+    fraction c_r of tokens at recursion r, its attention costs c_r^2 (recursion-wise caching)
+    or c_r (KV sharing; K/V projections still counted), and each router runs on its
+    candidates. Warm-up steps and token choice's masking cost more (module docstring)."""
+    n = self.num_recursions
+    caps = (self.capacities if self.router == 'expert_choice' else
+            tuple((n - r) / n for r in range(n)))
+    width = _ROUTER_WIDTH[self.router_type]
+    e = self.embed_dim
+    router = lambda out: width * e * (e + out) if width else e * out
+    if self.router == 'expert_choice':
+      candidates = sum((1.0,) + caps[:-1])
+      routers = candidates * router(1) * (2 if self.sampling == 'aux_router' else 1)
+    else:
+      routers = router(n)
+    ends = 2 * self.num_ends
+    return training_flops_per_token(
+        self, seq_len, layers=ends + self.base_depth * sum(caps),
+        attention_layers=ends + self.base_depth * sum(
+            c * (1.0 if self.kv_sharing else c) for c in caps), extra_params=routers)
 
   @property
   def num_cache_layers(self) -> int:
@@ -277,31 +320,42 @@ def _delta(cfg, gate, out):
   return gate[..., None] * out if cfg.gating == 'weighted' else out
 
 
-def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, block):
+def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, block, step=None):
   """Training-time expert choice: static top-k per recursion among the previous survivors.
 
+  With ``cfg.cap_warmup_step`` and a training ``step``, each recursion gathers the top
+  ``T`` candidates and keeps those ranked below ``k_r(step)`` (``MoRConfig.warmup_top_ks``);
+  the others are masked out of attention, the update, the depth and the BCE.
   Returns (x, depth [B, T], losses).
   """
   b, t, _ = x.shape
+  k_max = ks = cfg.top_ks(t)
+  if cfg.cap_warmup_step and step is not None:
+    k_max, ks = (t,) * cfg.num_recursions, cfg.warmup_top_ks(t, step)
   idx = jnp.broadcast_to(jnp.arange(t), (b, t))
+  valid, n_valid = jnp.ones((b, t), bool), t  # candidates: the previous recursion's kept tokens
   depth = jnp.zeros((b, t), jnp.int32)
   bce, z = 0.0, 0.0
-  for r, k in enumerate(cfg.top_ks(t)):
+  for r, (k_static, k) in enumerate(zip(k_max, ks)):
     h = _take(x, idx)
     logits = routers[r](h / cfg.temperature)[..., 0]  # [B, candidates]
-    _, sel = jax.lax.top_k(logits, k)  # G is increasing: top-k of g = top-k of the logits
-    sel = jnp.sort(sel, axis=-1)  # causal order
-    target = jnp.zeros(logits.shape).at[jnp.arange(b)[:, None], sel].set(1.0)
+    # G is increasing: top-k of g = top-k of the logits; dropped candidates rank last.
+    _, order = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k_static)
+    kept = jnp.broadcast_to(jnp.arange(k_static) < k, order.shape)
+    perm = jnp.argsort(order, axis=-1)  # causal order
+    sel, kept = _take(order, perm), _take(kept, perm)
+    target = jnp.zeros(logits.shape).at[jnp.arange(b)[:, None], sel].set(kept.astype(float))
     decision = logits if cfg.sampling == 'aux_loss' else (
         aux_routers[r](jax.lax.stop_gradient(h))[..., 0])
-    bce += optax.sigmoid_binary_cross_entropy(decision, target).sum() / decision.size
-    z += _z_loss(cfg, logits[..., None])
+    bce += jnp.where(valid, optax.sigmoid_binary_cross_entropy(decision, target),
+                     0.0).sum() / (b * n_valid)
+    z += cfg.z_coeff * jnp.where(valid, jnp.square(logits), 0.0).sum() / (b * n_valid)
     idx = _take(idx, sel)
     gate = cfg.alpha * _router_probs(cfg, _take(logits, sel))
-    out = block(r, _take(h, sel), _take(positions, idx), _take(segment_ids, idx),
-                jnp.ones(idx.shape, bool))
-    x = _scatter_add(x, idx, _delta(cfg, gate, out))
-    depth = _scatter_add(depth, idx, jnp.ones(idx.shape, jnp.int32))
+    out = block(r, _take(h, sel), _take(positions, idx), _take(segment_ids, idx), kept)
+    x = _scatter_add(x, idx, jnp.where(kept[..., None], _delta(cfg, gate, out), 0.0))
+    depth = _scatter_add(depth, idx, kept.astype(jnp.int32))
+    valid, n_valid = kept, k
   losses = {'mor_sampling': cfg.aux_coeff * bce}
   if cfg.z_loss:
     losses['mor_z'] = z
@@ -324,30 +378,41 @@ def expert_choice_causal(cfg, x, positions, segment_ids, routers, aux_routers, b
   return x, depth, {}
 
 
-def token_choice(cfg, x, positions, segment_ids, router, block):
-  """Token choice: one routing decision before recursion 1. Returns (x, depth, losses)."""
+def depth_load(cfg, depth):
+  """f_i: the fraction of tokens taking i + 1 recursions."""
+  return jnp.mean(jax.nn.one_hot(depth - 1, cfg.num_recursions), axis=(0, 1))
+
+
+def token_choice(cfg, x, positions, segment_ids, router, block, bias=None):
+  """Token choice: one routing decision before recursion 1, by ``argmax(g + bias)`` with the
+  loss-free balancing bias. Returns (x, depth, losses)."""
   logits = router(x / cfg.temperature)  # [B, T, N_r]
   probs = _router_probs(cfg, logits)
-  choice = jnp.argmax(probs, axis=-1)
+  choice = jnp.argmax(probs if bias is None else probs + bias, axis=-1)
   depth = choice + 1
   gate = cfg.alpha * jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
   h = x
   for r in range(cfg.num_recursions):
     active = depth > r
     h = jnp.where(active[..., None], block(r, h, positions, segment_ids, active), h)
-  frac = jnp.mean(jax.nn.one_hot(choice, cfg.num_recursions), axis=(0, 1))
-  losses = {'mor_balance': cfg.balance_coeff * jnp.sum(frac * jnp.mean(probs, axis=(0, 1)))}
+  losses = {}
+  if cfg.balancing == 'loss':
+    losses['mor_balance'] = cfg.balance_coeff * jnp.sum(
+        depth_load(cfg, depth) * jnp.mean(probs, axis=(0, 1)))
   if cfg.z_loss:
     losses['mor_z'] = _z_loss(cfg, logits)
   return x + _delta(cfg, gate, h).astype(x.dtype), depth.astype(jnp.int32), losses
 
 
 class MoR(nn.Module):
-  """``apply(params, tokens, positions, segment_ids, cache, train) -> (logits, aux)``.
+  """``apply(variables, tokens, positions, segment_ids, cache, train, step) -> (logits, aux)``.
 
   ``aux``: ``losses`` (scaled router losses), ``depth`` [B, T] (recursions per token) and,
   with a cache, the updated ``cache``. Expert choice routes by top-k unless a cache is given
-  (or ``causal_routing`` outside training), then by the causal threshold rule.
+  (or ``causal_routing`` outside training), then by the causal threshold rule. ``step`` (the
+  training step) drives ``cap_warmup_step``. ``balancing='loss_free'`` adds the
+  ``router_state`` collection to the variables; a training call with
+  ``mutable=['router_state']`` returns its update.
   """
   cfg: MoRConfig
 
@@ -359,7 +424,7 @@ class MoR(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
-               targets=None, loss_mask=None):
+               targets=None, loss_mask=None, step=None):
     del targets, loss_mask  # No target-dependent losses in this family.
     cfg = self.cfg
     if positions is None:
@@ -385,15 +450,24 @@ class MoR(nn.Module):
     block = _Block(cfg, [layer_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
                    cache, kv_ctx)
     if cfg.router == 'token_choice':
+      bias = None
+      if cfg.balancing == 'loss_free':
+        bias = self.variable('router_state', 'bias', jnp.zeros, (cfg.num_recursions,),
+                             jnp.float32)
       x, depth, losses = token_choice(cfg, x, positions, seg, Router(
-          cfg, cfg.num_recursions, name='router'), block)
+          cfg, cfg.num_recursions, name='router'), block, None if bias is None else bias.value)
+      if bias is not None and train and self.is_mutable_collection('router_state'):
+        load = depth_load(cfg, depth)
+        bias.value += cfg.bias_update_rate * jnp.sign(jnp.mean(load) - load)
     else:
       routers = [Router(cfg, 1, name=f'router_{r}') for r in range(cfg.num_recursions)]
       aux_routers = ([Router(cfg, 1, name=f'aux_router_{r}') for r in range(cfg.num_recursions)]
                      if cfg.sampling == 'aux_router' else None)
-      causal = cache is not None or (cfg.causal_routing and not train)
-      route = expert_choice_causal if causal else expert_choice_topk
-      x, depth, losses = route(cfg, x, positions, seg, routers, aux_routers, block)
+      args = (cfg, x, positions, seg, routers, aux_routers, block)
+      if cache is not None or (cfg.causal_routing and not train):
+        x, depth, losses = expert_choice_causal(*args)
+      else:
+        x, depth, losses = expert_choice_topk(*args, step=step if train else None)
     if cfg.num_ends:
       x = end_layer(x, 'last', cfg.num_cache_layers - 1)
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(x)

@@ -25,13 +25,14 @@ The KV cache has ``num_layers`` layers: every unrolled layer application has its
 so ``model.decode.generate`` works unchanged.
 """
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm
+from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm, training_flops_per_token
 from model.llama import Embedder
 
 SHARING = ('cycle', 'sequence', 'middle_cycle', 'middle_sequence')
@@ -93,6 +94,16 @@ class RecursiveConfig(ModelConfig):
   @property
   def num_unique_layers(self) -> int:
     return self.block_size + 2 * self.sharing.startswith('middle')
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: every unrolled layer applied (shared ones once per loop),
+    each shared layer's LoRA once per loop, the LM head once per exit."""
+    shared = self.num_layers - 2 * self.sharing.startswith('middle')
+    lora = sum(self.rank(p) * (math.prod(ins) + math.prod(outs))
+               for p, ((ins, outs), _) in kernel_axes(self).items())
+    return training_flops_per_token(
+        self, seq_len, layers=self.num_layers, attention_layers=self.num_layers,
+        heads=self.num_loops if self.early_exit != 'none' else 1, extra_params=shared * lora)
 
 
 def layer_plan(cfg: RecursiveConfig):
@@ -259,8 +270,8 @@ class Recursive(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
-               targets=None, loss_mask=None, return_exits=False):
-    del train  # No dropout.
+               targets=None, loss_mask=None, return_exits=False, step=None):
+    del train, step  # No dropout or step-dependent behaviour.
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)

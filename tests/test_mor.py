@@ -1,5 +1,5 @@
-"""Mixture-of-Recursions: routers against hand computations, KV strategies, cached decoding,
-sharded training, parameter counts."""
+"""Mixture-of-Recursions: routers against hand computations, capacity warm-up, loss-free
+balancing, KV strategies, cached decoding, sharded training, parameter and FLOP counts."""
 import functools
 import os
 
@@ -12,11 +12,12 @@ from absl.testing import absltest, parameterized
 
 from configs import mor_360m, mor_tiny
 from configs.repro import mor_isoflop
-from model import decode, mor
+from model import decode, layers, mor, recursive
 from model.registry import build_model
 from tests import test_train
 from tests.utils import tiny_config
 from training import repro_mor
+from training import checkpoint as ckpt_lib, train
 from training.train import count_params
 
 _SMALL = dict(vocab_size=64, embed_dim=32, num_layers=5, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -26,11 +27,27 @@ def _cfg(**kw):
   return mor.MoRConfig(**{**_SMALL, **kw})
 
 
+# Options that change the parameter tree; models differing only in others share parameters.
+_STRUCTURE = ('num_layers', 'num_recursions', 'router', 'router_type', 'sampling')
+
+
 @functools.lru_cache(maxsize=None)
+def _params(structure):
+  model = mor.MoR(_cfg(**dict(zip(_STRUCTURE, structure))))
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((2, 12), jnp.int32))['params']
+  return nn.meta.unbox(params)
+
+
 def _model_and_params(**kw):
   model = mor.MoR(_cfg(**kw))
-  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((2, 12), jnp.int32))['params']
-  return model, nn.meta.unbox(params)
+  return model, _params(tuple(getattr(model.cfg, k) for k in _STRUCTURE))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(**kw):
+  """Uncached logits and aux of a model of ``_model_and_params`` on ``_tokens(t=10)``."""
+  model, params = _model_and_params(**kw)
+  return jax.jit(model.apply)({'params': params}, _tokens(t=10))
 
 
 def _tokens(b=2, t=12, seed=0):
@@ -92,13 +109,13 @@ class ConfigTest(absltest.TestCase):
 
 class ExpertChoiceTest(absltest.TestCase):
 
-  def _route(self, x, **kw):
+  def _route(self, x, step=None, **kw):
     cfg = _cfg(num_recursions=2, capacity=(1.0, 0.5), **kw)
     block = _SpyBlock()
     t = x.shape[1]
     positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
     out = mor.expert_choice_topk(cfg, x, positions, jnp.ones(x.shape[:2], jnp.int32),
-                                 [_first_feature] * 2, [_first_feature] * 2, block)
+                                 [_first_feature] * 2, [_first_feature] * 2, block, step)
     return cfg, block, out
 
   def test_capacity_hierarchy_causal_order_and_weighted_gating(self):
@@ -144,6 +161,26 @@ class ExpertChoiceTest(absltest.TestCase):
     np.testing.assert_allclose(y, 3 * x, rtol=1e-6)  # H + f(H) with f(H) = 2H
     np.testing.assert_allclose(losses['mor_z'], 0.001 * np.mean(np.square(x[..., 0])),
                                rtol=1e-5)
+
+  def test_capacity_warmup_cosine_from_one_to_target(self):
+    cfg = _cfg(num_recursions=3, cap_warmup_step=10)
+    ks = lambda step: [int(k) for k in cfg.warmup_top_ks(12, jnp.int32(step))]
+    self.assertEqual(ks(0), [12, 12, 12])
+    decay = (1 + np.cos(np.pi * 0.3)) / 2
+    self.assertEqual(ks(3), [int((c + (1 - c) * decay) * 12) for c in cfg.capacities])
+    self.assertEqual(ks(10), list(cfg.top_ks(12)))
+    self.assertEqual(ks(1000), list(cfg.top_ks(12)))
+
+  def test_warmup_masks_extra_tokens_and_ends_at_the_static_path(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 3))
+    _, _, static = self._route(x)
+    _, block, (y0, depth0, _) = self._route(x, cap_warmup_step=4, step=jnp.int32(0))
+    np.testing.assert_array_equal(depth0, 2)  # step 0: every token, every recursion
+    np.testing.assert_array_equal(block.calls[1][2], True)
+    _, block, warm = self._route(x, cap_warmup_step=4, step=jnp.int32(4))
+    self.assertEqual(block.calls[1][2].shape, (2, 6))  # static k_max = T, 3 of 6 masked
+    np.testing.assert_array_equal(block.calls[1][2].sum(1), [3, 3])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), warm, static)
 
   def test_causal_routing_thresholds_router_logits(self):
     cfg = _cfg(num_recursions=2)
@@ -215,11 +252,8 @@ class KVStrategyTest(parameterized.TestCase):
     self.assertEqual(_cfg(num_layers=8, num_recursions=3).num_cache_layers, 2 + 2 * 3)
     self.assertEqual(_cfg(num_layers=8, num_recursions=3, kv_sharing=True).num_cache_layers, 4)
 
-  def test_kv_sharing_changes_the_function(self):
-    tokens = _tokens()
-    _, params = _model_and_params(num_recursions=2, capacity=(1.0, 1.0))
-    outs = [jax.jit(mor.MoR(_cfg(num_recursions=2, capacity=(1.0, 1.0), kv_sharing=s)).apply)(
-        {'params': params}, tokens)[0] for s in (False, True)]
+  def test_kv_sharing_changes_the_function(self):  # same parameters, see _STRUCTURE
+    outs = [_forward(causal_routing=True, kv_sharing=s)[0] for s in (False, True)]
     self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-4)
 
 
@@ -234,7 +268,7 @@ class DecodeTest(parameterized.TestCase):
   def test_cached_decoding_equals_forward(self, kw):
     model, params = _model_and_params(**kw)
     tokens = _tokens(t=10)
-    full, aux = jax.jit(model.apply)({'params': params}, tokens)
+    full, aux = _forward(**kw)
     depth = np.asarray(aux['depth'])
     self.assertGreater(len(np.unique(depth)), 1)  # routing really varies per token
     step = jax.jit(lambda toks, pos, cache: model.apply({'params': params}, toks,
@@ -261,7 +295,6 @@ class DecodeTest(parameterized.TestCase):
 class TrainingTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ('expert', {}),
       ('expert_aux_router_mlp', dict(sampling='aux_router', router_type='mlp', z_loss=True)),
       ('token_choice', mor_tiny.token_choice()),
   )
@@ -281,10 +314,49 @@ class TrainingTest(parameterized.TestCase):
       self.assertGreater(float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads[name]))), 0,
                          name)
 
+  def test_capacity_warmup_follows_the_training_step(self):
+    model, params = _model_and_params(num_recursions=3, cap_warmup_step=10)
+    apply = jax.jit(lambda step: model.apply({'params': params}, _tokens(), train=True,
+                                             step=step)[1]['depth'])
+    np.testing.assert_array_equal(apply(0), 3)  # every token at every recursion
+    for r, k in enumerate(model.cfg.top_ks(12)):  # targets after warm-up
+      np.testing.assert_array_equal((apply(10) > r).sum(1), [k, k])
+
+  def test_loss_free_bias_follows_the_load_and_gets_no_gradient(self):
+    model, params = _model_and_params(**mor_tiny.token_choice(balancing='loss_free',
+                                                              bias_update_rate=0.05))
+    params = dict(params, router={'proj': {'kernel': 100 * params['router']['proj']['kernel']}})
+    tokens = _tokens()
+
+    @jax.jit
+    def step(bias):
+      (_, aux), new = model.apply({'params': params, 'router_state': {'bias': bias}}, tokens,
+                                  train=True, mutable=['router_state'])
+      return aux, new['router_state']['bias']
+
+    bias = jnp.array([0.3, 0.0, 0.0])  # skewed towards one recursion
+    loads = []
+    for _ in range(6):
+      aux, new_bias = step(bias)
+      load = np.bincount(np.asarray(aux['depth']).ravel() - 1, minlength=3) / tokens.size
+      np.testing.assert_allclose(new_bias, bias + 0.05 * np.sign(1 / 3 - load), atol=1e-6)
+      self.assertNotIn('mor_balance', aux['losses'])
+      loads.append(load.max())
+      bias = new_bias
+    self.assertGreater(loads[0], 0.9)
+    self.assertLess(np.mean(loads[-3:]), 0.7)
+
+    def ce(bias):
+      logits, _ = model.apply({'params': params, 'router_state': {'bias': bias}},
+                              tokens[:, :-1], train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    np.testing.assert_array_equal(jax.grad(ce)(bias), 0.0)
+
   def test_sharded_train_step_matches_single_device(self):
     config = tiny_config()
     config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 4,
-                                         'num_recursions': 2, 'z_loss': True})
+                                         'num_recursions': 2, 'z_loss': True,
+                                         'cap_warmup_step': 3})  # steps 0, 1: warming up
     batch = test_train._random_batch(config)
     p1, m1, _ = test_train._one_step(config, (1, 1, 1), batch)
     p8, m8, _ = test_train._one_step(config, (2, 2, 2), batch)
@@ -294,26 +366,61 @@ class TrainingTest(parameterized.TestCase):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), p1, p8)
 
 
+class FlopsTest(absltest.TestCase):
+
+  def _tree(self, model):
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))[
+        'params']
+
+  def test_recursive_counts_shared_layers_once_per_loop(self):
+    cfg = recursive.RecursiveConfig(**{**_SMALL, 'num_layers': 4}, num_loops=2, lora_rank=2)
+    tree = self._tree(recursive.Recursive(cfg))
+    _, non_emb = count_params(tree)  # unique: 2 layers, 4 LoRAs, final norm
+    self.assertEqual(layers.decoder_block_params(cfg), count_params(tree['layers_0'])[0])
+    applied = non_emb + 2 * layers.decoder_block_params(cfg)  # second loop of each layer
+    attn = 4 * 12 * 4 * 8 * 16
+    self.assertEqual(train.analytic_flops_per_token(cfg, non_emb, 16),
+                     6 * (applied + 64 * 32) + attn)
+
+  def test_mor_counts_expected_applications(self):
+    cfg = _cfg(num_layers=4, num_recursions=2, capacity=(1.0, 0.5))  # 1 + 1 + 1 layers
+    block = count_params(self._tree(mor.MoR(cfg))['first'])[0]
+    applied = (2 + 1.5) * block + 32 + 2 * 32  # ends, 1 + 1/2 recursion, final norm, routers
+    attn = (2 + 1 + 0.25) * 12 * 4 * 8 * 16  # recursion-wise caching: capacity squared
+    self.assertEqual(train.analytic_flops_per_token(cfg, None, 16),
+                     6 * (applied + 64 * 32) + attn)
+
+  def test_llama_formula_unchanged(self):
+    cfg = layers.ModelConfig(**_SMALL)
+    self.assertEqual(train.analytic_flops_per_token(cfg, 1000, 16),
+                     6 * (1000 + 64 * 32) + 5 * 12 * 4 * 8 * 16)
+
+
 class ReproTest(absltest.TestCase):
 
   def test_tiny_isoflop_run_writes_table_and_plot(self):
     config = mor_isoflop.get_config()
     config.base.data.update(seq_len=32, batch_size=8, max_docs=20, shuffle_buffer=4)
     config.base.train.eval_batches = 1
-    shape = dict(embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=1, mlp_dim=32)
-    config.variants = {'vanilla': config.variants.vanilla, 'mor_expert_2':
-                       config.variants.mor_expert_2}
+    shape = dict(embed_dim=16, num_layers=5, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    config.variants = {'vanilla': config.variants.vanilla, 'mor_token_3':
+                       config.variants.mor_token_3}
+    config.variants.mor_token_3.balancing = 'loss_free'  # + its router_state in the state
     for model in config.variants.values():
       model.update(shape)
     config.flop_budget = 2 * repro_mor.train_flops_per_token(
-        build_model(config.variants.vanilla).cfg, 32) * 8 * 32
+        build_model(config.variants.vanilla), 32) * 8 * 32
     workdir = self.create_tempdir().full_path
     rows = {r['model']: r for r in repro_mor.run(config, workdir)}
-    self.assertEqual(sorted(rows), ['mor_expert_2', 'vanilla'])
+    self.assertEqual(sorted(rows), ['mor_token_3', 'vanilla'])
     self.assertEqual(rows['vanilla']['steps'], 2)
-    self.assertGreaterEqual(rows['mor_expert_2']['steps'], 2)  # fewer FLOPs per token
-    self.assertLess(rows['mor_expert_2']['unique_params_non_embedding'],
+    self.assertGreaterEqual(rows['mor_token_3']['steps'], 2)  # fewer FLOPs per token
+    self.assertLess(rows['mor_token_3']['unique_params_non_embedding'],
                     rows['vanilla']['unique_params_non_embedding'])
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'mor_token_3'), async_save=False)
+    saved = ckpt.manager.item_metadata(ckpt.latest_step())['state'].tree
+    ckpt.close()
+    self.assertEqual(saved['model_state']['router_state']['bias'].shape, (3,))
     for name in ('mor_isoflop.md', 'mor_isoflop.json', 'mor_isoflop.png'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 

@@ -2,8 +2,9 @@
 
 Every variant trains on pycorpus for the same training-FLOP budget (so cheaper models see
 more tokens), then reports validation NLL, unique non-embedding parameters and wall time.
-FLOPs per token are counted as the paper does: 6 x the weights each token passes through
-(MoR: capacity-weighted recursions) plus attention (PaLM App. B), quadratic in capacity for
+FLOPs per token are ``train.analytic_flops_per_token``, counted as the paper does: 6 x the
+weights each token passes through (recursive: every loop; MoR: capacity-weighted recursions,
+``MoRConfig.flops_per_token``) plus attention (PaLM App. B), quadratic in capacity for
 recursion-wise caching, linear with KV sharing. Token choice is counted with the balanced
 depth split (N_r - r)/N_r; our token-choice implementation masks rather than skips inactive
 tokens, so its wall time is that of the full recursive model.
@@ -13,23 +14,18 @@ import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
+
 from model.registry import build_model
 from training import train
 
 
-def train_flops_per_token(cfg, seq_len):
-  """Training FLOPs per token of a llama, recursive or MoR model config (see module doc)."""
-  h, hkv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head, cfg.embed_dim
-  layer = 2 * e * h * d + 2 * e * hkv * d + 3 * e * cfg.mlp_dim
-  attn = 12 * h * d * seq_len
-  if cfg.name == 'mor':
-    caps = cfg.capacities
-    layers = 2 * cfg.num_ends + cfg.base_depth * sum(caps)
-    attn_layers = 2 * cfg.num_ends + cfg.base_depth * sum(
-        c * (1.0 if cfg.kv_sharing else c) for c in caps)
-  else:  # vanilla and recursive models run every (unrolled) layer on every token
-    layers = attn_layers = cfg.num_layers
-  return 6 * (layers * layer + cfg.vocab_size * e) + attn_layers * attn
+def train_flops_per_token(model, seq_len):
+  """Training FLOPs per token of a built model (see module doc)."""
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
+  _, non_emb = train.count_params(params['params'])
+  return train.analytic_flops_per_token(model.cfg, non_emb, seq_len)
 
 
 def run(config, workdir):
@@ -43,7 +39,7 @@ def run(config, workdir):
     run_config.model = copy.deepcopy(model_config)
     run_config.name = name
     model = build_model(run_config.model)
-    flops = train_flops_per_token(model.cfg, run_config.data.seq_len)
+    flops = train_flops_per_token(model, run_config.data.seq_len)
     steps = max(1, int(config.flop_budget / (flops * tokens_per_step)))
     run_config.train.update(steps=steps, warmup_steps=max(1, steps // 10), eval_every=steps,
                             checkpoint_every=steps)

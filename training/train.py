@@ -3,7 +3,10 @@
 Sections: config checks, mesh, data, model and optimizer, sharded init, step functions,
 restore, loop. Every model family returns ``(logits, aux)`` with ``aux['losses']``
 holding already-scaled auxiliary losses; they are added to the LM loss and logged, so no
-family needs a trainer of its own.
+family needs a trainer of its own. Training calls also get ``step`` (the 0-based training
+step). Variable collections other than ``params`` (e.g. MoR's ``router_state``) live in
+the state's ``model_state``: a training step applies the model with them mutable and keeps
+what it returns; evaluation reads them.
 """
 import json
 import math
@@ -41,6 +44,16 @@ def check_config(config, tokenizer=None):
                      f'tokenizer vocabulary ({tokenizer.vocab_size}).')
 
 
+def check_mesh(config, mesh):
+  """The (micro-)batch must split evenly over the mesh's batch axes."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  micro = config.data.batch_size // config.train.get('grad_accum', 1)
+  if micro % shards:
+    raise ValueError(f'config.data.batch_size={config.data.batch_size} (per micro-batch '
+                     f'{micro}) does not split over the {shards} devices of the mesh axes '
+                     f'{sharding.BATCH_AXES} ({dict(mesh.shape)}); use a multiple of {shards}.')
+
+
 def count_params(params, embedding_keys=('embedder',)):
   """(total, non-embedding) parameter counts of a (possibly abstract) param tree."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -53,8 +66,12 @@ def count_params(params, embedding_keys=('embedder',)):
 def analytic_flops_per_token(cfg, non_embedding_params, seq_len):
   """Training FLOPs per token: 6N for the matmuls plus 12·L·H·D·T for attention (PaLM, App. B).
 
-  The LM head's matmul (tied or not) is counted too: 6·V·E.
+  The LM head's matmul (tied or not) is counted too: 6·V·E. Configs whose tokens do not use
+  every parameter exactly once (shared or routed layers) count themselves with a
+  ``flops_per_token(seq_len)`` method.
   """
+  if hasattr(cfg, 'flops_per_token'):
+    return cfg.flops_per_token(seq_len)
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dims_per_head * seq_len
   return 6 * (non_embedding_params + cfg.vocab_size * cfg.embed_dim) + attn
 
@@ -63,12 +80,17 @@ def analytic_flops_per_token(cfg, non_embedding_params, seq_len):
 # State and step functions.
 # ---------------------------------------------------------------------------------------
 def make_init_fn(model, tx, seq_len):
-  """``init(rng) -> state`` with boxed (logically partitioned) params and optimizer state."""
+  """``init(rng) -> state`` with boxed (logically partitioned) params and optimizer state,
+  plus ``model_state`` when the model has variable collections other than ``params``."""
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init({'params': rng}, tokens)['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-            'rng': jax.random.fold_in(rng, 1)}
+    variables = dict(model.init({'params': rng}, tokens))
+    params = variables.pop('params')
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'rng': jax.random.fold_in(rng, 1)}
+    if variables:
+      state['model_state'] = variables
+    return state
   return init
 
 
@@ -83,34 +105,42 @@ def make_train_step(model, tx, schedule, train_config, extra_losses=None):
   accum = train_config.get('grad_accum', 1)
   z_loss = train_config.get('z_loss', 0.0)
 
-  def loss_fn(params, mb, rng, n_tokens):
-    logits, aux = model.apply({'params': params}, mb['tokens'], positions=mb['positions'],
-                              segment_ids=mb['segment_ids'], train=True, targets=mb['targets'],
-                              loss_mask=mb['loss_mask'], rngs={'dropout': rng})
+  def loss_fn(params, model_state, mb, rng, n_tokens, step):
+    out = model.apply({'params': params, **model_state}, mb['tokens'], positions=mb['positions'],
+                      segment_ids=mb['segment_ids'], train=True, targets=mb['targets'],
+                      loss_mask=mb['loss_mask'], step=step, rngs={'dropout': rng},
+                      mutable=list(model_state) if model_state else False)
+    (logits, aux), model_state = out if model_state else (out, model_state)
     ce, z, _ = losses.cross_entropy_sums(logits, mb['targets'], mb['loss_mask'], z_loss)
     aux_losses = {**aux.get('losses', {}), **(extra_losses(mb, logits) if extra_losses else {})}
     loss = (ce + z) / n_tokens + sum(aux_losses.values(), 0.0) / accum
-    return loss, {'ce_sum': ce, 'z_sum': z, **{f'aux/{k}': v for k, v in aux_losses.items()}}
+    parts = {'ce_sum': ce, 'z_sum': z, **{f'aux/{k}': v for k, v in aux_losses.items()}}
+    return loss, (parts, model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state, batch):
     rng = jax.random.fold_in(state['rng'], state['step'])
     n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1).astype(jnp.float32)
+    params, model_state = state['params'], state.get('model_state', {})
     if accum == 1:
-      (_, parts), grads = grad_fn(state['params'], batch, rng, n_tokens)
+      (_, (parts, model_state)), grads = grad_fn(params, model_state, batch, rng, n_tokens,
+                                                 state['step'])
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
       micro = jax.lax.with_sharding_constraint(micro, P(None, sharding.BATCH_AXES))
 
       def body(g_acc, xs):
         mb, i = xs
-        (_, parts), g = grad_fn(state['params'], mb, jax.random.fold_in(rng, i), n_tokens)
-        return jax.tree.map(jnp.add, g_acc, g), parts
+        (_, out), g = grad_fn(params, model_state, mb, jax.random.fold_in(rng, i), n_tokens,
+                              state['step'])
+        return jax.tree.map(jnp.add, g_acc, g), out
 
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
-      grads, parts = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      grads, (parts, model_state) = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
       parts = {k: (v.sum() if k.endswith('_sum') else v.mean()) for k, v in parts.items()}
+      # Each micro-batch updated the same model_state: keep the mean of their updates.
+      model_state = jax.tree.map(lambda v: v.mean(0).astype(v.dtype), model_state)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = jax.tree.map(jnp.add, state['params'], updates)
     metrics = {'train/loss': parts.pop('ce_sum') / n_tokens,
@@ -119,27 +149,35 @@ def make_train_step(model, tx, schedule, train_config, extra_losses=None):
                                                for g in jax.tree.leaves(grads))),
                'train/lr': schedule(state['step']), **{f'train/{k}': v for k, v in parts.items()}}
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
+    if model_state:
+      new_state['model_state'] = model_state
     return new_state, metrics
 
   return step
 
 
 def make_eval_step(model):
-  def eval_step(params, batch):
-    logits, _ = model.apply({'params': params}, batch['tokens'], positions=batch['positions'],
+  """``eval_step(variables, batch) -> (ce_sum, count)``; variables: see ``model_variables``."""
+  def eval_step(variables, batch):
+    logits, _ = model.apply(variables, batch['tokens'], positions=batch['positions'],
                             segment_ids=batch['segment_ids'])
     ce, _, count = losses.cross_entropy_sums(logits, batch['targets'], batch['loss_mask'])
     return ce, count
   return eval_step
 
 
-def evaluate(eval_step, params, val_ds, mesh, num_batches):
+def model_variables(state):
+  """The variables to apply the model with: ``params`` and the state's ``model_state``."""
+  return {'params': state['params'], **state.get('model_state', {})}
+
+
+def evaluate(eval_step, variables, val_ds, mesh, num_batches):
   """Validation loss over the first ``num_batches`` batches of the (deterministic) split."""
   ce_total, count_total = 0.0, 0.0
   for i, batch in enumerate(val_ds):
     if i >= num_batches:
       break
-    ce, count = eval_step(params, sharding.shard_batch(batch, mesh))
+    ce, count = eval_step(variables, sharding.shard_batch(batch, mesh))
     ce_total += float(ce)
     count_total += float(count)
   loss = ce_total / max(count_total, 1.0)
@@ -167,6 +205,7 @@ def build_state_fns(config, mesh):
 def dry_run(config):
   """Compiles the train step ahead of time for the configured mesh; prints its costs."""
   mesh = sharding.make_mesh(config.mesh)
+  check_mesh(config, mesh)
   model, tx, schedule, abstract, shardings, _, rules = build_state_fns(config, mesh)
   b, t = config.data.batch_size, config.data.seq_len
   batch_spec = NamedSharding(mesh, P(sharding.BATCH_AXES))
@@ -220,6 +259,7 @@ def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
 
   # -- Mesh, model, optimizer, abstract sharded state. ------------------------------------
   mesh = sharding.make_mesh(config.mesh)
+  check_mesh(config, mesh)
   model, tx, schedule, abstract, shardings, init_sharded, rules = build_state_fns(config, mesh)
   total, non_emb = count_params(abstract['params'])
   logging.info('Model %s: %.2fM parameters (%.2fM non-embedding), mesh %s', config.model.name,
@@ -263,7 +303,8 @@ def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       if (step == 0 or step >= steps) and train_cfg.eval_every:  # Start, or nothing to do.
-        last_eval = evaluate(eval_step, state['params'], val_ds, mesh, train_cfg.eval_batches)
+        last_eval = evaluate(eval_step, model_variables(state), val_ds, mesh,
+                           train_cfg.eval_batches)
         writer.write(0, {**last_eval, 'tokens_seen': 0})
       t0, window_start = time.time(), step
       while step < steps:
@@ -280,7 +321,8 @@ def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
           t0, window_start = time.time(), step
         progress.update(1)
         if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == steps):
-          last_eval = evaluate(eval_step, state['params'], val_ds, mesh, train_cfg.eval_batches)
+          last_eval = evaluate(eval_step, model_variables(state), val_ds, mesh,
+                           train_cfg.eval_batches)
           writer.write(step, {**last_eval, 'tokens_seen': step * tokens_per_step})
           logging.info('step %d: %s', step, last_eval)
           t0, window_start = time.time(), step
