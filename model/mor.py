@@ -27,8 +27,9 @@ Routers (option names as in the authors' code):
   style, PAPERS.md §2), a bias ``b`` in the ``router_state`` collection (not a parameter, no
   gradient) picks the depth by ``argmax(g + b)`` while the gate stays ``g``; each training
   forward pass applied with ``mutable=['router_state']`` returns ``b + bias_update_rate *
-  sign(mean_i f_i - f)``, which the trainer keeps for the next step. Inactive tokens are
-  masked out of attention.
+  sign(mean_i f_i - f)``, which the trainer keeps for the next step (``model.decode.generate``
+  applies ``{'params': ...}`` only, so it cannot decode a loss-free model yet). Inactive
+  tokens are masked out of attention.
 * ``cap_warmup_step`` (expert choice, training): capacities start at 1 and reach their targets
   along the authors' cosine, ``c_r + (1 - c_r) * (1 + cos(pi * min(1, step / W))) / 2``, where
   ``step`` is the model call's ``step`` (the trainer's 0-based step; the authors' counter is
