@@ -327,7 +327,7 @@ class ReproTest(absltest.TestCase):
     config.data = small.data
     config.train.update(eval_batches=1, async_checkpointing=False)
     config.repro.update(layers=4, pretrain_steps=2, uptrain_steps=1, post_steps=1,
-                        initializations=('stepwise', 'average'), lora_ranks=(2,))
+                        initializations=('stepwise',), lora_ranks=(2,))
     workdir = self.create_tempdir().full_path
     report = repro_recursive.run(config, workdir)
     self.assertEqual(len(report['exits_after_post_training']), 2)

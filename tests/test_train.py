@@ -124,7 +124,7 @@ class SigtermTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     overrides = ['--config.model.embed_dim=32', '--config.model.num_layers=2',
                  '--config.model.mlp_dim=64', '--config.data.seq_len=32',
-                 '--config.data.batch_size=4', '--config.data.max_docs=40',
+                 '--config.data.batch_size=8', '--config.data.max_docs=40',
                  '--config.data.shuffle_buffer=16', '--config.train.steps=100000',
                  '--config.train.checkpoint_every=100000', '--config.train.eval_every=0',
                  '--config.train.log_every=1', '--config.train.report_unigram_entropy=False']
@@ -177,6 +177,14 @@ class ErrorTest(absltest.TestCase):
     config.data.paths = '/nonexistent/corpus/*.txt'
     workdir = os.path.join(self.create_tempdir().full_path, 'run')
     with self.assertRaisesRegex(FileNotFoundError, '/nonexistent/corpus'):
+      train.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
+
+  def test_batch_that_does_not_split_over_the_mesh(self):
+    config = tiny_config()
+    config.data.batch_size = 4  # The default mesh puts all 8 test devices on 'data'.
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    with self.assertRaisesRegex(ValueError, 'batch_size=4 .* does not split over the 8 devices'):
       train.train_and_evaluate(config, workdir)
     self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
 
