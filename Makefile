@@ -1,5 +1,5 @@
 # Two entry points, each enough on its own on a fresh machine with Python >= 3.11:
-#   make demo   -- create/update .venv, train the tiny model on the embedded corpus
+#   make demo   -- create/update .venv, train the tiny MoR model on the embedded corpus
 #   make test   -- create/update .venv with the test extra, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ install-test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 
 demo: install
-	$(BIN)/python -m launch.main --config=configs/vanilla_tiny.py --workdir=$(WORKDIR)
+	$(BIN)/python -m launch.main --config=configs/mor_tiny.py --workdir=$(WORKDIR)
 
 test: install-test
 	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,7 +1,7 @@
 """Tiny Mixture-of-Recursions model (expert choice, N_r=3, middle_cycle) on `pycorpus`.
 
 The MoR demo: 1 + 2 + 1 unique layers (the shared pair applied up to 3 times per token),
-a few minutes on 2 CPU cores. Run:
+trained with vanilla_tiny's recipe (a few minutes on 2 CPU cores; the README's demo). Run:
 
   python -m launch.main --config=configs/mor_tiny.py --workdir=workdirs/mor_tiny
 
@@ -10,7 +10,7 @@ Variants by override: ``--config.model.router=token_choice --config.model.router
 """
 import dataclasses
 
-from configs import base
+from configs import base, vanilla_tiny
 from model import layers, mor
 
 
@@ -29,12 +29,9 @@ def token_choice(**overrides):
 
 
 def get_config():
-  config = base.base_config()
+  """vanilla_tiny's data, schedule, evaluation and sampling with a MoR model (L=8 unrolled)."""
+  config = vanilla_tiny.get_config()
   config.name = 'mor_tiny'
-  config.model = mor_model(embed_dim=192, num_layers=8, num_heads=6, num_kv_heads=2,
-                           mlp_dim=512, num_recursions=3)
-  config.data.seq_len = 256
-  config.data.batch_size = 16
-  config.train = base.train_config(steps=300, learning_rate=3e-3, warmup_steps=30,
-                                   eval_every=100, eval_batches=8, checkpoint_every=100)
+  config.model = mor_model(embed_dim=128, num_layers=8, num_heads=4, num_kv_heads=2,
+                           mlp_dim=384, num_recursions=3)
   return config

@@ -86,8 +86,10 @@ def _pick(logits, rng, sampling, done, stop_tokens, pad_id):
 def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampling,
               stop_tokens, pad_id, max_len):
   batch, prompt_len = prompts.shape
+  # A full variables dict (params plus e.g. MoR's 'router_state') or the bare param tree.
+  variables = params if 'params' in params else {'params': params}
   apply = lambda tokens, positions, segment_ids, cache: model.apply(
-      {'params': params}, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+      variables, tokens, positions=positions, segment_ids=segment_ids, cache=cache)
   # Prefill every real prompt token but the last, which the first loop step feeds: the
   # prefill's [B, P, V] logits are then unused and compiled away.
   steps = jnp.arange(prompt_len)
@@ -127,7 +129,9 @@ def generate(model, params, prompts, max_new_tokens: int, sampling: SamplingConf
   Args:
     model: a family module with ``init_cache(batch, max_len)`` and the cache-aware
       ``apply({'params': params}, tokens, positions, segment_ids, cache)``.
-    params: the model's parameter tree (the inside of ``{'params': ...}``).
+    params: the model's parameter tree (the inside of ``{'params': ...}``), or a full
+      variables dict ``{'params': ..., <other collections>}`` for families that keep
+      non-parameter state (MoR's loss-free router bias).
     prompts: int [B, P] right-padded prompts.
     max_new_tokens: static number of decode steps N.
     sampling: a SamplingConfig (static).

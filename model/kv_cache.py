@@ -21,6 +21,12 @@ def init_cache(num_layers, batch, max_len, num_kv_heads, head_dim, dtype=jnp.flo
           'pos': jnp.full((batch, max_len), -1, jnp.int32), 'end': jnp.zeros((batch,), jnp.int32)}
 
 
+def init_cache_for(cfg, batch, max_len, num_layers=None):
+  """An empty cache for a model config: one cache layer per unrolled layer by default."""
+  return init_cache(cfg.num_layers if num_layers is None else num_layers, batch, max_len,
+                    cfg.num_kv_heads, cfg.dims_per_head, cfg.compute_dtype)
+
+
 def advance(cache, positions, segment_ids=None):
   """Returns (KVContext for this call's layers, cache with ``pos``/``end`` updated)."""
   new_pos = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)

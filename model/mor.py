@@ -27,8 +27,8 @@ Routers (option names as in the authors' code):
   style, PAPERS.md §2), a bias ``b`` in the ``router_state`` collection (not a parameter, no
   gradient) picks the depth by ``argmax(g + b)`` while the gate stays ``g``; each training
   forward pass applied with ``mutable=['router_state']`` returns ``b + bias_update_rate *
-  sign(mean_i f_i - f)``, which the trainer keeps for the next step (``model.decode.generate``
-  applies ``{'params': ...}`` only, so it cannot decode a loss-free model yet). Inactive
+  sign(mean_i f_i - f)``, which the trainer keeps for the next step; decoding takes the full
+  variables (``model.decode.generate(model, {'params': ..., 'router_state': ...}, ...)``). Inactive
   tokens are masked out of attention.
 * ``cap_warmup_step`` (expert choice, training): capacities start at 1 and reach their targets
   along the authors' cosine, ``c_r + (1 - c_r) * (1 + cos(pi * min(1, step / W))) / 2``, where
@@ -418,9 +418,7 @@ class MoR(nn.Module):
   cfg: MoRConfig
 
   def init_cache(self, batch, max_len):
-    cfg = self.cfg
-    cache = kv_cache.init_cache(cfg.num_cache_layers, batch, max_len, cfg.num_kv_heads,
-                                cfg.dims_per_head, cfg.compute_dtype)
+    cache = kv_cache.init_cache_for(self.cfg, batch, max_len, self.cfg.num_cache_layers)
     return dict(cache, depth=jnp.zeros((batch, max_len), jnp.int32))
 
   @nn.compact

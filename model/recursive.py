@@ -264,9 +264,7 @@ class Recursive(nn.Module):
   cfg: RecursiveConfig
 
   def init_cache(self, batch, max_len):
-    cfg = self.cfg
-    return kv_cache.init_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads,
-                               cfg.dims_per_head, cfg.compute_dtype)
+    return kv_cache.init_cache_for(self.cfg, batch, max_len)
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,

@@ -291,6 +291,17 @@ class DecodeTest(parameterized.TestCase):
     logits, _ = model.apply({'params': params}, seq)
     np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:8], -1))
 
+  def test_generate_with_loss_free_router_state(self):
+    model, params = _model_and_params(**mor_tiny.token_choice(balancing='loss_free'))
+    variables = {'params': params, 'router_state': {'bias': jnp.array([0.0, 5.0, 0.0])}}
+    prompts = _tokens(t=5)
+    out = decode.generate(model, variables, prompts, 4, decode.SamplingConfig(greedy=True),
+                          jax.random.PRNGKey(0))
+    seq = jnp.concatenate([prompts, out.tokens], axis=1)
+    logits, aux = model.apply(variables, seq)
+    np.testing.assert_array_equal(aux['depth'], 2)  # the bias sends every token to depth 2
+    np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:8], -1))
+
 
 class TrainingTest(parameterized.TestCase):
 

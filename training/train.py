@@ -344,7 +344,7 @@ def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
     summary['validation_unigram_entropy'] = data_lib.unigram_entropy(
         config.data, tokenizer, 'validation', max_tokens=200_000)
   if config.get('sample') and config.sample.max_new_tokens > 0:
-    summary['sample'] = sample_text(model, jax.device_get(state['params']), tokenizer,
+    summary['sample'] = sample_text(model, jax.device_get(model_variables(state)), tokenizer,
                                     config.sample, config.seed)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
@@ -353,13 +353,13 @@ def train_and_evaluate(config, workdir, init_params=None, extra_losses=None):
   return {**summary, 'state': state}
 
 
-def sample_text(model, params, tokenizer, sample_config, seed):
+def sample_text(model, variables, tokenizer, sample_config, seed):
   """Continues ``sample_config.prompt`` with the trained model (``model.decode.generate``)."""
   from model import decode
   prompt = [tokenizer.bos_id] + tokenizer.encode(sample_config.prompt)
   sampling = decode.SamplingConfig(temperature=sample_config.temperature,
                                    top_k=sample_config.top_k, greedy=sample_config.greedy)
-  out = decode.generate(model, params, np.asarray([prompt], np.int32),
+  out = decode.generate(model, variables, np.asarray([prompt], np.int32),
                         sample_config.max_new_tokens, sampling, jax.random.PRNGKey(seed),
                         stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
   text = sample_config.prompt + tokenizer.decode(np.asarray(out.tokens[0]).tolist())
