@@ -44,7 +44,7 @@ class Request:
   max_new_tokens: int
 
 
-def _kv_projection(cfg, layer, h, positions):
+def kv_projection(cfg, layer, h, positions):
   """K/V of hidden states h [S, 1, E] through ``layer``'s attn_norm and k/v projections."""
   xn = RMSNorm(cfg.norm_eps, cfg.compute_dtype).apply({'params': layer['attn_norm']}, h)
   names = ('embed', 'kv_heads', 'head_dim')
@@ -86,7 +86,7 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
     exits &= state['active']
     # Early exits: K/V of every deeper layer from the exit hidden state (module docstring).
     for layer in range(size, size * loops):
-      k, v = _kv_projection(cfg, params[f'layers_{layer % size}'], x, pos[:, None])
+      k, v = kv_projection(cfg, params[f'layers_{layer % size}'], x, pos[:, None])
       fill = exits & (layer >= (depth + 1) * size)
       k_cache = k_cache.at[layer, slots, pos].set(
           jnp.where(fill[:, None, None], k[:, 0], k_cache[layer, slots, pos]))
@@ -100,55 +100,58 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
   return step
 
 
-class DepthwiseEngine:
-  """Serves ``Request``s greedily with ``num_slots`` slots (see the module docstring)."""
+class SlotEngine:
+  """The serving loop every engine shares: a queue of ``Request``s, ``num_slots`` slots,
+  greedy outputs and throughput stats. A subclass sets ``self._step`` (jit-compiled
+  ``(params, state, cache) -> (state, cache, emitted [S], depth [S])``: ``emitted`` is the
+  token each slot emitted this step or -1, ``depth`` how deep that token went),
+  ``fresh_slot`` (state fields of a newly filled slot) and ``_init_state(n)``.
+  ``static_batching=True`` refills slots only when all are free (static batching),
+  otherwise at once (continuous batching).
+  """
+  num_depths: int  # length of stats['exits_per_depth']
+  fresh_slot: dict
 
-  def __init__(self, cfg: RecursiveConfig, params, num_slots: int, max_len: int,
-               exit_threshold=None, stop_tokens=(), static_batching=False):
-    if cfg.sharing != 'cycle' or not cfg.ln_share or any(cfg.rank(p) for p in PROJECTIONS):
-      raise ValueError('DepthwiseEngine needs sharing="cycle", ln_share=True and no LoRA '
-                       f'(got sharing={cfg.sharing!r}, ln_share={cfg.ln_share}, '
-                       f'lora_rank={cfg.lora_rank}, lora_ranks={cfg.lora_ranks}).')
-    self.cfg, self.params, self.num_slots, self.max_len = cfg, params, num_slots, max_len
+  def __init__(self, model, variables, num_slots, max_len, stop_tokens=(),
+               static_batching=False):
+    self.model, self.num_slots, self.max_len = model, num_slots, max_len
+    self.variables = variables if 'params' in variables else {'params': variables}
     self.stop_tokens, self.static_batching = set(stop_tokens), static_batching
-    self.model = Recursive(cfg)
-    self._step = jax.jit(make_step(cfg, exit_threshold), donate_argnums=(1, 2))
     self._prefill = jax.jit(self._prefill_fn)
     self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
 
-  def _prefill_fn(self, params, tokens, length):
+  def _prefill_fn(self, variables, tokens, length):
     """Cache row of one prompt's first ``length`` tokens (the last one is fed by a step)."""
     steps = jnp.arange(tokens.shape[0])
-    _, aux = self.model.apply({'params': params}, tokens[None], positions=steps[None],
+    _, aux = self.model.apply(variables, tokens[None], positions=steps[None],
                               segment_ids=(steps < length)[None].astype(jnp.int32),
                               cache=self.model.init_cache(1, self.max_len))
     return aux['cache']
 
-  @staticmethod
-  def _insert_fn(state, cache, row, slot, token, pos):
-    cache = dict(cache, k=cache['k'].at[:, slot].set(row['k'][:, 0]),
-                 v=cache['v'].at[:, slot].set(row['v'][:, 0]),
-                 pos=cache['pos'].at[slot].set(row['pos'][0]))
-    state = dict(state, token=state['token'].at[slot].set(token),
-                 pos=state['pos'].at[slot].set(pos), depth=state['depth'].at[slot].set(0),
-                 active=state['active'].at[slot].set(True))
-    return state, cache
+  def _insert_fn(self, state, cache, row, slot, token, pos):
+    """Puts a prefilled cache row into ``slot`` ([L, B, ...] buffers or [B, ...] ones)."""
+    cache = {name: (buf.at[:, slot].set(row[name][:, 0]) if buf.ndim == 5 else
+                    buf.at[slot].set(row[name][0]))
+             for name, buf in cache.items() if name != 'end'}
+    fresh = dict(self.fresh_slot, token=token, pos=pos, active=True)
+    return dict(state, **{k: state[k].at[slot].set(v) for k, v in fresh.items()}), cache
+
+  def _init_state(self, n):
+    raise NotImplementedError
 
   def run(self, requests):
     """Serves all requests; returns (generated token lists, stats dict)."""
-    cfg, n = self.cfg, self.num_slots
+    n = self.num_slots
     prompt_len = max(len(r.prompt) for r in requests)
     for r in requests:
       if len(r.prompt) + r.max_new_tokens > self.max_len:
         raise ValueError(f'A request needs {len(r.prompt) + r.max_new_tokens} positions; '
                          f'max_len={self.max_len}.')
-    state = {'h': jnp.zeros((n, 1, cfg.embed_dim), cfg.compute_dtype),
-             'token': jnp.zeros((n,), jnp.int32), 'pos': jnp.zeros((n,), jnp.int32),
-             'depth': jnp.zeros((n,), jnp.int32), 'active': jnp.zeros((n,), bool)}
-    cache = self.model.init_cache(n, self.max_len)
+    state = self._init_state(n)
+    cache = {k: v for k, v in self.model.init_cache(n, self.max_len).items() if k != 'end'}
     queue, owner = list(range(len(requests)))[::-1], [None] * n
     outputs = [[] for _ in requests]
-    exit_counts = np.zeros(cfg.num_loops, np.int64)
+    exit_counts = np.zeros(self.num_depths, np.int64)
     steps, start = 0, time.perf_counter()
 
     def fill(state, cache, slot):
@@ -156,7 +159,7 @@ class DepthwiseEngine:
       prompt = np.zeros((prompt_len,), np.int32)
       prompt[:len(requests[i].prompt)] = requests[i].prompt
       length = len(requests[i].prompt) - 1
-      row = self._prefill(self.params, jnp.asarray(prompt), length)
+      row = self._prefill(self.variables, jnp.asarray(prompt), length)
       owner[slot] = i
       return self._insert(state, cache, row, slot, int(prompt[length]), length)
 
@@ -165,7 +168,7 @@ class DepthwiseEngine:
         for slot in range(n):
           if owner[slot] is None and queue:
             state, cache = fill(state, cache, slot)
-      state, cache, emitted, depth = self._step(self.params, state, cache)
+      state, cache, emitted, depth = self._step(self.variables, state, cache)
       steps += 1
       emitted, depth = np.asarray(emitted), np.asarray(depth)
       for slot in np.nonzero(emitted >= 0)[0]:
@@ -180,5 +183,28 @@ class DepthwiseEngine:
     seconds = time.perf_counter() - start
     tokens = int(exit_counts.sum())
     return outputs, {'tokens': tokens, 'steps': steps, 'seconds': seconds,
-                     'tokens_per_s': tokens / seconds, 'exits_per_loop': exit_counts.tolist(),
+                     'tokens_per_s': tokens / seconds, 'exits_per_depth': exit_counts.tolist(),
                      'early_exit_rate': float(exit_counts[:-1].sum() / max(tokens, 1))}
+
+
+class DepthwiseEngine(SlotEngine):
+  """Serves a recursive model (see the module docstring); ``stats['exits_per_depth'][d]``
+  counts tokens that left after loop d + 1."""
+
+  def __init__(self, cfg: RecursiveConfig, params, num_slots: int, max_len: int,
+               exit_threshold=None, stop_tokens=(), static_batching=False):
+    if cfg.sharing != 'cycle' or not cfg.ln_share or any(cfg.rank(p) for p in PROJECTIONS):
+      raise ValueError('DepthwiseEngine needs sharing="cycle", ln_share=True and no LoRA '
+                       f'(got sharing={cfg.sharing!r}, ln_share={cfg.ln_share}, '
+                       f'lora_rank={cfg.lora_rank}, lora_ranks={cfg.lora_ranks}).')
+    super().__init__(Recursive(cfg), params, num_slots, max_len, stop_tokens, static_batching)
+    self.cfg, self.num_depths = cfg, cfg.num_loops
+    self.fresh_slot = {'depth': 0}
+    step = make_step(cfg, exit_threshold)
+    self._step = jax.jit(lambda variables, state, cache: step(variables['params'], state, cache),
+                         donate_argnums=(1, 2))
+
+  def _init_state(self, n):
+    return {'h': jnp.zeros((n, 1, self.cfg.embed_dim), self.cfg.compute_dtype),
+            'token': jnp.zeros((n,), jnp.int32), 'pos': jnp.zeros((n,), jnp.int32),
+            'depth': jnp.zeros((n,), jnp.int32), 'active': jnp.zeros((n,), bool)}
