@@ -2,18 +2,23 @@
 
 (1) Training: step time per token of vanilla (U unique layers), a recursive model and MoR
 (expert choice) with the same U = 1 + base_depth + 1 unique layers, N_r = 3 (``middle_cycle``).
-(2) Inference: tokens/s of plain batched ``model.decode.generate`` (greedy; the depth-wise
-batching engine of ``model.engine`` does not serve MoR) for vanilla (L layers) and MoR
-N_r = 2, 3, 4 built on the same L, at a fixed batch and at each model's largest batch whose
-parameters + KV cache (float32) fit one memory cap (vanilla's at ``--cap_batch``). MoR decodes
-with causal routing (router logit >= 0); its decode step masks rather than skips tokens that
-left, so compute per step is that of all recursions: speed-ups can only come from memory
-(KV sharing keeps 1/N_r of the shared layers' cache). Weights are random. Run:
+(2) Inference, the paper's comparison: MoR N_r = 2, 3, 4 (expert choice, ``middle_cycle`` on
+the same L) and MoR-3 with KV sharing served by ``model.mor_engine.MoREngine`` (continuous
+depth-wise batching, causal routing) against vanilla (L layers) served by
+``model.engine.DepthwiseEngine`` with one loop (continuous sequence-wise batching), at a fixed
+batch (slots) and at each model's largest slot count whose parameters + KV cache (float32)
+fit one memory cap (vanilla's at ``--cap_slots``). Every model is first trained for
+``--train_steps`` on pycorpus (mor_tiny's recipe) so that its routers' depths are learned,
+not set (trained models are reused from ``--workdir``). Requests: pycorpus prompts of
+``--prompt_len`` bytes, output lengths ~ N(mean, mean/4), no stop tokens; greedy. MoR
+engines try ``exit_lanes`` of 1/2, 3/4 and all of the slots and keep the fastest. Run:
 
   python bench/mor_throughput.py --out=/tmp/mor_throughput.json
 """
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import sys
@@ -23,18 +28,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
+import numpy as np
 
 from configs import base, mor_tiny
-from model import decode
+from model import engine, mor_engine
 from model.registry import build_model
+from training import data as data_lib
 from training import optim, train
 
 
-def _model(name, shape, **kw):
+def _model_config(name, shape, **kw):
   cfg = mor_tiny.mor_model(**shape, **kw) if name == 'mor' else base.model_config(**shape)
   if name == 'recursive':
     cfg.update(dict(name='recursive', num_loops=kw['num_loops'], sharing='middle_cycle'))
-  return build_model(cfg)
+  return cfg
 
 
 def _timed(fn, repeats):
@@ -63,17 +70,35 @@ def train_step_time(model, batch, seq_len, repeats):
   return _timed(lambda: step(state, data)[1]['train/loss'], repeats) / (batch * seq_len)
 
 
-def memory_bytes(model, params, batch, max_len):
-  cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
-  return 4 * (sum(x.size for x in jax.tree.leaves(params)) +
+def trained(name, model_config, steps, workdir):
+  """Variables of ``model_config`` after ``steps`` of mor_tiny's recipe (resumed if there)."""
+  config = mor_tiny.get_config()
+  config.model = model_config
+  config.train.update(steps=steps, warmup_steps=max(1, steps // 10), eval_every=steps,
+                      eval_batches=2, checkpoint_every=steps, async_checkpointing=False,
+                      tensorboard=False, report_unigram_entropy=False)
+  config.sample.max_new_tokens = 0
+  state = train.train_and_evaluate(config, os.path.join(workdir, name))['state']
+  return jax.device_get(train.model_variables(state))
+
+
+def memory_bytes(model, variables, slots, max_len):
+  cache = jax.eval_shape(lambda: model.init_cache(slots, max_len))
+  return 4 * (sum(x.size for x in jax.tree.leaves(variables)) +
               sum(x.size for x in jax.tree.leaves(cache)))
 
 
-def decode_tokens_per_s(model, params, batch, prompt_len, new_tokens, repeats):
-  prompts = jax.random.randint(jax.random.PRNGKey(2), (batch, prompt_len), 3, 259)
-  run = lambda: decode.generate(model, params, prompts, new_tokens,
-                                decode.SamplingConfig(greedy=True), jax.random.PRNGKey(0)).tokens
-  return batch * new_tokens / _timed(run, repeats)
+def serve(make_engine, requests, lane_options):
+  """Best stats over ``lane_options`` (None: vanilla), each engine compiled by a warm-up."""
+  best = None
+  for lanes in lane_options:
+    eng = make_engine(lanes)
+    eng.run(requests[:eng.num_slots])  # Compile.
+    _, stats = eng.run(requests)
+    stats['exit_lanes'] = lanes
+    if best is None or stats['tokens_per_s'] > best['tokens_per_s']:
+      best = stats
+  return best
 
 
 def main():
@@ -82,64 +107,86 @@ def main():
   parser.add_argument('--num_layers', type=int, default=8)
   parser.add_argument('--seq_len', type=int, default=256)
   parser.add_argument('--train_batch', type=int, default=8)
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--cap_batch', type=int, default=32)
-  parser.add_argument('--max_batch', type=int, default=256)
-  parser.add_argument('--prompt_len', type=int, default=32)
-  parser.add_argument('--new_tokens', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--train_steps', type=int, default=120)
+  parser.add_argument('--workdir', default='/tmp/mor_throughput')
+  parser.add_argument('--requests', type=int, default=160)
+  parser.add_argument('--prompt_len', type=int, default=32)
+  parser.add_argument('--mean_output', type=int, default=64)
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--cap_slots', type=int, default=32)
+  parser.add_argument('--slots', default='8,16,24,32,40,48,64,80,96')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   shape = dict(embed_dim=args.embed_dim, num_heads=4, num_kv_heads=2,
                mlp_dim=3 * args.embed_dim)
-  result = {'machine': f'{platform.machine()} {os.cpu_count()} CPUs, {jax.devices()[0]}',
+  cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
+              if l.startswith('model name')), platform.processor())
+  result = {'machine': {'cpu': cpu, 'cores': os.cpu_count(), 'jax': jax.__version__,
+                        'backend': jax.default_backend()},
             'args': vars(args), 'train': [], 'decode': []}
 
   # (1) Training at equal unique parameters: U = 1 + base_depth + 1 unique layers.
   unique = 2 + (args.num_layers - 2) // 3
   train_models = {
-      f'vanilla_L{unique}': _model('llama', dict(shape, num_layers=unique)),
-      'recursive_3': _model('recursive', dict(shape, num_layers=args.num_layers), num_loops=3),
-      'mor_expert_3': _model('mor', dict(shape, num_layers=args.num_layers), num_recursions=3),
+      f'vanilla_L{unique}': _model_config('llama', dict(shape, num_layers=unique)),
+      'recursive_3': _model_config('recursive', dict(shape, num_layers=args.num_layers),
+                                   num_loops=3),
+      'mor_expert_3': _model_config('mor', dict(shape, num_layers=args.num_layers),
+                                    num_recursions=3),
   }
-  for name, model in train_models.items():
-    s = train_step_time(model, args.train_batch, args.seq_len, args.repeats)
+  for name, model_config in train_models.items():
+    s = train_step_time(build_model(model_config), args.train_batch, args.seq_len,
+                        args.repeats)
     result['train'].append({'model': name, 'us_per_token': s * 1e6})
     print(f'train {name:>14}: {s * 1e6:8.2f} us/token', flush=True)
 
-  # (2) Decoding: vanilla L vs MoR-N_r on the same L.
-  max_len = args.prompt_len + args.new_tokens
-  decode_models = {f'vanilla_L{args.num_layers}':
-                   _model('llama', dict(shape, num_layers=args.num_layers))}
+  # (2) Serving: vanilla L (continuous sequence-wise) vs MoR-N_r (continuous depth-wise).
+  layers = dict(shape, num_layers=args.num_layers)
+  serve_models = {f'vanilla_L{args.num_layers}': _model_config('llama', layers)}
   for n in (2, 3, 4):
-    decode_models[f'mor_{n}'] = _model('mor', dict(shape, num_layers=args.num_layers),
-                                       num_recursions=n)
-  decode_models['mor_3_kv_share'] = _model('mor', dict(shape, num_layers=args.num_layers),
-                                           num_recursions=3, kv_sharing=True)
+    serve_models[f'mor_expert_{n}'] = _model_config('mor', layers, num_recursions=n)
+  serve_models['mor_kv_share_3'] = _model_config('mor', layers, num_recursions=3,
+                                                 kv_sharing=True)
+  rng = np.random.default_rng(0)
+  corpus = ''.join(t for _, t in zip(range(50), data_lib.document_texts(
+      mor_tiny.get_config().data, 'validation'))).encode()
+  starts = rng.integers(0, len(corpus) - args.prompt_len, args.requests)
+  lengths = np.clip(np.round(rng.normal(args.mean_output, args.mean_output / 4,
+                                        args.requests)), 1, 2 * args.mean_output).astype(int)
+  requests = [engine.Request([b + 3 for b in corpus[s:s + args.prompt_len]], int(n))
+              for s, n in zip(starts, lengths)]
+  max_len = args.prompt_len + int(lengths.max())
+  slot_options = [int(s) for s in args.slots.split(',')]
   cap = None
-  for name, model in decode_models.items():
-    params = jax.jit(model.init)(jax.random.PRNGKey(0),
-                                 jnp.zeros((1, 8), jnp.int32))['params']
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, params,
-                          is_leaf=lambda x: hasattr(x, 'unbox'))
-    cap = cap or memory_bytes(model, params, args.cap_batch, max_len)
-    fits = [b for b in range(1, args.max_batch + 1)
-            if memory_bytes(model, params, b, max_len) <= cap]
-    row = {'model': name, 'fixed_batch': args.batch,
-           'tok_s_fixed': decode_tokens_per_s(model, params, args.batch, args.prompt_len,
-                                              args.new_tokens, args.repeats),
-           'max_batch': fits[-1]}
-    row['tok_s_max'] = decode_tokens_per_s(model, params, row['max_batch'], args.prompt_len,
-                                           args.new_tokens, args.repeats)
+  for name, model_config in serve_models.items():
+    model = build_model(model_config)
+    variables = trained(name, model_config, args.train_steps, args.workdir)
+    cap = cap or memory_bytes(model, variables, args.cap_slots, max_len)
+    max_slots = max(s for s in slot_options if memory_bytes(model, variables, s, max_len) <= cap)
+    row = {'model': name, 'params': sum(x.size for x in jax.tree.leaves(variables['params']))}
+    for key, slots in (('fixed', args.batch), ('max', max_slots)):
+      if name.startswith('vanilla'):
+        stats = serve(lambda _: engine.DepthwiseEngine(
+            engine.single_loop(model.cfg), variables['params'], slots, max_len),
+                      requests, [None])
+      else:
+        stats = serve(lambda lanes: mor_engine.MoREngine(
+            model.cfg, variables, slots, max_len, exit_lanes=lanes), requests,
+                      sorted({math.ceil(slots * f) for f in (0.5, 0.75, 1.0)}))
+      row[key] = dict(stats, slots=slots,
+                      memory_bytes=memory_bytes(model, variables, slots, max_len))
+      print(f"serve {name:>14} {key:>5}: slots {slots:3d} lanes {stats['exit_lanes']} "
+            f"{stats['tokens_per_s']:9.1f} tok/s, exits per depth {stats['exits_per_depth']}",
+            flush=True)
     result['decode'].append(row)
-    print(f"decode {name:>14}: batch {args.batch}: {row['tok_s_fixed']:9.1f} tok/s; "
-          f"max batch {row['max_batch']}: {row['tok_s_max']:9.1f} tok/s", flush=True)
   base_row = result['decode'][0]
   for row in result['decode']:
-    row['speedup_fixed'] = row['tok_s_fixed'] / base_row['tok_s_fixed']
-    row['speedup_max'] = row['tok_s_max'] / base_row['tok_s_max']
+    for key in ('fixed', 'max'):
+      row[key]['speedup'] = row[key]['tokens_per_s'] / base_row[key]['tokens_per_s']
+    print(f"{row['model']:>14}: x{row['fixed']['speedup']:.2f} at {args.batch} slots, "
+          f"x{row['max']['speedup']:.2f} at {row['max']['slots']} slots (max under the cap)")
   result['memory_cap_bytes'] = cap
-  print(json.dumps(result, indent=1))
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=1)

@@ -76,8 +76,9 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
       layer = depth * size + j
       x, (k, v) = apply_layer(cfg, params[f'layers_{j}'], {}, x,
                               (k_cache[layer, slots], v_cache[layer, slots]), ctx)
-      k_cache = k_cache.at[layer, slots].set(k)
-      v_cache = v_cache.at[layer, slots].set(v)
+      # Only the new entries go back (writing whole rows would copy the cache every step).
+      k_cache = k_cache.at[layer, slots, pos].set(k[slots, pos])
+      v_cache = v_cache.at[layer, slots, pos].set(v[slots, pos])
     normed = RMSNorm(cfg.norm_eps, cfg.compute_dtype).apply({'params': params['final_norm']}, x)
     logits = embedder.apply({'params': params['embedder']}, normed, method=Embedder.decode)[:, 0]
     exits = depth == loops - 1
