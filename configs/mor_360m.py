@@ -6,10 +6,12 @@ AdamW (0.9, 0.95), weight decay 0.1, lr 3e-3 warmup-stable-decay (last 20% decay
 
   python -m launch.main --config=configs/mor_360m.py --config.dry_run=True
 
-Train on your own ArrayRecord files (pycorpus when no path is given):
+Train on your own ArrayRecord or Parquet files (a `text` column; chosen by the glob's
+extension; pycorpus when no path is given):
 
   python -m launch.main --config=configs/mor_360m.py:'DATA/*.array_record' --workdir=DIR \
       --config.tokenizer.kind=huggingface --config.tokenizer.path=SMOLLM/tokenizer.json
+  python -m launch.main --config=configs/mor_360m.py:'DATA/*.parquet' --workdir=DIR ...
 
 Variants: configs/mor_360m_token_choice.py, configs/mor_360m_kv_share.py, or e.g.
 ``--config.model.num_recursions=2`` (MoR-2, 1 + 15 + 1 layers).
@@ -25,7 +27,7 @@ def mor_smollm_config(name, shapes, data_path=None, **mor_options):
                                        **mor_options})
   config.data.batch_size = 1024
   if data_path:
-    config.data.source = 'arrayrecord'
+    config.data.source = 'parquet' if data_path.endswith('.parquet') else 'arrayrecord'
     config.data.paths = data_path
   # About 16.5e18 FLOPs for the 360M vanilla baseline: ~7.5B tokens, 3600 steps of 2M tokens.
   config.train.update(steps=3600, warmup_steps=360, grad_accum=16, learning_rate=3e-3,

@@ -10,6 +10,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 from array_record.python import array_record_module
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from training import data
 from training import tokenizers
@@ -25,7 +27,8 @@ def _config(directory, source='text', **overrides):
   config = data.default_data_config()
   config.source = source
   config.paths = os.path.join(directory, {
-      'text': '*.txt', 'jsonl': '*.jsonl', 'arrayrecord': '*.arrayrecord'
+      'text': '*.txt', 'jsonl': '*.jsonl', 'arrayrecord': '*.arrayrecord',
+      'parquet': '*.parquet',
   }[source])
   config.seq_len = SEQ_LEN
   config.batch_size = 4
@@ -36,7 +39,8 @@ def _config(directory, source='text', **overrides):
 
 
 def _write_corpus(directory, docs=DOCS):
-  """Writes `docs` as text files, two JSONL files and an ArrayRecord file."""
+  """Writes `docs` as text files, two JSONL files, an ArrayRecord file and two Parquet
+  files (row groups of 5 rows)."""
   for i, doc in enumerate(docs):
     with open(os.path.join(directory, f'doc{i:03d}.txt'), 'w') as f:
       f.write(doc)
@@ -50,6 +54,9 @@ def _write_corpus(directory, docs=DOCS):
   for doc in docs:
     writer.write(doc.encode('utf-8'))
   writer.close()
+  for name, part in (('a', docs[:half]), ('b', docs[half:])):
+    table = pa.table({'id': list(range(len(part))), 'text': part})
+    pq.write_table(table, os.path.join(directory, f'{name}.parquet'), row_group_size=5)
 
 
 def _take(ds, n, state=None):
@@ -184,13 +191,18 @@ class DataTest(parameterized.TestCase):
     self.assertLessEqual(seen[0] | seen[1], set(DOCS))
     self.assertGreaterEqual(len(seen[0] | seen[1]), len(DOCS) - 2)
 
-  @parameterized.parameters('text', 'jsonl', 'arrayrecord')
+  @parameterized.parameters('text', 'jsonl', 'arrayrecord', 'parquet')
   def test_sources_read_every_document(self, source):
     config = _config(self.dir, source, pack=False, validation_fraction=1.0,
                      batch_size=1, seq_len=512)
     rows = _rows(_take(data.make_dataset(config, TOKENIZER, 'validation'),
                        100))
     self.assertCountEqual([TOKENIZER.decode(r['tokens']) for r in rows], DOCS)
+
+  def test_parquet_missing_column_is_an_error(self):
+    config = _config(self.dir, 'parquet', text_field='body')
+    with self.assertRaisesRegex(KeyError, "text_field='body'"):
+      data.make_dataset(config, TOKENIZER, 'train')
 
   def test_splits_are_disjoint_and_stable(self):
     config = _config(self.dir, pack=False, batch_size=1, seq_len=512,

@@ -33,6 +33,8 @@ Sources (`source`):
   jsonl        files matching `paths`, one document per non-blank line, the
                string in field `text_field`.
   arrayrecord  ArrayRecord files matching `paths`, each record a UTF-8 text.
+  parquet      Parquet files matching `paths`, one document per row, the string
+               in column `text_field` (read a row group at a time, pyarrow).
 For file sources, `validation_paths` (if set) names the validation files and
 all of `paths` is training data; otherwise both splits come from `paths`.
 """
@@ -64,10 +66,10 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
 def default_data_config() -> config_dict.ConfigDict:
   """Data config: the embedded pycorpus, byte-sized rows for tiny models."""
   return config_dict.ConfigDict(dict(
-      source='pycorpus',  # 'pycorpus' | 'text' | 'jsonl' | 'arrayrecord'
+      source='pycorpus',  # 'pycorpus' | 'text' | 'jsonl' | 'arrayrecord' | 'parquet'
       paths=config_dict.placeholder(object),  # glob or list of globs
       validation_paths=config_dict.placeholder(object),
-      text_field='text',  # jsonl
+      text_field='text',  # jsonl field / parquet column
       seq_len=256,
       batch_size=16,  # global; each process gets batch_size // process_count
       shuffle_buffer=1024,  # rows per shuffle window (train); <= 1: none
@@ -170,10 +172,37 @@ def _arrayrecord_files(paths, config) -> _Corpus:
   return _Corpus(keys, lambda i: source[i].decode('utf-8', errors='replace'))
 
 
+def _parquet_files(paths, config) -> _Corpus:
+  """One document per row of column `text_field`; rows are located by row group, and
+  the last row group read is kept (shuffled reads cost a row group each)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  field, keys, rows = config.text_field, [], []
+  for path in _glob(paths):
+    meta = pq.ParquetFile(path)
+    if field not in meta.schema_arrow.names:
+      raise KeyError(f'{path}: no column data.text_field={field!r} '
+                     f'(columns: {meta.schema_arrow.names})')
+    for group in range(meta.num_row_groups):
+      count = meta.metadata.row_group(group).num_rows
+      keys.extend(f'{path}:{len(rows) + i}' for i in range(count))
+      rows.extend((path, group, i) for i in range(count))
+
+  @functools.lru_cache(maxsize=2)
+  def row_group(path, group):
+    return pq.ParquetFile(path).read_row_group(group, columns=[field]).column(0).to_pylist()
+
+  def read(i):
+    path, group, row = rows[i]
+    return row_group(path, group)[row] or ''
+
+  return _Corpus(keys, read)
+
+
 _FILE_SOURCES = {
     'text': _text_files,
     'jsonl': _jsonl_files,
     'arrayrecord': _arrayrecord_files,
+    'parquet': _parquet_files,
 }
 
 
