@@ -64,9 +64,9 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     k_rows, v_rows = cache['k'][layer, slots], cache['v'][layer, slots]
     ctx = (pos[:, None], None, KVContext(kv_pos=cache['pos'][slots], write_idx=pos))
     x, (k, v) = apply_layer(cfg, params[name], {}, x, (k_rows, v_rows), ctx)
-    keep = write[:, None, None, None]
-    return x, dict(cache, k=cache['k'].at[layer, slots].set(jnp.where(keep, k, k_rows)),
-                   v=cache['v'].at[layer, slots].set(jnp.where(keep, v, v_rows)))
+    lanes = jnp.arange(slots.shape[0])
+    return x, {**cache, **{buf: _set_rows(cache[buf], (layer, slots, pos), new[lanes, pos], write)
+                           for buf, new in (('k', k), ('v', v))}}
 
   def continues(variables, h, rec, target):
     """(whether each token runs recursion ``rec``, that recursion's router logit)."""
