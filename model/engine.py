@@ -116,7 +116,8 @@ class SlotEngine:
   def __init__(self, model, variables, num_slots, max_len, stop_tokens=(),
                static_batching=False):
     self.model, self.num_slots, self.max_len = model, num_slots, max_len
-    self.variables = variables if 'params' in variables else {'params': variables}
+    variables = variables if 'params' in variables else {'params': variables}
+    self.variables = jax.device_put(variables)  # once, not a host copy per step
     self.stop_tokens, self.static_batching = set(stop_tokens), static_batching
     self._prefill = jax.jit(self._prefill_fn)
     self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))

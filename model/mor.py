@@ -44,8 +44,12 @@ caching (each recursion's keys/values, visible only for the tokens that reached 
 ``kv_sharing``, every recursion reuses the keys/values of recursion 1. The decoding cache is
 ``model.kv_cache``'s dict plus ``depth`` [B, S]: the recursions each slot's token took; cache
 layers are first, (recursion, shared layer) or (shared layer) with ``kv_sharing``, last.
-Slots stay full-size per layer (static shapes): recursion-wise caching saves attention
-compute, not cache memory; KV sharing saves memory (N_r times fewer shared-layer slots).
+Slots stay full-size per layer (static shapes): recursion-wise caching hides keys, it saves
+neither cache memory nor cache reads; KV sharing saves memory (N_r times fewer shared-layer
+slots). A cached call (``model.decode.generate``) runs every token through every recursion
+and masks the ones that left, so its cost per token is that of the full recursive model;
+``model.mor_engine.MoREngine`` serves the same model with each token running only the
+recursions it takes (continuous depth-wise batching), with identical greedy outputs.
 """
 import dataclasses
 from typing import NamedTuple, Optional

@@ -31,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from stats import _core
 from stats import _validation as v

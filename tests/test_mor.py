@@ -12,7 +12,8 @@ from absl.testing import absltest, parameterized
 
 from configs import mor_360m, mor_tiny
 from configs.repro import mor_isoflop
-from model import decode, layers, mor, recursive
+from model import decode, layers, mor, mor_engine, recursive
+from model.engine import Request
 from model.registry import build_model
 from tests import test_train
 from tests.utils import tiny_config
@@ -428,10 +429,17 @@ class ReproTest(absltest.TestCase):
     self.assertGreaterEqual(rows['mor_token_3']['steps'], 2)  # fewer FLOPs per token
     self.assertLess(rows['mor_token_3']['unique_params_non_embedding'],
                     rows['vanilla']['unique_params_non_embedding'])
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'mor_token_3'), async_save=False)
-    saved = ckpt.manager.item_metadata(ckpt.latest_step())['state'].tree
-    ckpt.close()
-    self.assertEqual(saved['model_state']['router_state']['bias'].shape, (3,))
+    # A trained workdir loads with its router state and serves on the depth-wise engine.
+    model, variables = ckpt_lib.load_model(os.path.join(workdir, 'mor_token_3'))
+    self.assertIsInstance(model, mor.MoR)
+    self.assertEqual(variables['router_state']['bias'].shape, (3,))
+    self.assertGreater(float(jnp.abs(variables['router_state']['bias']).sum()), 0)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    outputs, _ = mor_engine.MoREngine(model.cfg, variables, 1, 8).run(
+        [Request(p, 4) for p in prompts])
+    solo = decode.generate(model, variables, jnp.asarray(prompts), 4,
+                           decode.SamplingConfig(greedy=True), jax.random.PRNGKey(0))
+    self.assertEqual(outputs, np.asarray(solo.tokens).tolist())
     for name in ('mor_isoflop.md', 'mor_isoflop.json', 'mor_isoflop.png'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 

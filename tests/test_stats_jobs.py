@@ -1,7 +1,6 @@
 """The stats jobs: repro jobs at reduced size, and ppi_eval on the shipped example."""
 import json
 import os
-import tempfile
 
 from absl.testing import absltest
 import numpy as np

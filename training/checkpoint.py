@@ -8,9 +8,12 @@ state holds tuples that a plain JSON round trip turns into lists (after which gr
 Before restoring, the saved parameter shapes are compared with the model's; a mismatch
 raises naming the parameter, and nothing in the workdir is touched.
 """
+import json
 import os
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
 
@@ -99,3 +102,25 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def load_model(workdir, step=None):
+  """(module, variables) of a workdir of ours: the family of its ``config.json`` and the
+  ``params`` (plus any ``model_state`` collections, e.g. MoR's ``router_state``) of
+  checkpoint ``step`` (default: the latest), as float32-or-saved-dtype arrays."""
+  from model.registry import build_model  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{workdir!r} is not a workdir: {path} not found.')
+  with open(path) as f:
+    model = build_model(ml_collections.ConfigDict(json.load(f)['model']))
+  checkpointer = Checkpointer(workdir, async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{workdir!r} has no checkpoint.')
+  restored = checkpointer.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  checkpointer.close()
+  state = restored['state']
+  variables = {'params': state['params'], **state.get('model_state', {})}
+  return model, jax.tree.map(jnp.asarray, variables)

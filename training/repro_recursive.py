@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from model.registry import build_model
-from training import data as data_lib, losses, sharding, tokenizers
+from training import data as data_lib, losses, tokenizers
 from training.train import train_and_evaluate
 from training.uptrain import load_source, uptrain
 

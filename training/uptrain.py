@@ -19,10 +19,8 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from model import conversion, hf_io
-from model.layers import ModelConfig
 from model.llama import Llama
 from model.recursive import RecursiveConfig
 from training import checkpoint as ckpt_lib
@@ -35,23 +33,15 @@ EXIT_FIELDS = ('early_exit', 'exit_distill')
 
 def load_source(source):
   """(model config, float32 params) of an HF directory or a workdir of ours (latest step)."""
-  path = os.path.join(source, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.uptrain.source={source!r}: {path} not found.')
-  with open(path) as f:
-    saved = json.load(f)
-  if 'model_type' in saved:
-    return hf_io.import_hf_checkpoint(source)
-  family = RecursiveConfig if saved['model'].get('name') == 'recursive' else ModelConfig
-  cfg = family.from_config(saved['model'])
-  checkpointer = ckpt_lib.Checkpointer(source, async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'config.uptrain.source={source!r} has no checkpoint.')
-  restored = checkpointer.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  checkpointer.close()
-  return cfg, jax.tree.map(jnp.asarray, restored['state']['params'])
+  if os.path.isfile(os.path.join(source, 'config.json')):
+    with open(os.path.join(source, 'config.json')) as f:
+      if 'model_type' in json.load(f):
+        return hf_io.import_hf_checkpoint(source)
+  try:
+    model, variables = ckpt_lib.load_model(source)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.uptrain.source: {e}') from e
+  return model.cfg, variables['params']
 
 
 def distillation_loss(teacher, teacher_params, coeff):
