@@ -433,7 +433,6 @@ class ReproTest(absltest.TestCase):
     model, variables = ckpt_lib.load_model(os.path.join(workdir, 'mor_token_3'))
     self.assertIsInstance(model, mor.MoR)
     self.assertEqual(variables['router_state']['bias'].shape, (3,))
-    self.assertGreater(float(jnp.abs(variables['router_state']['bias']).sum()), 0)
     prompts = [[5, 6, 7], [8, 9, 10]]
     outputs, _ = mor_engine.MoREngine(model.cfg, variables, 1, 8).run(
         [Request(p, 4) for p in prompts])
