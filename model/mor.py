@@ -388,14 +388,19 @@ def depth_load(cfg, depth):
   return jnp.mean(jax.nn.one_hot(depth - 1, cfg.num_recursions), axis=(0, 1))
 
 
+def choose_depth(cfg, probs, bias=None):
+  """Token choice's decision from router probabilities [..., N_r]: (depth = argmax(g + bias)
+  + 1, gate = alpha * g of that depth)."""
+  choice = jnp.argmax(probs if bias is None else probs + bias, axis=-1)
+  return choice + 1, cfg.alpha * jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+
+
 def token_choice(cfg, x, positions, segment_ids, router, block, bias=None):
   """Token choice: one routing decision before recursion 1, by ``argmax(g + bias)`` with the
   loss-free balancing bias. Returns (x, depth, losses)."""
   logits = router(x / cfg.temperature)  # [B, T, N_r]
   probs = _router_probs(cfg, logits)
-  choice = jnp.argmax(probs if bias is None else probs + bias, axis=-1)
-  depth = choice + 1
-  gate = cfg.alpha * jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+  depth, gate = choose_depth(cfg, probs, bias)
   h = x
   for r in range(cfg.num_recursions):
     active = depth > r

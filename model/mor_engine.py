@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from model.engine import SlotEngine, kv_projection
 from model.layers import KVContext, RMSNorm
 from model.llama import Embedder
-from model.mor import LayerCtx, MoR, MoRConfig, RecursionLayer, Router, _delta, _router_probs
+from model.mor import (LayerCtx, MoR, MoRConfig, RecursionLayer, Router, _delta,
+                       _router_probs, choose_depth)
 from model.recursive import apply_layer
 
 ENTER, RECURSE, LEAVE = 0, 1, 2
@@ -81,14 +82,12 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     decision = logit if cfg.sampling == 'aux_loss' else pick('aux_router')
     return (rec < nr) & (decision >= 0), logit
 
-  def choose_depth(variables, x):
-    """Token choice: (depth, alpha * g of that depth), by ``argmax(g + bias)``."""
+  def token_depth(variables, x):
+    """Token choice: (depth, gate) of ``mor.choose_depth``, with the loss-free bias."""
     logits = Router(cfg, nr).apply({'params': variables['params']['router']},
                                    x / cfg.temperature)[:, 0]
-    probs = _router_probs(cfg, logits)
     bias = variables.get('router_state', {}).get('bias')
-    choice = jnp.argmax(probs if bias is None else probs + bias, axis=-1)
-    return choice + 1, cfg.alpha * jnp.take_along_axis(probs, choice[:, None], axis=-1)[:, 0]
+    return choose_depth(cfg, _router_probs(cfg, logits), bias)
 
   def serve_lanes(variables, state, cache):
     """LEAVE lanes: last layer + head, emit; then ENTER lanes (and the leavers' next token):
@@ -117,15 +116,17 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     if cfg.num_ends:
       x, cache = end_layer(params, 'first', first, cache, lane, x, pos, ok)
     rec = jnp.zeros_like(pos)
-    target, gate = (choose_depth(variables, x) if cfg.router == 'token_choice' else
-                    (rec, jnp.zeros(rec.shape, jnp.float32)))
-    run, logit = continues(variables, x, rec, target)
+    if cfg.router == 'token_choice':
+      target, gate = token_depth(variables, x)
+      run, _ = continues(variables, x, rec, target)
+    else:
+      target = rec
+      run, gate = continues(variables, x, rec, target)
     new = {'h': x, 'h0': x, 'token': token, 'pos': pos, 'rec': rec, 'target': target,
-           'gate': gate if cfg.router == 'token_choice' else logit,
-           'phase': jnp.where(run, RECURSE, LEAVE), 'wait': rec}
+           'gate': gate, 'phase': jnp.where(run, RECURSE, LEAVE), 'wait': rec}
     state = dict(state, **_set_rows({k: state[k] for k in new}, lane, new, ok))
-    state['wait'] = jnp.where(wants & ~jnp.zeros((s,), bool).at[lane].set(ok),
-                              state['wait'] + 1, state['wait'])
+    served = jnp.zeros((s,), bool).at[lane].set(ok)
+    state['wait'] = jnp.where(wants & ~served, state['wait'] + 1, state['wait'])
     return state, cache, emitted, depth
 
   def recurse(variables, state, cache):
@@ -144,29 +145,27 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     for j in range(cfg.base_depth):
       layer = cfg.num_ends + (j if cfg.kv_sharing else rec * cfg.base_depth + j)
       k, v = kv_projection(cfg, params[f'shared_{j}'], x, pos[:, None])
-      keep = write[:, None, None]
-      k_cache = k_cache.at[layer, slots, pos].set(
-          jnp.where(keep, k[:, 0], k_cache[layer, slots, pos]))
-      v_cache = v_cache.at[layer, slots, pos].set(
-          jnp.where(keep, v[:, 0], v_cache[layer, slots, pos]))
+      k_cache = _set_rows(k_cache, (layer, slots, pos), k[:, 0], write)
+      v_cache = _set_rows(v_cache, (layer, slots, pos), v[:, 0], write)
       x, _ = RecursionLayer(cfg).apply({'params': params[f'shared_{j}']}, x,
                                        (k_cache[layer, slots], v_cache[layer, slots]), ctx)
     h = state['h']
     if cfg.router == 'token_choice':
       h = x
     else:
-      gate = cfg.alpha * _router_probs(cfg, state['gate'])
-      h = h + _delta(cfg, gate[:, None], x).astype(h.dtype)
+      g = cfg.alpha * _router_probs(cfg, state['gate'])
+      h = h + _delta(cfg, g[:, None], x).astype(h.dtype)
     h = jnp.where(run[:, None, None], h, state['h'])
     rec = jnp.where(run, rec + 1, rec)
     more, logit = continues(variables, h, rec, state['target'])
     done = run & ~more
+    gate = state['gate']
     if cfg.router == 'token_choice':  # H^1 + alpha * g * f^d(H^1) once the depth is reached
       h = jnp.where(done[:, None, None],
-                    state['h0'] + _delta(cfg, state['gate'][:, None], h).astype(h.dtype), h)
-    state = dict(state, h=h, rec=rec, phase=jnp.where(done, LEAVE, state['phase']),
-                 gate=jnp.where(run & more, logit, state['gate'])
-                 if cfg.router != 'token_choice' else state['gate'])
+                    state['h0'] + _delta(cfg, gate[:, None], h).astype(h.dtype), h)
+    else:  # the next recursion's router logit gates it
+      gate = jnp.where(run & more, logit, gate)
+    state = dict(state, h=h, rec=rec, gate=gate, phase=jnp.where(done, LEAVE, state['phase']))
     return state, dict(cache, k=k_cache, v=v_cache, depth=depth_rows)
 
   def step(variables, state, cache):
