@@ -104,7 +104,7 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
 class SlotEngine:
   """The serving loop every engine shares: a queue of ``Request``s, ``num_slots`` slots,
   greedy outputs and throughput stats. A subclass sets ``self._step`` (jit-compiled
-  ``(params, state, cache) -> (state, cache, emitted [S], depth [S])``: ``emitted`` is the
+  ``(variables, state, cache) -> (state, cache, emitted [S], depth [S])``: ``emitted`` is the
   token each slot emitted this step or -1, ``depth`` how deep that token went),
   ``fresh_slot`` (state fields of a newly filled slot) and ``_init_state(n)``.
   ``static_batching=True`` refills slots only when all are free (static batching),

@@ -107,7 +107,7 @@ class Checkpointer:
 def load_model(workdir, step=None):
   """(module, variables) of a workdir of ours: the family of its ``config.json`` and the
   ``params`` (plus any ``model_state`` collections, e.g. MoR's ``router_state``) of
-  checkpoint ``step`` (default: the latest), as float32-or-saved-dtype arrays."""
+  checkpoint ``step`` (default: the latest), as arrays in their saved dtypes."""
   from model.registry import build_model  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
