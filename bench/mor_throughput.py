@@ -37,7 +37,7 @@ from configs import base, mor_tiny
 from model import engine, mor_engine
 from model.registry import build_model
 from training import data as data_lib
-from training import optim, train
+from training import optim, train, trainer
 
 
 def _model_config(name, shape, **kw):
@@ -69,7 +69,7 @@ def train_step_fn(model, batch, seq_len, steps=3):
       lambda x: x.unbox() if hasattr(x, 'unbox') else x,
       train.make_init_fn(model, tx, seq_len)(r),
       is_leaf=lambda x: hasattr(x, 'unbox')))(jax.random.PRNGKey(0))
-  step = jax.jit(train.make_train_step(model, tx, schedule, tcfg))
+  step = jax.jit(trainer.make_train_step(model, tx, schedule, tcfg))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len + 1), 0, 259)
   data = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
           'positions': jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)),

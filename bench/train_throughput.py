@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import base, vanilla_tiny
-from training import sharding, train
+from training import sharding, train, trainer
 
 _OUT = flags.DEFINE_string('out', 'bench_train_throughput.json', 'JSON output path.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps per config.')
@@ -52,14 +52,14 @@ def config_50m():
 def measure(name, config, steps):
   config.mesh.update(dict(data=1, fsdp=1, tensor=1))
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, schedule, abstract, shardings, init, rules = train.build_state_fns(config, mesh)
+  model, tx, schedule, abstract, shardings, init, rules = trainer.build_state_fns(config, mesh)
   b, t = config.data.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, config.model.vocab_size, (b, t + 1)).astype(np.int32)
   batch = {'tokens': tokens[:, :-1], 'targets': tokens[:, 1:],
            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
            'segment_ids': np.ones((b, t), np.int32), 'loss_mask': np.ones((b, t), np.int32)}
-  step = jax.jit(train.make_train_step(model, tx, schedule, config.train), donate_argnums=0,
+  step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train), donate_argnums=0,
                  out_shardings=(shardings, None))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = init(jax.random.PRNGKey(0))

@@ -36,6 +36,9 @@ def base_config():
   config.dry_run = False
   config.dry_run_devices = 8
   config.distributed = False
+  # Resume even though a guarded field (model, data, tokenizer, optimizer) changed; the
+  # change is recorded in the workdir's config.json (training.workdir).
+  config.allow_config_change = False
   config.model = model_config()
   config.tokenizer = default_tokenizer_config()
   config.data = default_data_config()

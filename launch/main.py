@@ -3,13 +3,18 @@
 The config's ``job`` field picks what runs; every job is a function
 ``fn(config, workdir)`` looked up by name in ``JOBS`` (imported lazily, so a job's
 dependencies load only when it runs). Overrides use ml_collections syntax, e.g.
-``--config.train.steps=100``; an unknown field is rejected by ``config_flags``.
+``--config.train.steps=100``. A bad config (an unknown field, a value that cannot run)
+is reported as one line naming the field, with the nearest valid names, and exit status 1.
 """
 import importlib
+import importlib.util
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from model.config_errors import ConfigError, unknown_fields
 
 JOBS = {
     'pretrain': 'training.train:train_and_evaluate',
@@ -53,6 +58,34 @@ class _QuietLibraries:
     return record.levelno > 20 or not noisy
 
 
+def _override_error(argv, error):
+  """One line for a failed ``--config.a.b=value``: the unknown field and its nearest names."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if path is not None and os.path.isfile(path.split(':')[0]):
+    spec = importlib.util.spec_from_file_location('_user_config', path.split(':')[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv:
+      if not arg.startswith('--config.'):
+        continue
+      node, where = config, 'config'
+      for key in arg[len('--config.'):].split('=', 1)[0].split('.'):
+        if not hasattr(node, 'keys') or key not in node:
+          known = list(node.keys()) if hasattr(node, 'keys') else []
+          return str(unknown_fields(where, [key], known))
+        node, where = node[key], f'{where}.{key}'
+  return ' '.join(str(error).split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad ``--config...`` flag reported as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f'Error: {_override_error(argv, e)}')
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -68,8 +101,11 @@ def main(argv):
     import jax
     jax.distributed.initialize()
   logging.info('job=%s workdir=%s', config.get('job'), workdir)
-  job(config, workdir)
+  try:
+    job(config, workdir)
+  except ConfigError as e:
+    sys.exit(f'Error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

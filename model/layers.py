@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from model import attention as attention_lib
+from model import config_errors
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -52,10 +53,9 @@ class ModelConfig:
     values = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
     values.update(overrides)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = set(values) - names
     if unknown:
-      raise ValueError(f'Unknown model config field(s) {unknown} for {cls.__name__}; '
-                       f'known fields: {sorted(names)}.')
+      raise config_errors.unknown_fields('config.model', unknown, names)
     return cls(**values)
 
   @property

@@ -237,6 +237,9 @@ class DataTest(parameterized.TestCase):
       data.make_dataset(config, TOKENIZER, 'train')
 
   def test_bad_config_errors(self):
+    for field in ('seq_len', 'batch_size'):
+      with self.assertRaisesRegex(ValueError, f'data.{field}=0 must be positive'):
+        data.make_dataset(_config(self.dir, **{field: 0}), TOKENIZER, 'train')
     with self.assertRaisesRegex(ValueError, 'batch_size=4.*process_count=3'):
       data.make_dataset(_config(self.dir), TOKENIZER, 'train', 0, 3)
     with self.assertRaisesRegex(ValueError, 'split'):
@@ -244,6 +247,33 @@ class DataTest(parameterized.TestCase):
     with self.assertRaisesRegex(KeyError, 'body'):
       _take(data.make_dataset(_config(self.dir, 'jsonl', text_field='body'),
                               TOKENIZER, 'train'), 1)
+
+  def test_malformed_jsonl_is_an_error_naming_file_and_line(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    path = os.path.join(directory, 'bad.jsonl')
+    for line, error, message in (
+        ('{"text": "ok"', ValueError, 'not a JSON object'),
+        ('{"text": 7}', TypeError, "field 'text' is int, not a string"),
+        ('["text"]', KeyError, 'no field')):
+      with open(path, 'w') as f:
+        f.write('{"text": "fine"}\n\n' + line + '\n')
+      with self.assertRaisesRegex(error, f'bad.jsonl:3: {message}'):
+        data.make_dataset(_config(directory, 'jsonl'), TOKENIZER, 'train')
+
+  def test_parquet_non_string_column_is_an_error(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    pq.write_table(pa.table({'text': [1, 2]}), os.path.join(directory, 'n.parquet'))
+    with self.assertRaisesRegex(TypeError, "n.parquet: column .*'text'.* not string"):
+      data.make_dataset(_config(directory, 'parquet'), TOKENIZER, 'train')
+
+  def test_corpus_without_tokens_is_an_error(self):
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    _write_corpus(directory, [''] * 6)
+    config = _config(directory, validation_fraction=0.0, add_bos=False, add_eos=False)
+    with self.assertRaisesRegex(ValueError, 'hold no tokens'):
+      data.check_has_tokens(config, TOKENIZER, 'train')
+    config.add_eos = True  # Every document now has its EOS token.
+    data.check_has_tokens(config, TOKENIZER, 'train')
 
   def test_unigram_entropy(self):
     directory = self.enter_context(tempfile.TemporaryDirectory())

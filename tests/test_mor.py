@@ -83,7 +83,7 @@ class ConfigTest(absltest.TestCase):
       _cfg(capacity=(0.5, 1.0, 0.2))
     with self.assertRaisesRegex(ValueError, 'model.router_func'):
       _cfg(router='token_choice', router_func='tanh')
-    with self.assertRaisesRegex(ValueError, 'Unknown model config field'):
+    with self.assertRaisesRegex(ValueError, 'Unknown config field'):
       mor.MoRConfig.from_config(dict(_SMALL, mor_type='expert'))
 
   def test_360m_unique_parameters(self):

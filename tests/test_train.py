@@ -1,7 +1,10 @@
 """Trainer: sharding equivalence, exact resume, cross-mesh restore, early clear errors."""
+import itertools
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +17,9 @@ from absl.testing import absltest
 
 from tests.utils import tiny_config
 from training import checkpoint as ckpt_lib
-from training import sharding, train
+from training import metrics as metrics_lib
+from training import sharding, train, trainer
+from training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +40,8 @@ def _random_batch(config, seed=0):
 def _one_step(config, mesh_shape, batch):
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(mesh_shape))])
-  model, tx, schedule, _, shardings, init, rules = train.build_state_fns(config, mesh)
-  step = jax.jit(train.make_train_step(model, tx, schedule, config.train),
+  model, tx, schedule, _, shardings, init, rules = trainer.build_state_fns(config, mesh)
+  step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train),
                  out_shardings=(shardings, None))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = init(jax.random.PRNGKey(0))
@@ -47,9 +52,9 @@ def _one_step(config, mesh_shape, batch):
 
 def _params(workdir, config):
   mesh = sharding.make_mesh(config.mesh)
-  _, _, _, abstract, _, _, _ = train.build_state_fns(config, mesh)
+  _, _, _, abstract, _, _, _ = trainer.build_state_fns(config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  state = ckpt.restore(ckpt.latest_step(), abstract)
+  state, _ = ckpt.restore(ckpt.latest_step(), abstract)
   ckpt.close()
   return jax.device_get(state['params']), ckpt.directory
 
@@ -89,6 +94,7 @@ class ResumeTest(absltest.TestCase):
   def test_restart_gives_identical_parameters(self):
     config = tiny_config()
     config.train.schedule = 'constant'  # The same learning rates whatever train.steps says.
+    config.train.async_checkpointing = True  # The real configs' setting.
     straight = self.create_tempdir().full_path
     train.train_and_evaluate(config, straight)
     resumed = self.create_tempdir().full_path
@@ -100,6 +106,51 @@ class ResumeTest(absltest.TestCase):
     p_resumed, _ = _params(resumed, config)
     jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
 
+    # A corrupt latest checkpoint: set aside (kept), the previous step resumes, and
+    # retraining the lost steps gives the same parameters again.
+    state_dir = os.path.join(resumed, 'checkpoints', '4', 'state')
+    for root, _, files in os.walk(state_dir):
+      for name in files:
+        open(os.path.join(root, name), 'w').close()  # truncate every file
+    with self.assertLogs(level='WARNING') as logs:
+      train.train_and_evaluate(config, resumed)
+    self.assertTrue(any('checkpoints_unreadable' in line for line in logs.output))
+    self.assertTrue(os.path.isdir(os.path.join(resumed, 'checkpoints_unreadable', '4')))
+    p_again, _ = _params(resumed, config)
+    jax.tree.map(np.testing.assert_array_equal, p_straight, p_again)
+
+  def test_changed_config_is_refused_then_recorded(self):
+    config = tiny_config()
+    config.train.update(steps=2, eval_every=2, eval_batches=1)
+    workdir = self.create_tempdir().full_path
+    train.train_and_evaluate(config, workdir)
+    # A record logged after the last checkpoint by a run that then died.
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': 3, 'train/loss': 99.0}) + '\n')
+    before = _snapshot(workdir)
+    config.train.steps = 3
+    config.model.rope_theta = 500.0
+    config.data.seq_len = 16
+    with self.assertRaisesRegex(ValueError, r'data.seq_len: 32 -> 16; model.rope_theta: '
+                                r'10000.0 -> 500.0.*allow_config_change'):
+      train.train_and_evaluate(config, workdir)
+    self.assertEqual(before, _snapshot(workdir))
+    config.data.seq_len = 32
+    config.allow_config_change = True
+    summary = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+    self.assertEqual(saved['model']['rope_theta'], 500.0)
+    self.assertEqual(saved['resume_history'][0]['step'], 2)
+    self.assertEqual(saved['resume_history'][0]['changes'],
+                     {'model.rope_theta': [10000.0, 500.0]})
+    records = metrics_lib.read_metrics(workdir)
+    train_steps = [r['step'] for r in records if 'train/loss' in r]
+    self.assertEqual(train_steps, [1, 2, 3])
+    self.assertNotIn(99.0, [r['train/loss'] for r in records if 'train/loss' in r])
+    self.assertEqual([r['step'] for r in records if 'eval/loss' in r], [0, 2, 3])
+    self.assertEqual(summary['eval_step'], 3)
+
   def test_restore_onto_different_mesh(self):
     config = tiny_config(embed_dim=64, mlp_dim=128)
     workdir = self.create_tempdir().full_path
@@ -109,9 +160,9 @@ class ResumeTest(absltest.TestCase):
     p8, _ = _params(workdir, config)
     config.mesh.update(dict(data=1, fsdp=4, tensor=2))
     mesh = sharding.make_mesh(config.mesh)
-    _, _, _, abstract, _, _, _ = train.build_state_fns(config, mesh)
+    _, _, _, abstract, _, _, _ = trainer.build_state_fns(config, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-    state = ckpt.restore(2, abstract)
+    state, _ = ckpt.restore(2, abstract)
     ckpt.close()
     kernel = state['params']['layers_0']['mlp']['up']['kernel']
     self.assertEqual(tuple(kernel.sharding.spec), ('fsdp', 'tensor'))
@@ -196,9 +247,85 @@ class ErrorTest(absltest.TestCase):
     before = _snapshot(workdir)
     config.model.embed_dim = 48
     config.train.steps = 4
+    with self.assertRaisesRegex(ValueError, r'model.embed_dim: 32 -> 48'):
+      train.train_and_evaluate(config, workdir)
+    self.assertEqual(before, _snapshot(workdir))
+    config.allow_config_change = True  # The shapes are still checked before restoring.
     with self.assertRaisesRegex(ValueError, r'embedder/embed/embedding: checkpoint \(259, 32\)'):
       train.train_and_evaluate(config, workdir)
     self.assertEqual(before, _snapshot(workdir))
+
+  def test_bad_values_are_config_errors(self):
+    for field, value, message in (('train.learning_rate', -1e-3, 'learning_rate must be >= 0'),
+                                  ('data.seq_len', 0, 'seq_len must be positive'),
+                                  ('data.batch_size', -8, 'batch_size must be positive')):
+      config = tiny_config()
+      section, name = field.split('.')
+      config[section][name] = value
+      workdir = os.path.join(self.create_tempdir().full_path, 'run')
+      with self.assertRaisesRegex(workdir_lib.ConfigError, message):
+        train.train_and_evaluate(config, workdir)
+      self.assertFalse(os.path.exists(workdir))
+
+  def test_live_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(self):
+    config = tiny_config()
+    config.train.steps = 1
+    workdir = self.create_tempdir().full_path
+    lock = os.path.join(workdir, workdir_lib.LOCK_FILE)
+    host = socket.gethostname()
+    with open(lock, 'w') as f:  # This test process is alive: a live holder.
+      json.dump({'host': host, 'pid': os.getpid(), 'started': 'earlier'}, f)
+    with self.assertRaisesRegex(RuntimeError, f'in use by another run \\(host {host}, pid '
+                                f'{os.getpid()}'):
+      train.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    with open(lock, 'w') as f:
+      json.dump({'host': host, 'pid': dead.pid, 'started': 'earlier'}, f)
+    with self.assertLogs(level='WARNING') as logs:
+      train.train_and_evaluate(config, workdir)
+    self.assertTrue(any('stale lock' in line for line in logs.output))
+    self.assertFalse(os.path.exists(lock))  # Released at the end of the run.
+    self.assertEqual(ckpt_lib.Checkpointer(workdir, async_save=False).latest_step(), 1)
+
+
+def _batches(config, crash_after=None):
+  for i in itertools.count():
+    if crash_after is not None and i == crash_after:
+      raise RuntimeError('the data went away')
+    yield _random_batch(config, seed=i)
+
+
+class TrainerCoreTest(absltest.TestCase):
+  """The core with an injected iterator: non-finite steps and crashes never lose work."""
+
+  def test_nonfinite_loss_stops_and_keeps_only_finite_checkpoints(self):
+    config = tiny_config()
+    config.train.update(learning_rate=1e6, steps=30, checkpoint_every=2, keep_checkpoints=1,
+                        log_every=100)
+    workdir = self.create_tempdir().full_path
+    with trainer.Trainer(config, workdir) as t:
+      state = t.restore_or_init()
+      with self.assertRaisesRegex(FloatingPointError, r'Non-finite .* at step (\d+)') as cm:
+        t.fit(state, _batches(config), config.train.steps)
+      bad = int(re.search(r'at step (\d+)', str(cm.exception)).group(1))
+      self.assertGreater(bad, 1)
+      self.assertEqual(t.checkpointer.latest_step(), bad - 1)
+      restored, _ = t.checkpointer.restore(bad - 1, t.abstract)
+      for leaf in jax.tree.leaves(jax.device_get(restored['params'])):
+        self.assertTrue(np.isfinite(leaf).all())
+      self.assertEqual(int(restored['step']), bad - 1)
+
+  def test_crash_in_the_loop_saves_the_last_completed_step(self):
+    config = tiny_config()
+    config.train.update(steps=10, checkpoint_every=100)
+    workdir = self.create_tempdir().full_path
+    with trainer.Trainer(config, workdir) as t:
+      state = t.restore_or_init()
+      with self.assertRaisesRegex(RuntimeError, 'the data went away'):
+        t.fit(state, _batches(config, crash_after=3), config.train.steps)
+      self.assertEqual(t.checkpointer.latest_step(), 3)
 
 
 class DryRunTest(absltest.TestCase):

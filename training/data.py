@@ -135,9 +135,25 @@ def _text_files(paths, config) -> _Corpus:
   return _Corpus(files, lambda i: _read_file(files[i]))
 
 
+def _jsonl_record(key: str, line: bytes, field: str) -> str:
+  """The text of one JSONL line; a clear error naming `file:line` otherwise."""
+  try:
+    record = json.loads(line)
+  except ValueError as e:
+    raise ValueError(f'{key}: not a JSON object ({e}).') from None
+  if not isinstance(record, dict) or field not in record:
+    raise KeyError(f'{key}: no field data.text_field={field!r}')
+  if not isinstance(record[field], str):
+    raise TypeError(f'{key}: field {field!r} is {type(record[field]).__name__}, not a '
+                    'string.')
+  return record[field]
+
+
 def _jsonl_files(paths, config) -> _Corpus:
-  """One document per non-blank line; lines are located by byte offset."""
+  """One document per non-blank line; lines are located by byte offset. Every line is
+  parsed and checked once here, so a malformed line fails before training starts."""
   keys, offsets = [], []
+  field = config.text_field
   for path in _glob(paths):
     with open(path, 'rb') as f:
       offset = 0
@@ -145,17 +161,14 @@ def _jsonl_files(paths, config) -> _Corpus:
         if line.strip():
           keys.append(f'{path}:{number}')
           offsets.append((path, offset))
+          _jsonl_record(keys[-1], line, field)
         offset += len(line)
-  field = config.text_field
 
   def read(i):
     path, offset = offsets[i]
     with open(path, 'rb') as f:
       f.seek(offset)
-      record = json.loads(f.readline())
-    if field not in record:
-      raise KeyError(f'{keys[i]}: no field data.text_field={field!r}')
-    return record[field]
+      return _jsonl_record(keys[i], f.readline(), field)
 
   return _Corpus(keys, read)
 
@@ -175,6 +188,7 @@ def _arrayrecord_files(paths, config) -> _Corpus:
 def _parquet_files(paths, config) -> _Corpus:
   """One document per row of column `text_field`; rows are located by row group, and
   the last row group read is kept (shuffled reads cost a row group each)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   field, keys, rows = config.text_field, [], []
   for path in _glob(paths):
@@ -182,6 +196,9 @@ def _parquet_files(paths, config) -> _Corpus:
     if field not in meta.schema_arrow.names:
       raise KeyError(f'{path}: no column data.text_field={field!r} '
                      f'(columns: {meta.schema_arrow.names})')
+    kind = meta.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise TypeError(f'{path}: column data.text_field={field!r} has type {kind}, not string.')
     for group in range(meta.num_row_groups):
       count = meta.metadata.row_group(group).num_rows
       keys.extend(f'{path}:{len(rows) + i}' for i in range(count))
@@ -338,6 +355,9 @@ def make_dataset(data_config: config_dict.ConfigDict,
     A grain IterDataset of dicts of int32 arrays [batch_size // process_count,
     seq_len]; `iter(ds)` has `get_state()` / `set_state()` for checkpoints.
   """
+  for field in ('seq_len', 'batch_size'):
+    if data_config[field] <= 0:
+      raise ValueError(f'data.{field}={data_config[field]} must be positive.')
   if data_config.batch_size % process_count:
     raise ValueError(f'data.batch_size={data_config.batch_size} is not '
                      f'divisible by process_count={process_count}')
@@ -345,6 +365,26 @@ def make_dataset(data_config: config_dict.ConfigDict,
                seed)
   return rows.batch(data_config.batch_size // process_count,
                     drop_remainder=True)
+
+
+def check_has_tokens(data_config: config_dict.ConfigDict,
+                     tokenizer: tokenizers.Tokenizer, split: str,
+                     process_index: int = 0, process_count: int = 1) -> None:
+  """Raises ValueError if this process's documents of `split` hold no token at all.
+
+  Reads documents in order and stops at the first with a token, so it costs one
+  document on a real corpus (and one epoch on an empty one, which would otherwise make
+  the repeated training stream spin forever).
+  """
+  corpus, ds = _documents(data_config, split, process_index, process_count, 0,
+                          num_epochs=1)
+  for index in ds:
+    if _tokenize(corpus, tokenizer, data_config, index).size:
+      return
+  raise ValueError(
+      f'The {split} documents of data.source={data_config.source!r} (process '
+      f'{process_index} of {process_count}) hold no tokens: every document is empty '
+      f'and data.add_bos/add_eos are off.')
 
 
 def unigram_entropy(data_config: config_dict.ConfigDict,

@@ -1,43 +1,74 @@
-"""Metrics to JSONL (one object per line) and TensorBoard, written by process 0 only."""
+"""Metrics to JSONL (one object per line) and TensorBoard, written by process 0 only.
+
+A resumed run passes ``resume_step``: records past that step (logged after the checkpoint
+it resumes from) are dropped from ``metrics.jsonl`` and TensorBoard, so every step appears
+once. The file goes through ``etils.epath``; on an object store, which cannot append, it is
+rewritten whole at each write.
+"""
 import json
 import os
 
 import jax
 
+from training import workdir as workdir_lib
+
+METRICS_FILE = 'metrics.jsonl'
+
 
 class MetricWriter:
   """``write(step, {'train/loss': ...})`` appends to ``metrics.jsonl`` and TensorBoard."""
 
-  def __init__(self, workdir, tensorboard=True):
+  def __init__(self, workdir, tensorboard=True, resume_step=None):
     self._active = jax.process_index() == 0
-    self._jsonl = None
+    self._file = workdir_lib.path(workdir) / METRICS_FILE
+    self._append = '://' not in os.fspath(self._file)
+    self._records = []
     self._tb = None
     if not self._active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    if self._file.exists():
+      self._records = [r for r in _parse(self._file.read_text())
+                       if resume_step is not None and r['step'] <= resume_step]
+      workdir_lib.write_text(self._file, ''.join(json.dumps(r) + '\n' for r in self._records))
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(os.fspath(workdir_lib.path(workdir) / 'tensorboard'),
+                               purge_step=purge)
+
+  def last(self, prefix):
+    """The last record holding a metric starting with ``prefix``: (step, {name: value})."""
+    for record in reversed(self._records):
+      found = {k: v for k, v in record.items() if k.startswith(prefix)}
+      if found:
+        return record['step'], found
+    return None, {}
 
   def write(self, step, scalars):
     if not self._active:
       return
-    scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    self._jsonl.flush()
+    record = {'step': int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._records.append(record)
+    line = json.dumps(record) + '\n'
+    if self._append:
+      with self._file.open('a') as f:
+        f.write(line)
+    else:
+      workdir_lib.write_text(self._file, ''.join(json.dumps(r) + '\n' for r in self._records))
     if self._tb is not None:
       for k, v in scalars.items():
-        self._tb.add_scalar(k, v, int(step))
+        self._tb.add_scalar(k, float(v), int(step))
 
   def close(self):
-    if self._jsonl is not None:
-      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+
+
+def _parse(text):
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_metrics(workdir):
   """All records of ``workdir/metrics.jsonl`` as a list of dicts."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _parse((workdir_lib.path(workdir) / METRICS_FILE).read_text())

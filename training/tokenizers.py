@@ -2,7 +2,8 @@
 
 `make_tokenizer(config, workdir)` builds the tokenizer named by `config.kind`
 and saves it under `workdir/tokenizer/`; a resumed run finds it there and
-reloads it, so every run in a workdir uses the same vocabulary. `encode` never
+reloads it, so every run in a workdir uses the same vocabulary. Files go
+through `etils.epath`, so a workdir may be a cloud path. `encode` never
 adds BOS/EOS: the data pipeline adds them where its config says.
 """
 
@@ -11,8 +12,9 @@ from collections.abc import Iterable
 import io
 import json
 import os
-import shutil
 from typing import ClassVar
+
+from etils import epath
 
 from ml_collections import config_dict
 import sentencepiece as spm
@@ -90,12 +92,12 @@ class Tokenizer(abc.ABC):
 
   def save(self, directory: str) -> None:
     """Writes the tokenizer and a marker naming its kind into `directory`."""
-    os.makedirs(directory, exist_ok=True)
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     self._save_files(directory)
     info = dict(kind=self.kind, vocab_size=self.vocab_size, bos_id=self.bos_id,
                 eos_id=self.eos_id, pad_id=self.pad_id)
-    with open(os.path.join(directory, MARKER_FILE), 'w') as f:
-      json.dump(info, f, indent=2)
+    (directory / MARKER_FILE).write_text(json.dumps(info, indent=2))
 
 
 class ByteTokenizer(Tokenizer):
@@ -170,12 +172,10 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, directory, info):
-    with open(_existing(os.path.join(directory, cls.MODEL_FILE)), 'rb') as f:
-      return cls(f.read())
+    return cls(_existing(epath.Path(directory) / cls.MODEL_FILE).read_bytes())
 
   def _save_files(self, directory):
-    with open(os.path.join(directory, self.MODEL_FILE), 'wb') as f:
-      f.write(self._proto)
+    (directory / self.MODEL_FILE).write_bytes(self._proto)
 
 
 def _lines(texts: Iterable[str], max_chars: int):
@@ -203,7 +203,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
   def __init__(self, path: str, bos_id: int, eos_id: int, pad_id: int):
     self._path = path
-    self._tok = hf_tokenizers.Tokenizer.from_file(_existing(path))
+    self._tok = hf_tokenizers.Tokenizer.from_str(_existing(epath.Path(path)).read_text())
     self._special = dict(bos=bos_id, eos=eos_id, pad=pad_id)
 
   def encode(self, text):
@@ -224,7 +224,7 @@ class HuggingFaceTokenizer(Tokenizer):
     if not path:
       raise ValueError('tokenizer.kind=huggingface needs tokenizer.path, the '
                        'path of a tokenizer.json.')
-    tok = hf_tokenizers.Tokenizer.from_file(_existing(path))
+    tok = hf_tokenizers.Tokenizer.from_str(_existing(epath.Path(path)).read_text())
     named = _hf_special_token_names(os.path.dirname(path))
     ids = {}
     for name in ('bos', 'eos', 'pad'):
@@ -242,13 +242,13 @@ class HuggingFaceTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, directory, info):
-    return cls(os.path.join(directory, cls.FILE), info['bos_id'],
+    return cls(os.fspath(epath.Path(directory) / cls.FILE), info['bos_id'],
                info['eos_id'], info['pad_id'])
 
   def _save_files(self, directory):
-    target = os.path.join(directory, self.FILE)
-    if os.path.abspath(target) != os.path.abspath(self._path):
-      shutil.copyfile(self._path, target)
+    target = directory / self.FILE
+    if os.fspath(target) != os.fspath(epath.Path(self._path)):
+      target.write_text(epath.Path(self._path).read_text())
 
 
 def _hf_special_token_names(directory: str) -> dict[str, str]:
@@ -271,21 +271,20 @@ _KINDS: dict[str, type[Tokenizer]] = {
 }
 
 
-def _existing(path: str) -> str:
-  if not os.path.exists(path):
+def _existing(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'Tokenizer file not found: {path}')
   return path
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
   """Reloads a tokenizer written by `Tokenizer.save(directory)`."""
-  with open(_existing(os.path.join(directory, MARKER_FILE))) as f:
-    info = json.load(f)
+  info = json.loads(_existing(epath.Path(directory) / MARKER_FILE).read_text())
   return _KINDS[info['kind']].load(directory, info)
 
 
 def make_tokenizer(config: config_dict.ConfigDict, workdir: str | None = None,
-                   texts: Iterable[str] | None = None) -> Tokenizer:
+                   texts: Iterable[str] | None = None, save: bool = True) -> Tokenizer:
   """Builds the tokenizer of `config`, or reloads the one saved in `workdir`.
 
   Args:
@@ -293,17 +292,19 @@ def make_tokenizer(config: config_dict.ConfigDict, workdir: str | None = None,
     workdir: run directory; the tokenizer is saved to `workdir/tokenizer/`, and
       reloaded from there when present (after checking it matches `config`).
     texts: training documents, needed only to train a new SentencePiece model.
+    save: save a newly built tokenizer into the workdir (a job that must check
+      more before writing anything saves it itself, with `Tokenizer.save`).
   """
   if config.kind not in _KINDS:
     raise ValueError(f'tokenizer.kind={config.kind!r}; expected one of '
                      f'{sorted(_KINDS)}')
-  directory = workdir and os.path.join(workdir, TOKENIZER_SUBDIR)
-  if directory and os.path.exists(os.path.join(directory, MARKER_FILE)):
+  directory = workdir and epath.Path(workdir) / TOKENIZER_SUBDIR
+  if directory and (directory / MARKER_FILE).exists():
     tokenizer = load_tokenizer(directory)
     _check_matches(tokenizer, config, directory)
     return tokenizer
   tokenizer = _KINDS[config.kind].from_config(config, texts)
-  if directory:
+  if directory and save:
     tokenizer.save(directory)
   return tokenizer
 

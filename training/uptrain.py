@@ -7,8 +7,9 @@ model takes the source's shapes and ``config.model``'s recursion options (``num_
 ``sharing``, ``ln_share``, ``lora_rank(s)``, ``early_exit``, ``exit_distill``), is
 initialised by ``model.conversion`` (``uptrain.initialization``, ``uptrain.stepwise``)
 and, with ``uptrain.distill > 0``, also learns from the original model:
-``distill * KL(p_teacher || p_student)`` per target token (teacher weights are constants of
-the compiled step). From a recursive source (e.g. early-exit post-training after
+``distill * KL(p_teacher || p_student)`` per target token (``losses.distillation``; the
+teacher's weights are an argument of the compiled step, sharded by the teacher's own
+logical axes). From a recursive source (e.g. early-exit post-training after
 uptraining) its parameters are loaded as they are, with ``config.model``'s early-exit
 options; ``config.train.trainable`` (a regex) freezes the rest.
 """
@@ -17,13 +18,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from model import conversion, hf_io
 from model.llama import Llama
 from model.recursive import RecursiveConfig
 from training import checkpoint as ckpt_lib
+from training import losses
 from training.train import train_and_evaluate
 
 RECURSION_FIELDS = ('num_loops', 'sharing', 'ln_share', 'lora_rank', 'lora_ranks', 'early_exit',
@@ -44,18 +45,6 @@ def load_source(source):
   return model.cfg, variables['params']
 
 
-def distillation_loss(teacher, teacher_params, coeff):
-  """``extra_losses`` for the trainer: coeff * mean over target tokens of KL(teacher || model)."""
-  def extra(mb, logits):
-    t_logits, _ = teacher.apply({'params': teacher_params}, mb['tokens'],
-                                positions=mb['positions'], segment_ids=mb['segment_ids'])
-    t = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits).astype(jnp.float32))
-    kl = jnp.sum(jnp.exp(t) * (t - jax.nn.log_softmax(logits.astype(jnp.float32))), axis=-1)
-    mask = mb['loss_mask'].astype(jnp.float32)
-    return {'kd': coeff * jnp.sum(kl * mask) / jnp.maximum(mask.sum(), 1.0)}
-  return extra
-
-
 def _model_config_dict(cfg):
   values = dataclasses.asdict(cfg)
   values['lora_ranks'] = dict(values['lora_ranks'])
@@ -63,11 +52,12 @@ def _model_config_dict(cfg):
 
 
 def prepare(config):
-  """(config with the recursive model filled in, initial params, extra_losses or None)."""
+  """(config with the recursive model filled in, initial params, teacher or None), where
+  teacher is ``(module, params)`` when ``uptrain.distill > 0``."""
   up = config.uptrain
   source_cfg, source_params = load_source(up.source)
   options = {k: config.model[k] for k in RECURSION_FIELDS if k in config.model}
-  extra = None
+  teacher = None
   if isinstance(source_cfg, RecursiveConfig):
     cfg = dataclasses.replace(source_cfg, **{k: options[k] for k in EXIT_FIELDS if k in options})
     params = source_params
@@ -80,13 +70,20 @@ def prepare(config):
     params = conversion.convert_params(source_params, source_cfg, cfg, up.initialization,
                                        up.get('stepwise', 'ends'), jax.random.PRNGKey(config.seed))
     if up.get('distill', 0.0):
-      extra = distillation_loss(Llama(source_cfg), source_params, up.distill)
+      teacher = (Llama(source_cfg), source_params)
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = _model_config_dict(cfg)
-  return config, params, extra
+  return config, params, teacher
 
 
 def uptrain(config, workdir):
   """The ``uptrain`` job: convert ``config.uptrain.source`` and train (resumes in ``workdir``)."""
-  config, params, extra = prepare(config)
-  return train_and_evaluate(config, workdir, init_params=params, extra_losses=extra)
+  config, params, teacher = prepare(config)
+  if teacher is None:
+    return train_and_evaluate(config, workdir, init_params=params)
+  module, teacher_params = teacher
+  loss_fn = losses.lm_loss(config.train.get('z_loss', 0.0),
+                           extra=losses.distillation(module, config.uptrain.distill))
+  return train_and_evaluate(
+      config, workdir, init_params=params, loss_fn=loss_fn,
+      step_args=lambda trainer: {'teacher': trainer.shard_params(teacher_params, module)})

@@ -1,0 +1,416 @@
+"""The trainer core: sharded state, a jitted step around any loss, checkpoints, metrics,
+preemption, and runs that refuse to lose work. Pretraining, uptraining and the RL loops
+are jobs on top of it: each brings an iterator of batches and a loss function.
+
+  with Trainer(config, workdir, loss_fn=losses.lm_loss()) as trainer:
+    state = trainer.restore_or_init(batches)           # latest readable checkpoint, or init
+    result = trainer.fit(state, batches, until=config.train.steps, evaluate=fn)
+
+Guarantees:
+  * One live run per workdir (``workdir.WorkdirLock``); the saved config is checked on
+    resume (``workdir.record_config``).
+  * A non-finite loss or gradient norm freezes the state in the step itself (the update is
+    not applied); the host notices at the next log, eval or checkpoint step, saves the last
+    finite state if it is newer than the last checkpoint, and raises FloatingPointError
+    naming the step. No checkpoint with non-finite values is written, so rotation never
+    drops the last good one.
+  * Any other exception in the loop saves the last completed step (with the data
+    iterator's position after it) before re-raising, when the state's buffers are intact.
+  * SIGTERM (single process) or JAX's preemption sync point (multi-host: every process
+    stops at the same step) saves and returns ``preempted=True``.
+Step arguments (``args``: teacher or reference parameters) are inputs of the compiled
+step, placed on the mesh with ``shard_params``, never constants compiled into it.
+"""
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.registry import build_model
+from training import checkpoint as ckpt_lib
+from training import losses, metrics as metrics_lib, optim, sharding
+from training import workdir as workdir_lib
+
+
+class StepContext(NamedTuple):
+  """What a loss function sees besides the model, variables and micro-batch."""
+  rng: jax.Array
+  step: jax.Array
+  n_tokens: jax.Array  # target tokens (loss_mask) of the whole batch, >= 1
+  accum: int  # micro-batches per step
+  args: Any  # the step's extra arguments (e.g. {'teacher': params})
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: dict
+  step: int
+  preempted: bool
+  last_eval: dict  # the last evaluation's metrics, with 'eval_step'
+
+
+def check_mesh(config, mesh):
+  """The (micro-)batch must split evenly over the mesh's batch axes."""
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  micro = config.data.batch_size // config.train.get('grad_accum', 1)
+  if micro % shards:
+    raise workdir_lib.ConfigError(
+        f'config.data.batch_size={config.data.batch_size} (per micro-batch {micro}) does not '
+        f'split over the {shards} devices of the mesh axes {sharding.BATCH_AXES} '
+        f'({dict(mesh.shape)}); use a multiple of {shards}.')
+
+
+# ---------------------------------------------------------------------------------------
+# State and the step.
+# ---------------------------------------------------------------------------------------
+def make_init_fn(model, tx, seq_len):
+  """``init(rng) -> state`` with boxed (logically partitioned) params and optimizer state,
+  plus ``model_state`` when the model has variable collections other than ``params``."""
+  def init(rng):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    variables = dict(model.init({'params': rng}, tokens))
+    params = variables.pop('params')
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+             'rng': jax.random.fold_in(rng, 1), 'nonfinite_step': jnp.full((), -1, jnp.int32)}
+    if variables:
+      state['model_state'] = variables
+    return state
+  return init
+
+
+def make_train_step(model, tx, schedule, train_config, loss_fn=None):
+  """Jittable ``step(state, batch, args=None) -> (state, metrics)``.
+
+  The batch is split into ``grad_accum`` micro-batches scanned in sequence; loss functions
+  return contributions that add up to the full batch's value (``losses`` module), so
+  accumulation matches one big batch. A step whose loss or gradient norm is not finite
+  returns the state unchanged except ``nonfinite_step``, which records the first such step
+  (1-based); once set, later steps change nothing.
+  """
+  loss_fn = loss_fn or losses.lm_loss(train_config.get('z_loss', 0.0))
+  accum = train_config.get('grad_accum', 1)
+
+  def micro_grads(params, model_state, mb, ctx):
+    def f(p):
+      loss, metrics, new_state = loss_fn(model, {'params': p, **model_state}, mb, ctx)
+      return loss, (metrics, new_state)
+    (loss, (metrics, new_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, {'total_loss': loss, **metrics}, new_state
+
+  def step(state, batch, args=None):
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1).astype(jnp.float32)
+    params, model_state = state['params'], state.get('model_state', {})
+    ctx = StepContext(rng, state['step'], n_tokens, accum, args)
+    if accum == 1:
+      grads, metrics, model_state = micro_grads(params, model_state, batch, ctx)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+      micro = jax.lax.with_sharding_constraint(micro, jax.sharding.PartitionSpec(
+          None, sharding.BATCH_AXES))
+
+      def body(g_acc, xs):
+        mb, i = xs
+        g, m, s = micro_grads(params, model_state, mb, ctx._replace(rng=jax.random.fold_in(rng, i)))
+        return jax.tree.map(jnp.add, g_acc, g), (m, s)
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      grads, (metrics, model_state) = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      metrics = jax.tree.map(jnp.sum, metrics)
+      # Each micro-batch updated the same model_state: keep the mean of their updates.
+      model_state = jax.tree.map(lambda v: v.mean(0).astype(v.dtype), model_state)
+    grad_norm = optax_global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = dict(state, step=state['step'] + 1, opt_state=opt_state,
+                     params=jax.tree.map(jnp.add, params, updates))
+    if model_state:
+      new_state['model_state'] = model_state
+    ok = (jnp.isfinite(metrics['total_loss']) & jnp.isfinite(grad_norm)
+          & (state['nonfinite_step'] < 0))
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    new_state['nonfinite_step'] = jnp.where(
+        ok | (state['nonfinite_step'] >= 0), state['nonfinite_step'], state['step'] + 1)
+    metrics = {**{f'train/{k}': v for k, v in metrics.items()},
+               'train/grad_norm': grad_norm, 'train/lr': schedule(state['step'])}
+    return new_state, metrics
+
+  return step
+
+
+def optax_global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+
+
+def model_variables(state):
+  """The variables to apply the model with: ``params`` and the state's ``model_state``."""
+  return {'params': state['params'], **state.get('model_state', {})}
+
+
+def count_params(params, embedding_keys=('embedder',)):
+  """(total, non-embedding) parameter counts of a (possibly abstract) param tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = sum(math.prod(v.shape) for _, v in leaves)
+  emb = sum(math.prod(v.shape) for p, v in leaves
+            if any(getattr(k, 'key', None) in embedding_keys for k in p))
+  return total, total - emb
+
+
+def build_state_fns(config, mesh, model=None):
+  """Model, optimizer, abstract state with shardings, and the sharded init function."""
+  rules = sharding.rules_from_config(config)
+  model = model or build_model(config.model)
+  tx, schedule = optim.make_optimizer(config.train)
+  init = make_init_fn(model, tx, config.data.seq_len)
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  init_sharded = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=shardings)
+  return model, tx, schedule, abstract, shardings, init_sharded, rules
+
+
+# ---------------------------------------------------------------------------------------
+# Preemption.
+# ---------------------------------------------------------------------------------------
+class Preemption:
+  """``requested(step)``: a SIGTERM arrived. With several processes JAX's preemption sync
+  point answers, so that every process stops after the same step."""
+
+  def __init__(self):
+    self._multi = jax.process_count() > 1
+    self._flag = False
+    self._previous = None
+
+  def __enter__(self):
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handler(self, *_):
+    self._flag = True
+
+  def requested(self, step):
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+
+def _safe_to_save(state):
+  return not any(getattr(x, 'is_deleted', lambda: False)() for x in jax.tree.leaves(state))
+
+
+# ---------------------------------------------------------------------------------------
+# The trainer.
+# ---------------------------------------------------------------------------------------
+class Trainer:
+  """Sharded state, the jitted step for ``loss_fn`` and the training loop for one workdir.
+
+  Construction builds shapes only (no compile, no write). ``with Trainer(...)`` takes the
+  workdir's lock, checks the config against the saved one, and opens the checkpoints;
+  ``restore_or_init`` restores, records the config and opens the metrics.
+  """
+
+  def __init__(self, config, workdir, *, model=None, loss_fn=None, mesh=None):
+    self.config, self.workdir = config, workdir_lib.path(workdir)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    check_mesh(config, self.mesh)
+    (self.model, self.tx, self.schedule, self.abstract, self.shardings, self._init,
+     self.rules) = build_state_fns(config, self.mesh, model)
+    self.step_fn = jax.jit(make_train_step(self.model, self.tx, self.schedule, config.train,
+                                           loss_fn),
+                           donate_argnums=0, out_shardings=(self.shardings, None))
+    self.checkpointer = self.writer = self._lock = None
+    self.start_step = None
+
+  # -- Opening and closing. --------------------------------------------------------------
+  def __enter__(self):
+    self._lock = workdir_lib.WorkdirLock(self.workdir).acquire()
+    try:
+      self.checkpointer = ckpt_lib.Checkpointer(
+          self.workdir, keep=self.config.train.get('keep_checkpoints', 3),
+          async_save=self.config.train.get('async_checkpointing', True), create=False)
+      workdir_lib.record_config(self.workdir, self.config, self.checkpointer.latest_step() or 0,
+                                write=False)
+    except BaseException:
+      self.__exit__()
+      raise
+    return self
+
+  def __exit__(self, *exc):
+    for closer in (self.checkpointer, self.writer):
+      if closer is not None:
+        if closer is self.checkpointer:
+          closer.wait()
+        closer.close()
+    self.checkpointer = self.writer = None
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and logical-axis rules every call on this trainer's arrays runs under."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  # -- State. ------------------------------------------------------------------------------
+  def restore_or_init(self, batches=None, init_params=None):
+    """The latest readable checkpoint (restoring ``batches``' position too), or a fresh
+    state from ``config.seed`` with ``init_params`` (shape-checked) if given."""
+    with self.context():
+      found = self.checkpointer.restore_latest_readable(
+          self.abstract, with_data=hasattr(batches, 'set_state'))
+      if found is not None:
+        step, state, data_state = found
+        if data_state is not None:
+          batches.set_state(data_state)
+        logging.info('Resumed from step %d in %s', step, self.checkpointer.directory)
+      else:
+        state = self._init(jax.random.PRNGKey(self.config.seed))
+        if init_params is not None:
+          state = self._with_params(state, init_params)
+    self.start_step = int(state['step'])
+    workdir_lib.record_config(self.workdir, self.config, self.start_step)
+    self.writer = metrics_lib.MetricWriter(
+        self.workdir, tensorboard=self.config.train.get('tensorboard', True),
+        resume_step=self.start_step if found is not None else None)
+    return state
+
+  def shard_params(self, params, model=None):
+    """``params`` placed on the mesh by ``model``'s logical axes (default: the policy's),
+    e.g. a teacher's or a reference policy's parameters passed as step arguments."""
+    if model is None:
+      return jax.device_put(params, self.shardings['params'])
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                           jnp.zeros((1, self.config.data.seq_len), jnp.int32))['params']
+    return jax.device_put(params, sharding.tree_shardings(boxed, self.mesh, self.rules))
+
+  def _with_params(self, state, params):
+    """``state`` with the given parameters (shape-checked) and a fresh optimizer state."""
+    got, want = ckpt_lib.flat_shapes(params), ckpt_lib.flat_shapes(self.abstract['params'])
+    problems = [f'{k}: given {got.get(k)} vs model {want.get(k)}'
+                for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    if problems:
+      raise ValueError(f'init_params do not match the configured model ({len(problems)} '
+                       'parameter(s) differ): ' + '; '.join(problems[:5]))
+    params = self.shard_params(jax.tree.map(jnp.asarray, params))
+    opt_state = jax.jit(self.tx.init, out_shardings=self.shardings['opt_state'])(params)
+    return dict(state, params=params, opt_state=opt_state)
+
+  # -- The loop. ---------------------------------------------------------------------------
+  def fit(self, state, batches, until, *, args=None,
+          evaluate: Optional[Callable[[dict], dict]] = None) -> FitResult:
+    """Steps ``state`` on ``batches`` until step ``until``, the batches run out, or a
+    preemption; evaluates (``evaluate(state) -> {'eval/...': value}``), logs and saves
+    on the ``config.train`` cadence. See the module docstring for failures."""
+    train_cfg = self.config.train
+    step = int(state['step'])
+    eval_step, last_eval = self.writer.last('eval/')
+    last_eval = {**last_eval, 'eval_step': eval_step} if last_eval else {}
+    data_after = {}  # completed step -> the iterator's state after its batch
+    progress = _progress_bar(step, until)
+    t0, window_start, tokens = time.time(), step, 0
+    with Preemption() as preemption, self.context():
+      try:
+        if evaluate is not None and step == 0 and train_cfg.get('eval_every', 0):
+          last_eval = self._evaluate(evaluate, state, 0)
+        while step < until:
+          try:
+            batch = next(batches)
+          except StopIteration:
+            logging.warning('The batches ran out at step %d (of %d).', step, until)
+            break
+          batch = sharding.shard_batch(batch, self.mesh)
+          state, metrics = self.step_fn(state, batch, args)
+          step += 1
+          tokens += batch['tokens'].size
+          data_after[step] = batches.get_state() if hasattr(batches, 'get_state') else None
+          progress.update(1)
+          log = step % train_cfg.log_every == 0 or step == until
+          evaluate_now = evaluate is not None and train_cfg.get('eval_every', 0) and (
+              step % train_cfg.eval_every == 0 or step == until)
+          save = step % train_cfg.checkpoint_every == 0 or step == until
+          stop = preemption.requested(step)
+          if log or evaluate_now or save or stop:
+            self._check_finite(state, data_after)
+            data_after = {step: data_after.get(step)}
+          if log:
+            metrics = jax.device_get(metrics)
+            tok_s = tokens / max(time.time() - t0, 1e-9)
+            self.writer.write(step, {**metrics, 'train/tokens_per_s': tok_s,
+                                     'train/steps_per_s': (step - window_start) /
+                                     max(time.time() - t0, 1e-9)})
+            progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
+                                 tok_s=f'{tok_s:,.0f}')
+          if evaluate_now:
+            last_eval = self._evaluate(evaluate, state, step)
+          if save or stop:
+            if self.checkpointer.latest_step() != step:
+              self.checkpointer.save(step, state, data_after.get(step), force=stop)
+          if stop:
+            logging.warning('Preempted (SIGTERM): saved step %d and stopping.', step)
+            return FitResult(state, step, True, last_eval)
+          if log or evaluate_now:
+            t0, window_start, tokens = time.time(), step, 0
+      except FloatingPointError:
+        raise
+      except BaseException:
+        self._save_after_crash(state, step, data_after.get(step))
+        raise
+      finally:
+        progress.close()
+        self.checkpointer.wait()
+    return FitResult(state, step, False, last_eval)
+
+  def _evaluate(self, evaluate, state, step):
+    result = dict(evaluate(state))
+    self.writer.write(step, result)
+    logging.info('step %d: %s', step, result)
+    return {**result, 'eval_step': step}
+
+  def _check_finite(self, state, data_after):
+    bad = int(state['nonfinite_step'])
+    if bad < 0:
+      return
+    good = bad - 1  # the frozen state is the one after step bad - 1
+    latest = self.checkpointer.latest_step()
+    if good > 0 and (latest is None or good > latest) and good in data_after:
+      self.checkpointer.save(good, state, data_after[good], force=True)
+      self.checkpointer.wait()
+      saved = f'the last finite state (step {good}) is saved'
+    else:
+      saved = f'the last checkpoint (step {latest}) is kept'
+    raise FloatingPointError(
+        f'Non-finite loss or gradient norm at step {bad} (config.train.learning_rate='
+        f'{self.config.train.learning_rate}); training stopped and {saved}. Lower the '
+        'learning rate or check the data, then resume.')
+
+  def _save_after_crash(self, state, step, data_state):
+    """Saves the last completed step after an exception, when that is safe."""
+    try:
+      if (step == self.start_step or not _safe_to_save(state)
+          or int(state['nonfinite_step']) >= 0 or self.checkpointer.latest_step() == step):
+        return
+      logging.warning('Saving step %d before re-raising the error.', step)
+      self.checkpointer.save(step, state, data_state, force=True)
+      self.checkpointer.wait()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Could not save step %d after the error: %s', step, e)
+
+
+def _progress_bar(initial, total):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc='train', unit='step',
+              disable=jax.process_index() != 0, dynamic_ncols=True)
