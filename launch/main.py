@@ -28,7 +28,14 @@ JOBS = {
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and outputs.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or e.g. gs://) for checkpoints, '
+                                'metrics and outputs.')
+# Multi-process runs (config.distributed=True). Left unset, JAX detects them on TPU pods and
+# SLURM; set them to run several processes on one machine (with
+# JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo on CPUs) or on an unsupported cluster.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 
 
 def get_job(name):
@@ -99,7 +106,8 @@ def main(argv):
     _fake_cpu_devices(config.dry_run_devices)
   if config.get('distributed', False):
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   logging.info('job=%s workdir=%s', config.get('job'), workdir)
   try:
     job(config, workdir)
