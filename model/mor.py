@@ -461,7 +461,7 @@ class MoR(nn.Module):
   """
   cfg: MoRConfig
 
-  def eval_variants(self) -> dict:
+  def eval_variants(self) -> dict[str, nn.Module]:
     """Models to evaluate beside this one on the same variables, by name. Expert choice
     (unless already ``causal_routing``): ``{'causal_routing': MoR with causal_routing=True}``,
     routing as decoding does, so a token's loss does not depend on later tokens; its uncached

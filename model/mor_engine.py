@@ -19,10 +19,10 @@ Routing is MoR's causal decoding rule (``model.mor``): expert choice continues t
 r while ``mor.causal_keep`` holds (the router or auxiliary router logit at r is >= 0, or
 capacity_r = 1); token choice picks its depth once, after the first layer
 (``mor.choose_depth``: ``argmax`` of the alpha-scaled router probabilities plus the
-loss-free bias). KV follows
-``cfg.kv_sharing``: recursion-wise caching writes a token's K/V at each recursion it runs
-and attention at recursion r sees only earlier tokens that reached r (``cache['depth']``);
-with KV sharing, recursion 1 writes and every recursion attends over recursion 1's K/V.
+loss-free bias). KV follows ``cfg.kv_sharing``: recursion-wise caching writes a token's K/V
+at each recursion it runs and attention at recursion r sees only earlier tokens that
+reached r (``cache['depth']``); with KV sharing, recursion 1 writes and every recursion
+attends over recursion 1's K/V.
 Outputs equal ``model.decode.generate`` (greedy) of the same model on each request alone.
 Cache slots stay full-size per layer (static shapes), as in ``MoR.init_cache``.
 """
