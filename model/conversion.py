@@ -17,9 +17,13 @@ numpy's half-to-even, as the authors' code. Initialisation of shared layer j (§
 Relaxation (§3.2): every unrolled layer l of a shared layer gets per-loop norms copied from
 its kept original layer (``ln_share=False``) and LoRA factors from the truncated SVD of the
 residual ``W_l - W'`` in the paper's [out, in] layout: ``U Σ V^T``, ``B = U_r Σ_r``,
-``A = V_r^T``; stored as ``a = A^T``, ``b = B^T`` (our kernels are [in, out]). No scaling
-factor, so at full rank the relaxed model equals the original. Ranks above min(in, out) are
-zero-padded.
+``A = V_r^T``; stored as ``a = A^T``, ``b = B^T`` (our kernels are [in, out]). No LoRA
+scaling factor, so at full rank the relaxed kernel ``W' + a b`` is the kept original layer's
+and, with per-loop norms, the relaxed model equals the unrolled original: the original itself
+when L (L - 2 for the middle strategies) is divisible by B, otherwise the original without
+the layers ``kept_layers`` drops. The authors' code applies a LoRA scaling of 2 that its SVD
+init ignores, so its full-rank relaxed kernel is ``2W - W'`` (PAPERS.md §1). Ranks above
+min(in, out) are zero-padded.
 """
 import flax.linen as nn
 import jax

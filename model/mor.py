@@ -10,26 +10,31 @@ Routers (option names as in the authors' code):
 
 * ``router='expert_choice'`` (§2.2.1): at recursion r, ``g = alpha * G(theta_r^T H / temperature)``
   (G = sigmoid or tanh) over the tokens still active; the top ``k_r = max(1, int(capacity_r * T))``
-  stay (hierarchical filtering), sorted back into causal order, gathered with their original
-  positions and segment ids (static shapes), and updated ``H <- H + g * f(H)`` (``gating=
-  'weighted'``) or ``H <- H + f(H)`` (``'additive'``), where ``f`` is the whole shared block
-  output including its residuals (as in the authors' code). Top-k is not causal, so
-  ``sampling='aux_loss'`` trains the router logits with a BCE against the top-k mask (summed
-  over each recursion's candidates, divided by batch * candidates, summed over recursions,
-  times ``aux_coeff``), or ``'aux_router'`` trains a separate router on the detached hidden
-  state. Decoding (and ``causal_routing`` forward passes) keep a token at recursion r when that
-  logit is >= 0 (sigmoid >= 0.5, tanh >= 0) and it was kept at r-1.
+  stay (hierarchical filtering; capacity_r is a fraction of the full length T, as in the
+  authors' code; padding never takes a place), sorted back into causal order, gathered with
+  their original positions and segment ids (static shapes), and updated ``H <- H + g * f(H)``
+  (``gating='weighted'``) or ``H <- H + f(H)`` (``'additive'``), where ``f`` is the whole
+  shared block output including its residuals (as in the authors' code). Top-k is not
+  causal, so ``sampling='aux_loss'`` trains the router logits with a BCE against the top-k
+  mask (summed over each recursion's candidates, divided by batch * candidates, summed over
+  recursions, times ``aux_coeff``), or ``'aux_router'`` trains a separate router on the
+  detached hidden state. Decoding (and ``causal_routing`` forward passes, see
+  ``MoR.eval_variants``) keeps a token at recursion r when it was kept at r-1 and that logit
+  is >= 0 (sigmoid >= 0.5, tanh >= 0), or when capacity_r = 1, where top-k keeps every token
+  (recursion 1 with the default capacities).
 * ``router='token_choice'`` (§2.2.2): once, before the first recursion, ``g = G(theta^T H^1)``
   over N_r depths (softmax or sigmoid); the token recurses ``argmax + 1`` times, carrying the
   block output unweighted, and ends as ``H^1 + alpha * g_argmax * f^d(H^1)`` (the authors'
-  code). Balancing: ``balancing='loss'``, ``balance_coeff * sum_i f_i P_i`` (f_i: fraction of
-  tokens choosing depth i, P_i: mean probability of depth i); or ``'loss_free'`` (DeepSeek-V3
-  style, PAPERS.md §2), a bias ``b`` in the ``router_state`` collection (not a parameter, no
-  gradient) picks the depth by ``argmax(g + b)`` while the gate stays ``g``; each training
-  forward pass applied with ``mutable=['router_state']`` returns ``b + bias_update_rate *
-  sign(mean_i f_i - f)``, which the trainer keeps for the next step; decoding takes the full
-  variables (``model.decode.generate(model, {'params': ..., 'router_state': ...}, ...)``). Inactive
-  tokens are masked out of attention.
+  code). Balancing (``balance_loss``): ``balancing='loss'``, by default the authors'
+  ``balance_coeff * sum_i (N_r f_i)(alpha P_i)`` (f_i: fraction of tokens choosing depth i,
+  P_i: mean probability of depth i), or with ``balance_formula='plain'`` ``balance_coeff *
+  sum_i f_i P_i``; or ``'loss_free'`` (DeepSeek-V3 style, PAPERS.md §2), a bias ``b`` in the
+  ``router_state`` collection (not a parameter, no gradient) picks the depth by
+  ``argmax(alpha * g + b)`` (the authors' code) while the gate stays ``alpha * g``; each
+  training forward pass applied with ``mutable=['router_state']`` returns ``b +
+  bias_update_rate * sign(mean_i f_i - f)``, which the trainer keeps for the next step;
+  decoding takes the full variables (``model.decode.generate(model, {'params': ...,
+  'router_state': ...}, ...)``). Inactive tokens are masked out of attention.
 * ``cap_warmup_step`` (expert choice, training): capacities start at 1 and reach their targets
   along the authors' cosine, ``c_r + (1 - c_r) * (1 + cos(pi * min(1, step / W))) / 2``, where
   ``step`` is the model call's ``step`` (the trainer's 0-based step; the authors' counter is
@@ -91,6 +96,7 @@ class MoRConfig(ModelConfig):
   z_coeff: float = 0.001
   balancing: str = 'loss'
   balance_coeff: float = 0.1
+  balance_formula: str = 'authors'  # token choice's balancing loss: 'authors' | 'plain'
   bias_update_rate: float = 0.001  # balancing='loss_free' (DeepSeek-V3's gamma)
   cap_warmup_step: int = 0
   kv_sharing: bool = False
@@ -104,6 +110,7 @@ class MoRConfig(ModelConfig):
               ('gating', self.gating, ('weighted', 'additive')),
               ('sampling', self.sampling, ('aux_loss', 'aux_router')),
               ('balancing', self.balancing, ('loss', 'loss_free')),
+              ('balance_formula', self.balance_formula, ('authors', 'plain')),
               ('router_func', self.router_func,
                ('sigmoid', 'tanh') if self.router == 'expert_choice' else ('softmax', 'sigmoid'))]
     for field, value, allowed in checks:
@@ -328,6 +335,9 @@ def _delta(cfg, gate, out):
 def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, block, step=None):
   """Training-time expert choice: static top-k per recursion among the previous survivors.
 
+  Padding (segment id 0) is never a candidate: it ranks below every real token, is never
+  kept (so a row with fewer real tokens than ``k_r`` keeps only its real ones) and is left
+  out of the BCE and z-loss sums (whose denominators stay batch * candidates, static).
   With ``cfg.cap_warmup_step`` and a training ``step``, each recursion gathers the top
   ``T`` candidates and keeps those ranked below ``k_r(step)`` (``MoRConfig.warmup_top_ks``);
   the others are masked out of attention, the update, the depth and the BCE.
@@ -338,15 +348,15 @@ def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, blo
   if cfg.cap_warmup_step and step is not None:
     k_max, ks = (t,) * cfg.num_recursions, cfg.warmup_top_ks(t, step)
   idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-  valid, n_valid = jnp.ones((b, t), bool), t  # candidates: the previous recursion's kept tokens
+  valid, n_valid = segment_ids > 0, t  # candidates: the previous recursion's kept tokens
   depth = jnp.zeros((b, t), jnp.int32)
   bce, z = 0.0, 0.0
   for r, (k_static, k) in enumerate(zip(k_max, ks)):
     h = _take(x, idx)
     logits = routers[r](h / cfg.temperature)[..., 0]  # [B, candidates]
-    # G is increasing: top-k of g = top-k of the logits; dropped candidates rank last.
+    # G is increasing: top-k of g = top-k of the logits; non-candidates rank last, unkept.
     _, order = jax.lax.top_k(jnp.where(valid, logits, -jnp.inf), k_static)
-    kept = jnp.broadcast_to(jnp.arange(k_static) < k, order.shape)
+    kept = (jnp.arange(k_static) < k) & _take(valid, order)
     perm = jnp.argsort(order, axis=-1)  # causal order
     sel, kept = _take(order, perm), _take(kept, perm)
     target = jnp.zeros(logits.shape).at[jnp.arange(b)[:, None], sel].set(kept.astype(float))
@@ -367,15 +377,24 @@ def expert_choice_topk(cfg, x, positions, segment_ids, routers, aux_routers, blo
   return x, depth, losses
 
 
+def causal_keep(cfg, r, decision):
+  """Causal expert choice's rule at recursion ``r`` (an int or an int array like
+  ``decision``): keep a token whose router (or aux router) logit is >= 0, or every token
+  when capacity_r = 1 (top-k then keeps all T tokens in training)."""
+  full = jnp.asarray([c >= 1.0 for c in cfg.capacities])
+  return full[jnp.minimum(r, cfg.num_recursions - 1)] | (decision >= 0)
+
+
 def expert_choice_causal(cfg, x, positions, segment_ids, routers, aux_routers, block):
-  """Causal expert choice (decoding): a token continues while its router (or aux router)
-  logit is >= 0; all tokens are processed with inactive ones masked. Returns (x, depth, {})."""
+  """Causal expert choice (decoding): a token continues while ``causal_keep`` holds and it
+  was kept at the previous recursion; all tokens are processed with inactive ones masked.
+  Returns (x, depth, {})."""
   active = jnp.ones(x.shape[:2], bool)
   depth = jnp.zeros(x.shape[:2], jnp.int32)
   for r in range(cfg.num_recursions):
     logits = routers[r](x / cfg.temperature)[..., 0]
     decision = logits if cfg.sampling == 'aux_loss' else aux_routers[r](x)[..., 0]
-    active = active & (decision >= 0)
+    active = active & causal_keep(cfg, r, decision)
     out = block(r, x, positions, segment_ids, active)
     gate = cfg.alpha * _router_probs(cfg, logits)
     x = jnp.where(active[..., None], x + _delta(cfg, gate, out).astype(x.dtype), x)
@@ -389,15 +408,32 @@ def depth_load(cfg, depth):
 
 
 def choose_depth(cfg, probs, bias=None):
-  """Token choice's decision from router probabilities [..., N_r]: (depth = argmax(g + bias)
-  + 1, gate = alpha * g of that depth)."""
-  choice = jnp.argmax(probs if bias is None else probs + bias, axis=-1)
-  return choice + 1, cfg.alpha * jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+  """Token choice's decision from router probabilities g [..., N_r]: (depth = argmax(alpha * g
+  + bias) + 1, gate = alpha * g of that depth). The loss-free bias is added to the
+  alpha-scaled probabilities, as in the authors' code (it matters when alpha != 1)."""
+  scores = cfg.alpha * probs
+  choice = jnp.argmax(scores if bias is None else scores + bias, axis=-1)
+  return choice + 1, jnp.take_along_axis(scores, choice[..., None], axis=-1)[..., 0]
+
+
+def balance_loss(cfg, depth, probs):
+  """Token choice's balancing loss over all B * T tokens, with f_i the fraction of tokens
+  taking i + 1 recursions and P_i the mean router probability of depth i + 1:
+
+  * ``balance_formula='authors'`` (default; the authors' code): ``balance_coeff *
+    sum_i (N_r f_i) (alpha P_i)``, i.e. f_i = N_r * count_i / (B T) and P_i taken from the
+    alpha-scaled probabilities;
+  * ``'plain'``: ``balance_coeff * sum_i f_i P_i``, the authors' divided by N_r * alpha.
+  """
+  load, mean_probs = depth_load(cfg, depth), jnp.mean(probs, axis=(0, 1))
+  if cfg.balance_formula == 'authors':
+    load, mean_probs = cfg.num_recursions * load, cfg.alpha * mean_probs
+  return cfg.balance_coeff * jnp.sum(load * mean_probs)
 
 
 def token_choice(cfg, x, positions, segment_ids, router, block, bias=None):
-  """Token choice: one routing decision before recursion 1, by ``argmax(g + bias)`` with the
-  loss-free balancing bias. Returns (x, depth, losses)."""
+  """Token choice: one routing decision before recursion 1 (``choose_depth``, with the
+  loss-free balancing bias). Returns (x, depth, losses)."""
   logits = router(x / cfg.temperature)  # [B, T, N_r]
   probs = _router_probs(cfg, logits)
   depth, gate = choose_depth(cfg, probs, bias)
@@ -407,8 +443,7 @@ def token_choice(cfg, x, positions, segment_ids, router, block, bias=None):
     h = jnp.where(active[..., None], block(r, h, positions, segment_ids, active), h)
   losses = {}
   if cfg.balancing == 'loss':
-    losses['mor_balance'] = cfg.balance_coeff * jnp.sum(
-        depth_load(cfg, depth) * jnp.mean(probs, axis=(0, 1)))
+    losses['mor_balance'] = balance_loss(cfg, depth, probs)
   if cfg.z_loss:
     losses['mor_z'] = _z_loss(cfg, logits)
   return x + _delta(cfg, gate, h).astype(x.dtype), depth.astype(jnp.int32), losses
@@ -425,6 +460,16 @@ class MoR(nn.Module):
   ``mutable=['router_state']`` returns its update.
   """
   cfg: MoRConfig
+
+  def eval_variants(self) -> dict[str, nn.Module]:
+    """Models to evaluate beside this one on the same variables, by name. Expert choice
+    (unless already ``causal_routing``): ``{'causal_routing': MoR with causal_routing=True}``,
+    routing as decoding does, so a token's loss does not depend on later tokens; its uncached
+    logits equal cached decoding's. Token choice is causal already: ``{}``."""
+    if self.cfg.router != 'expert_choice' or self.cfg.causal_routing:
+      return {}
+    return {'causal_routing': MoR(dataclasses.replace(self.cfg, causal_routing=True),
+                                  parent=None)}
 
   def init_cache(self, batch, max_len):
     cache = kv_cache.init_cache_for(self.cfg, batch, max_len, self.cfg.num_cache_layers)

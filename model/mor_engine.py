@@ -16,11 +16,13 @@ step costs ``base_depth`` layers on ``num_slots`` tokens plus 2 unique layers on
 ``exit_lanes`` tokens, and a token costs as many steps as recursions it takes.
 
 Routing is MoR's causal decoding rule (``model.mor``): expert choice continues to recursion
-r while the router (or auxiliary router) logit at r is >= 0; token choice picks its depth
-once, after the first layer (``argmax`` of the router, plus the loss-free bias). KV follows
-``cfg.kv_sharing``: recursion-wise caching writes a token's K/V at each recursion it runs
-and attention at recursion r sees only earlier tokens that reached r (``cache['depth']``);
-with KV sharing, recursion 1 writes and every recursion attends over recursion 1's K/V.
+r while ``mor.causal_keep`` holds (the router or auxiliary router logit at r is >= 0, or
+capacity_r = 1); token choice picks its depth once, after the first layer
+(``mor.choose_depth``: ``argmax`` of the alpha-scaled router probabilities plus the
+loss-free bias). KV follows ``cfg.kv_sharing``: recursion-wise caching writes a token's K/V
+at each recursion it runs and attention at recursion r sees only earlier tokens that
+reached r (``cache['depth']``); with KV sharing, recursion 1 writes and every recursion
+attends over recursion 1's K/V.
 Outputs equal ``model.decode.generate`` (greedy) of the same model on each request alone.
 Cache slots stay full-size per layer (static shapes), as in ``MoR.init_cache``.
 """
@@ -31,7 +33,7 @@ from model.engine import SlotEngine, kv_projection
 from model.layers import KVContext, RMSNorm
 from model.llama import Embedder
 from model.mor import (LayerCtx, MoR, MoRConfig, RecursionLayer, Router, _delta,
-                       _router_probs, choose_depth)
+                       _router_probs, causal_keep, choose_depth)
 from model.recursive import apply_layer
 
 ENTER, RECURSE, LEAVE = 0, 1, 2
@@ -80,7 +82,7 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     )[jnp.minimum(rec, nr - 1), jnp.arange(rec.shape[0])]
     logit = pick('router')
     decision = logit if cfg.sampling == 'aux_loss' else pick('aux_router')
-    return (rec < nr) & (decision >= 0), logit
+    return (rec < nr) & causal_keep(cfg, rec, decision), logit
 
   def token_depth(variables, x):
     """Token choice: (depth, gate) of ``mor.choose_depth``, with the loss-free bias."""

@@ -11,9 +11,13 @@ is the depth L of the *unrolled* model; the unique layers are
 Parameter tree: ``embedder``, ``final_norm`` as in ``model.llama``; ``layers_{j}`` for the
 unique layers j (a ``DecoderBlock``'s tree; without its norms when ``ln_share=False``); per
 unrolled layer l of a shared layer, ``norms_{l}`` (``ln_share=False``: per-loop norms) and
-``lora_{l}/{q,k,v,o,gate,up,down}/{a,b}`` (relaxation, §3.2: ``h = W'x + B_l A_l x``, no
-scaling factor). Shared weights are single parameters applied several times, so parameter
-counts, checkpoints and optimizer states hold unique parameters only.
+``lora_{l}/{q,k,v,o,gate,up,down}/{a,b}`` (relaxation, §3.2: ``h = W'x + B_l A_l x``).
+There is no LoRA scaling factor: the authors' code scales ``B A x`` by 2 while its SVD
+initialisation ignores that factor (its full-rank relaxed kernel is ``2W - W'``, PAPERS.md
+§1); without it, ``model.conversion``'s full-rank SVD init gives back each unrolled layer's
+source kernel ``W`` (the kept original layer; layers are dropped when the original depth is
+not divisible by the loops). Shared weights are single parameters applied several times, so
+parameter counts, checkpoints and optimizer states hold unique parameters only.
 
 Early exit (§3.4): the shared final norm and LM head read the hidden state after every
 loop (after unrolled layer ``exit_layers(cfg)[i]``). Training losses with the last loop's

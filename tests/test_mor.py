@@ -1,5 +1,6 @@
 """Mixture-of-Recursions: routers against hand computations, capacity warm-up, loss-free
 balancing, KV strategies, cached decoding, sharded training, parameter and FLOP counts."""
+import dataclasses
 import functools
 import os
 
@@ -184,37 +185,86 @@ class ExpertChoiceTest(absltest.TestCase):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), warm, static)
 
   def test_causal_routing_thresholds_router_logits(self):
-    cfg = _cfg(num_recursions=2)
-    x = jnp.array([[[1.0, 1.0], [-1.0, 1.0], [0.5, -3.0]]])
+    x = jnp.array([[[1.0, 1.0], [-1.0, 1.0], [0.5, -3.0]]])  # router logits 1, -1, 0.5
+    # Capacity 1 at recursion 1 (the default): every token runs it, as top-k keeps all T.
+    for capacity, depths in (((1.0, 0.5), [2, 1, 2]), ((0.5, 0.5), [2, 0, 2])):
+      block = _SpyBlock()
+      _, depth, _ = mor.expert_choice_causal(
+          _cfg(num_recursions=2, capacity=capacity), x, jnp.arange(3)[None],
+          jnp.ones((1, 3), int), [_first_feature] * 2, None, block)
+      np.testing.assert_array_equal(depth, [depths])
+      np.testing.assert_array_equal(block.calls[0][2], [np.array(depths) > 0])
+      np.testing.assert_array_equal(block.calls[1][2], [np.array(depths) > 1])
+
+  def test_padding_never_takes_capacity(self):
+    """Padding (segment 0) ranks below every real token: the k_2 = 3 places go to the best
+    real tokens even though padding scores highest; a row with 2 real tokens keeps 2. Padding
+    is never updated nor counted in the BCE."""
+    x = np.zeros((2, 6, 2), np.float32)
+    x[..., 0] = [[0.3, -0.2, 0.9, 0.1, 5.0, 4.0], [0.2, -0.4, 6.0, 7.0, 8.0, 9.0]]
+    x[..., 1] = 1.0
+    seg = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    cfg = _cfg(num_recursions=2, capacity=(1.0, 0.5))
     block = _SpyBlock()
-    _, depth, _ = mor.expert_choice_causal(cfg, x, jnp.arange(3)[None], jnp.ones((1, 3), int),
-                                           [_first_feature] * 2, None, block)
-    np.testing.assert_array_equal(depth, [[2, 0, 2]])
-    np.testing.assert_array_equal(block.calls[0][2], [[True, False, True]])
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    y, depth, losses = mor.expert_choice_topk(cfg, jnp.asarray(x), positions, jnp.asarray(seg),
+                                              [_first_feature] * 2, None, block)
+    real = seg > 0
+    kept2 = np.array([[1, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], bool)  # top 3 real tokens
+    np.testing.assert_array_equal(depth, real.astype(int) + kept2)
+    selected = np.take_along_axis(kept2, np.asarray(block.calls[1][1]), axis=1)
+    np.testing.assert_array_equal(block.calls[1][2], selected)
+    # Hand computation: g = 0.1 sigmoid(first feature), f(h) = 2h, on kept tokens only.
+    sig = lambda z: 1 / (1 + np.exp(-z))
+    x1 = np.where(real[..., None], x + 0.2 * sig(x[..., :1]) * x, x)
+    x2 = np.where(kept2[..., None], x1 + 0.2 * sig(x1[..., :1]) * x1, x1)
+    np.testing.assert_allclose(y, x2, rtol=1e-5, atol=1e-6)
+    bce = lambda z, t: np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))
+    expected = (np.where(real, bce(x[..., 0], 1.0), 0).sum() +
+                np.where(real, bce(x1[..., 0], kept2), 0).sum()) / 12  # batch * candidates
+    np.testing.assert_allclose(losses['mor_sampling'], 0.001 * expected, rtol=1e-5)
 
 
 class TokenChoiceTest(absltest.TestCase):
 
-  def test_depths_update_and_losses_by_hand(self):
-    cfg = _cfg(num_recursions=3, router='token_choice', router_func='softmax', alpha=1.0,
-               z_loss=True)
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3))
+  def _route(self, x, bias=None, **kw):
+    cfg = _cfg(num_recursions=3, router='token_choice', router_func='softmax', **kw)
     block = _SpyBlock()
-    y, depth, losses = mor.token_choice(cfg, x, jnp.broadcast_to(jnp.arange(5), (2, 5)),
-                                        jnp.ones((2, 5), int), lambda h: h, block)
+    b, t, _ = x.shape
+    out = mor.token_choice(cfg, x, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                           jnp.ones((b, t), int), lambda h: h, block, bias)
+    return block, out
+
+  def test_depths_update_and_losses_by_hand(self):
+    alpha = 0.5  # != 1, so that the balancing formulas differ by N_r * alpha, not N_r
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 3))
+    block, (y, depth, losses) = self._route(x, alpha=alpha, z_loss=True)
     logits = np.asarray(x)
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     d = probs.argmax(-1) + 1
     np.testing.assert_array_equal(depth, d)
-    g = probs.max(-1, keepdims=True)
+    g = alpha * probs.max(-1, keepdims=True)
     np.testing.assert_allclose(y, logits + g * (2.0 ** d[..., None]) * logits, rtol=1e-5)
     for r, _, active in block.calls:  # attention mask: tokens with depth > r
       np.testing.assert_array_equal(active, d > r)
-    f = np.stack([(d == i + 1).mean() for i in range(3)])
-    np.testing.assert_allclose(losses['mor_balance'], 0.1 * np.sum(f * probs.mean((0, 1))),
-                               rtol=1e-5)
+    # The authors' balancing loss: f_i = N_r count_i / (B T), P_i = mean of alpha * g_i.
+    f = np.stack([3 * (d == i + 1).sum() / 10 for i in range(3)])
+    p = np.stack([(alpha * probs[..., i]).sum() / 10 for i in range(3)])
+    np.testing.assert_allclose(losses['mor_balance'], 0.1 * np.sum(f * p), rtol=1e-5)
     lse = np.log(np.exp(logits).sum(-1))
     np.testing.assert_allclose(losses['mor_z'], 0.001 * np.mean(lse ** 2), rtol=1e-5)
+    # The plain form: the same loss divided by N_r * alpha.
+    _, (_, _, plain) = self._route(x, alpha=alpha, balance_formula='plain')
+    np.testing.assert_allclose(plain['mor_balance'], 0.1 * np.sum(f * p) / (3 * alpha),
+                               rtol=1e-5)
+
+  def test_loss_free_bias_is_added_to_the_scaled_probabilities(self):
+    probs = np.array([0.6, 0.3, 0.1])
+    bias = jnp.array([0.0, 0.05, 0.0])  # argmax(0.1 g + b) = depth 2; argmax(g + b) = 1
+    x = jnp.asarray(np.log(probs), jnp.float32)[None, None]  # softmax(x) = probs
+    _, (y, depth, _) = self._route(x, bias=bias, alpha=0.1, balancing='loss_free')
+    np.testing.assert_array_equal(depth, [[2]])
+    np.testing.assert_allclose(y, x + 0.1 * 0.3 * 4 * x, rtol=1e-5)  # gate alpha g_2, f^2 = 4x
 
 
 class _SpyLayer:
@@ -258,6 +308,52 @@ class KVStrategyTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(outs[0] - outs[1]).max()), 1e-4)
 
 
+def _cached_logits(model, params, tokens):
+  """Logits of cached decoding (a 4-token prefill, then one token per call) and the cache."""
+  step = jax.jit(lambda toks, pos, cache: model.apply({'params': params}, toks,
+                                                     positions=pos, cache=cache))
+  b, t = tokens.shape
+  logits, aux = step(tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (b, 4)),
+                     model.init_cache(b, 16))
+  outs = [logits]
+  for i in range(4, t):
+    logits, aux = step(tokens[:, i:i + 1], jnp.full((b, 1), i), aux['cache'])
+    outs.append(logits)
+  return jnp.concatenate(outs, axis=1), aux['cache']
+
+
+class EvalVariantsTest(absltest.TestCase):
+
+  def test_only_top_k_expert_choice_has_a_causal_variant(self):
+    model, _ = _model_and_params()
+    (name, variant), = model.eval_variants().items()
+    self.assertEqual(name, 'causal_routing')
+    self.assertEqual(variant.cfg, dataclasses.replace(model.cfg, causal_routing=True))
+    self.assertEqual(mor.MoR(_cfg(causal_routing=True)).eval_variants(), {})
+    self.assertEqual(mor.MoR(_cfg(**mor_tiny.token_choice())).eval_variants(), {})
+
+  def test_causal_variant_ignores_later_tokens_and_equals_cached_decoding(self):
+    model, params = _model_and_params()
+    variant = model.eval_variants()['causal_routing']
+    # Two packed documents per row; rows differ only in their last token (all 64 values).
+    tokens = jnp.broadcast_to(_tokens(b=1, t=10), (64, 10)).at[:, -1].set(jnp.arange(64))
+    seg = jnp.broadcast_to(jnp.array([1] * 5 + [2] * 5), tokens.shape)
+    pos = jnp.broadcast_to(jnp.array(list(range(5)) * 2), tokens.shape)
+    earlier = lambda m: jax.jit(m.apply)({'params': params}, tokens, positions=pos,
+                                         segment_ids=seg)[0][:, :-1]
+    spread = lambda m: float(jnp.abs(earlier(m) - earlier(m)[:1]).max() /
+                             jnp.abs(earlier(m)).max())
+    # Relative to the logits' size: top-k moves earlier logits (by 1.7% here, both documents)
+    # far above float32 rounding; causal routing moves none (a few ulps allowed).
+    self.assertGreater(spread(model), 1e-3)
+    self.assertLess(spread(variant), 1e-6)
+    # One document per row, as cached decoding sees it.
+    tokens = _tokens(t=10)
+    logits, _ = jax.jit(variant.apply)({'params': params}, tokens)
+    np.testing.assert_allclose(logits, _cached_logits(model, params, tokens)[0], atol=2e-5,
+                               rtol=1e-4)
+
+
 class DecodeTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -268,20 +364,12 @@ class DecodeTest(parameterized.TestCase):
   )
   def test_cached_decoding_equals_forward(self, kw):
     model, params = _model_and_params(**kw)
-    tokens = _tokens(t=10)
     full, aux = _forward(**kw)
     depth = np.asarray(aux['depth'])
     self.assertGreater(len(np.unique(depth)), 1)  # routing really varies per token
-    step = jax.jit(lambda toks, pos, cache: model.apply({'params': params}, toks,
-                                                       positions=pos, cache=cache))
-    cache = model.init_cache(2, 16)
-    logits, aux = step(tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)), cache)
-    outs = [logits]
-    for t in range(4, 10):
-      logits, aux = step(tokens[:, t:t + 1], jnp.full((2, 1), t), aux['cache'])
-      outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-4)
-    np.testing.assert_array_equal(aux['cache']['depth'][:, :10], depth)
+    logits, cache = _cached_logits(model, params, _tokens(t=10))
+    np.testing.assert_allclose(logits, full, atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(cache['depth'][:, :10], depth)
 
   def test_generate_matches_forward_argmax(self):
     model, params = _model_and_params(causal_routing=True)

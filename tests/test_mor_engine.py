@@ -49,7 +49,7 @@ class MoREngineTest(parameterized.TestCase):
       ('expert', dict(), 3, None),
       ('expert_one_slot', dict(), 1, None),
       ('expert_two_lanes', dict(), 3, 2),
-      ('expert_one_lane', dict(num_recursions=2), 4, 1),
+      ('expert_one_lane_partial_first', dict(num_recursions=2, capacity=(0.5, 0.5)), 4, 1),
       ('expert_kv_sharing', dict(kv_sharing=True), 3, None),
       ('expert_aux_router_tanh', dict(sampling='aux_router', router_func='tanh'), 3, None),
       ('expert_cycle', dict(sharing='cycle', num_layers=4, num_recursions=2), 3, None),
@@ -64,6 +64,8 @@ class MoREngineTest(parameterized.TestCase):
     self.assertEqual(stats['tokens'], sum(r.max_new_tokens for r in _requests()))
     exits = np.asarray(stats['exits_per_depth'])
     self.assertGreaterEqual((exits > 0).sum(), 2, exits)  # depths really vary per token
+    if cfg.router == 'expert_choice':  # recursion 1 keeps every token iff its capacity is 1
+      self.assertEqual(exits[0] == 0, cfg.capacities[0] == 1.0, exits)
     # A token takes as many steps as recursions, plus waits for a lane and refills.
     self.assertGreaterEqual(stats['steps'] * slots, (exits * np.arange(len(exits))).sum())
 
