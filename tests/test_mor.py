@@ -332,6 +332,17 @@ class EvalVariantsTest(absltest.TestCase):
     self.assertEqual(mor.MoR(_cfg(causal_routing=True)).eval_variants(), {})
     self.assertEqual(mor.MoR(_cfg(**mor_tiny.token_choice())).eval_variants(), {})
 
+  def test_trainer_logs_the_causal_routing_loss(self):
+    config = tiny_config()
+    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 4,
+                                         'num_recursions': 2})
+    config.train.update(steps=1, eval_every=1, eval_batches=1)
+    workdir = self.create_tempdir().full_path
+    summary = train.train_and_evaluate(config, workdir)
+    self.assertEqual(summary['eval_step'], 1)
+    self.assertTrue(np.isfinite(summary['eval/loss_causal_routing']))
+    self.assertNotEqual(summary['eval/loss_causal_routing'], summary['eval/loss'])
+
   def test_causal_variant_ignores_later_tokens_and_equals_cached_decoding(self):
     model, params = _model_and_params()
     variant = model.eval_variants()['causal_routing']

@@ -177,15 +177,15 @@ class SigtermTest(absltest.TestCase):
                  '--config.model.mlp_dim=64', '--config.data.seq_len=32',
                  '--config.data.batch_size=8', '--config.data.max_docs=40',
                  '--config.data.shuffle_buffer=16', '--config.train.steps=100000',
-                 '--config.train.checkpoint_every=100000', '--config.train.eval_every=0',
-                 '--config.train.log_every=1', '--config.train.report_unigram_entropy=False']
+                 '--config.train.checkpoint_every=100000', '--config.train.eval_every=2',
+                 '--config.train.eval_batches=1', '--config.train.log_every=1']
     proc = subprocess.Popen([sys.executable, '-m', 'launch.main', '--config=configs/vanilla_tiny.py',
                              f'--workdir={workdir}', *overrides], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, 'metrics.jsonl')
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-      if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+      if os.path.exists(metrics) and len(open(metrics).readlines()) >= 5:
         break
       time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -195,7 +195,16 @@ class SigtermTest(absltest.TestCase):
     step = ckpt_lib.Checkpointer(workdir, async_save=False).latest_step()
     self.assertGreaterEqual(step, 3)
     with open(os.path.join(workdir, 'summary.json')) as f:
-      self.assertEqual(json.load(f)['step'], step)
+      summary = json.load(f)
+    self.assertEqual(summary['step'], step)
+    self.assertTrue(summary['preempted'])
+    # The last evaluation and its step, not step 0's; no end-of-run sample or entropy pass.
+    evals = [r for r in metrics_lib.read_metrics(workdir) if 'eval/loss' in r]
+    self.assertGreaterEqual(summary['eval_step'], 2)
+    self.assertEqual(summary['eval_step'], evals[-1]['step'])
+    self.assertEqual(summary['eval/loss'], evals[-1]['eval/loss'])
+    self.assertNotIn('sample', summary)
+    self.assertNotIn('validation_unigram_entropy', summary)
 
 
 def _snapshot(directory):
