@@ -17,6 +17,7 @@ from absl.testing import absltest
 
 from tests.utils import tiny_config
 from training import checkpoint as ckpt_lib
+from training import losses
 from training import metrics as metrics_lib
 from training import sharding, train, trainer
 from training import workdir as workdir_lib
@@ -325,6 +326,47 @@ class TrainerCoreTest(absltest.TestCase):
       for leaf in jax.tree.leaves(jax.device_get(restored['params'])):
         self.assertTrue(np.isfinite(leaf).all())
       self.assertEqual(int(restored['step']), bad - 1)
+
+  def test_custom_loss_reads_step_arguments_not_constants(self):
+    """A loss function with a reference policy's parameters as a step argument (the shape
+    of an RL loss with a KL penalty): its value matches a direct computation, and new
+    argument values reuse the compiled step."""
+    config = tiny_config()
+
+    def kl_to_reference(model, variables, batch, ctx):
+      logits, _, model_state = losses.apply_model(model, variables, batch, ctx)
+      ref_logits, _ = model.apply({'params': ctx.args['reference']}, batch['tokens'],
+                                  positions=batch['positions'], segment_ids=batch['segment_ids'])
+      logp, ref = jax.nn.log_softmax(logits), jax.nn.log_softmax(ref_logits)
+      kl = jnp.sum(jnp.exp(logp) * (logp - ref), -1) * batch['loss_mask']
+      return kl.sum() / ctx.n_tokens, {'kl': kl.sum() / ctx.n_tokens}, model_state
+
+    workdir = self.create_tempdir().full_path
+    with trainer.Trainer(config, workdir, loss_fn=kl_to_reference) as t:
+      state = t.restore_or_init()
+      params = jax.device_get(state['params'])
+      other = jax.tree.map(lambda x: x * 0.5, params)
+      batch = sharding.shard_batch(_random_batch(config), t.mesh)
+      with t.context():
+        kls = []
+        for reference in (params, other):
+          args = {'reference': t.shard_params(reference)}
+          logits, _ = t.model.apply({'params': params}, batch['tokens'],
+                                    positions=batch['positions'],
+                                    segment_ids=batch['segment_ids'])
+          ref_logits, _ = t.model.apply({'params': reference}, batch['tokens'],
+                                        positions=batch['positions'],
+                                        segment_ids=batch['segment_ids'])
+          p, q = jax.nn.log_softmax(logits), jax.nn.log_softmax(ref_logits)
+          mask = np.asarray(batch['loss_mask'])
+          want = float(np.sum(np.sum(np.exp(p) * (p - q), -1) * mask) / mask.sum())
+          state_copy = jax.tree.map(jnp.copy, state)
+          _, metrics = t.step_fn(state_copy, batch, args)
+          kls.append(float(metrics['train/kl']))
+          self.assertAlmostEqual(kls[-1], want, delta=1e-5 * max(1.0, abs(want)))
+      self.assertAlmostEqual(kls[0], 0.0, delta=1e-6)
+      self.assertGreater(kls[1], 1e-3)
+      self.assertEqual(t.step_fn._cache_size(), 1)  # one compile for both arguments
 
   def test_crash_in_the_loop_saves_the_last_completed_step(self):
     config = tiny_config()
