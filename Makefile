@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python -m launch.main --config=configs/mor_tiny.py --workdir=$(WORKDIR)
 
 test: install-test
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdirs
