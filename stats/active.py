@@ -43,7 +43,8 @@ def _costs(c_g, c_h):
 
 
 def random_policy_rate(var_h, mse, c_g, c_h):
-  """Cost-optimal constant labelling rate pi* for `Var(H) = var_h`, `E[(H-G)^2] = mse`."""
+  """Cost-optimal constant labelling rate pi* for `Var(H) = var_h`, `E[(H-G)^2] = mse` (NaN for
+  traced bad costs)."""
   ok = _costs(c_g, c_h)
   var_h, mse = jnp.asarray(var_h, float), jnp.asarray(mse, float)
   interior = mse < c_h / (c_h + c_g) * var_h
@@ -98,7 +99,8 @@ def estimate_uncertainty(H_burn, G_burn, bins_burn, bins, num_bins, prior_streng
 
   `U_b = sqrt((sum_{burn-in in b} (H - G)^2 + prior_strength M) / (n_b + prior_strength))`,
   shrinking each bin's mean squared error towards the overall M = mean (H - G)^2 (so an
-  empty or lucky bin never gets U = 0). Returns `U_b` for each item's bin in `bins`.
+  empty or lucky bin never gets U = 0). Returns `U_b` for each item's bin in `bins` (NaN if a
+  traced input is not finite).
   """
   H_burn, G_burn = v.as_float(H_burn, 'H_burn', (1,)), v.as_float(G_burn, 'G_burn', (1,))
   v.check_same_shape('H_burn', H_burn, 'G_burn', G_burn)
@@ -168,7 +170,7 @@ def cost_optimal_mean_ci(H, G, xi, pi, alpha=0.1, alternative='two-sided'):
 def active_inference_rates(u, budget_fraction, mix=0.0):
   """Zrnic & Candès's sampling rule `pi = clip((1 - mix) eta u + mix b, 0, 1)` with
   `eta = b / mean(u)`: labels spread in proportion to the uncertainty u, mixed with uniform
-  sampling at the expected labelled fraction b."""
+  sampling at the expected labelled fraction b. NaN for a traced b outside (0, 1]."""
   u = jnp.asarray(u)
   ok = v.require((0 < budget_fraction) & (budget_fraction <= 1),
                  f'budget_fraction must lie in (0, 1], got {budget_fraction}.')

@@ -211,17 +211,20 @@ def _classical(family, X, Y, alpha, alternative, w, ddof):
 
 
 def classical_ols_ci(X, Y, w=None, alpha=0.1, alternative='two-sided'):
-  """Classical OLS interval with HC0 (sandwich) standard errors, as statsmodels/ppi_py."""
+  """Classical OLS interval with HC0 (sandwich) standard errors, as statsmodels/ppi_py (NaN
+  endpoints if a traced input is bad, e.g. collinear X)."""
   return _classical('ols', X, Y, alpha, alternative, w, ddof=0)
 
 
 def classical_logistic_ci(X, Y, alpha=0.1, alternative='two-sided', w=None):
-  """Classical logistic-regression interval with sandwich standard errors (ddof=1)."""
+  """Classical logistic-regression interval with sandwich standard errors (ddof=1); NaN
+  endpoints if a traced input is bad (e.g. non-binary Y)."""
   return _classical('logistic', X, Y, alpha, alternative, w, ddof=1)
 
 
 def classical_poisson_ci(X, Y, alpha=0.1, alternative='two-sided', w=None):
-  """Classical Poisson-regression interval with sandwich standard errors (ddof=1)."""
+  """Classical Poisson-regression interval with sandwich standard errors (ddof=1); NaN
+  endpoints if a traced input is bad."""
   return _classical('poisson', X, Y, alpha, alternative, w, ddof=1)
 
 

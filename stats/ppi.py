@@ -101,7 +101,8 @@ def ppi_mean_lam(Y, Yhat, Yhat_unlabeled, coord=None, w=None, w_unlabeled=None,
   """The variance-optimal PPI++ lambda for the mean (scalar, or per coordinate).
 
   `lam = Cov(Y, Yhat) / ((1 + n/N) Var(Yhat_all))` in 1-D (PAPERS.md §9); `clip` restricts it
-  to [0, 1]. `lam_optim_mode='element'` tunes each coordinate separately.
+  to [0, 1]. `lam_optim_mode='element'` tunes each coordinate separately. NaN if a traced
+  input is bad (module docstring).
   """
   Y, Yhat, Yhat_unlabeled, w, w_unlabeled, _, ok = _mean_inputs(Y, Yhat, Yhat_unlabeled, w,
                                                                 w_unlabeled)
@@ -111,7 +112,7 @@ def ppi_mean_lam(Y, Yhat, Yhat_unlabeled, coord=None, w=None, w_unlabeled=None,
 
 def ppi_mean_pointestimate(Y, Yhat, Yhat_unlabeled, lam=None, coord=None, w=None,
                            w_unlabeled=None, lam_optim_mode='overall'):
-  """Prediction-powered point estimate of the mean of Y."""
+  """Prediction-powered point estimate of the mean of Y (NaN if a traced input is bad)."""
   estimate, _, squeeze, ok = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
                                        lam_optim_mode)
   return _out(estimate, squeeze, ok)
@@ -130,7 +131,7 @@ def ppi_mean_ci(Y, Yhat, Yhat_unlabeled, alpha=0.1, alternative='two-sided', lam
 
 def ppi_mean_pval(Y, Yhat, Yhat_unlabeled, null=0, alternative='two-sided', lam=None,
                   coord=None, w=None, w_unlabeled=None, lam_optim_mode='overall'):
-  """Prediction-powered p-value for H0: mean = null (z test)."""
+  """Prediction-powered p-value for H0: mean = null (z test); NaN if a traced input is bad."""
   estimate, se, squeeze, ok = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
                                         lam_optim_mode)
   return _out(z_pvalue(estimate, v.positive_se(se), null, alternative), squeeze, ok)
@@ -387,7 +388,8 @@ def ppboot(estimator, Y, Yhat, Yhat_unlabeled, X=None, X_unlabeled=None, lam=Non
 
 def classical_bootstrap_ci(estimator, Y, X=None, n_resamples=1000, alpha=0.1,
                            alternative='two-sided', method='percentile', key=None):
-  """Classical bootstrap interval for `estimator(Y)` or `estimator(X, Y)` (rows paired)."""
+  """Classical bootstrap interval for `estimator(Y)` or `estimator(X, Y)` (rows paired); a
+  traced alpha outside (0, 1) gives NaN endpoints."""
   key = jax.random.key(0) if key is None else key
   data = [jnp.asarray(Y)] if X is None else [jnp.asarray(X), jnp.asarray(Y)]
   v.check_rows(Y=data[-1])

@@ -114,14 +114,15 @@ def stratppi_mean_ci(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_stra
 
 
 def stratppi_lam(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata=None):
-  """Per-stratum power-tuning parameters lam_k, shape (K,)."""
+  """Per-stratum power-tuning parameters lam_k, shape (K,); NaN if a traced input is bad."""
   data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
   return v.nan_unless(ok, _fit(*data, None, None)[2])
 
 
 def residual_sd(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata=None,
                 lam=None):
-  """Per-stratum sd_k(Y - lam_k f) from a labelled pilot: the input of `allocate_optimal`."""
+  """Per-stratum sd_k(Y - lam_k f) from a labelled pilot: the input of `allocate_optimal`
+  (NaN if a traced input is bad)."""
   data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata, lam)
   return v.nan_unless(ok, _fit(*data, lam, None)[3])
 
