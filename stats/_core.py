@@ -9,18 +9,19 @@ def z_interval(estimate, se, alpha, alternative='two-sided'):
   """Normal interval `(lower, upper)` at level 1 - alpha.
 
   One-sided intervals follow statsmodels: 'larger' gives `(lower, inf)` (the alternative
-  that the parameter is larger than a null), 'smaller' gives `(-inf, upper)`.
+  that the parameter is larger than a null), 'smaller' gives `(-inf, upper)`. A traced
+  alpha outside (0, 1) gives NaN endpoints (`stats._validation`).
   """
-  v.check_alpha(alpha)
+  ok = v.check_alpha(alpha)
   v.check_alternative(alternative)
   if alternative == 'two-sided':
     half = ndtri(1 - alpha / 2) * se
-    return estimate - half, estimate + half
-  inf = jnp.full_like(estimate, jnp.inf)
-  half = ndtri(1 - alpha) * se
-  if alternative == 'larger':
-    return estimate - half, inf
-  return -inf, estimate + half
+    bounds = estimate - half, estimate + half
+  else:
+    inf = jnp.full_like(estimate, jnp.inf)
+    half = ndtri(1 - alpha) * se
+    bounds = (estimate - half, inf) if alternative == 'larger' else (-inf, estimate + half)
+  return v.nan_unless(ok, bounds)
 
 
 def z_pvalue(estimate, se, null=0.0, alternative='two-sided'):

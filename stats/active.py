@@ -24,8 +24,10 @@ probability G of a binary H, E[(H - G)^2 | G] = G (1 - G): `binary_uncertainty`)
 
 All functions are jit/vmap-compatible except the budget helper, which returns a Python int.
 Validation follows `stats._validation`: strong labels H are read only where xi = 1 (they
-may be NaN elsewhere); a policy rate of 0 where a label is drawn, or a degenerate variance,
-gives NaN under jit and a ValueError on concrete inputs.
+may be NaN elsewhere); negative costs, NaN/inf data, a policy rate outside [0, 1] or of 0
+where a label is drawn, a non-finite `lam`, alpha outside (0, 1) or a degenerate variance
+raise a ValueError naming the argument when concrete, and give NaN outputs (all of them)
+when traced inside jit/vmap.
 """
 import jax
 import jax.numpy as jnp
@@ -35,17 +37,19 @@ from stats._core import z_interval
 
 
 def _costs(c_g, c_h):
-  if v.is_concrete(c_g, c_h) and not (float(c_g) >= 0 and float(c_h) > 0):
-    raise ValueError(f'costs must satisfy c_g >= 0 and c_h > 0, got c_g={c_g}, c_h={c_h}.')
+  """Flag: c_g >= 0 and c_h > 0."""
+  return v.require((c_g >= 0) & (c_h > 0),
+                   f'costs must satisfy c_g >= 0 and c_h > 0, got c_g={c_g}, c_h={c_h}.')
 
 
 def random_policy_rate(var_h, mse, c_g, c_h):
-  """Cost-optimal constant labelling rate pi* for `Var(H) = var_h`, `E[(H-G)^2] = mse`."""
-  _costs(c_g, c_h)
+  """Cost-optimal constant labelling rate pi* for `Var(H) = var_h`, `E[(H-G)^2] = mse` (NaN for
+  traced bad costs)."""
+  ok = _costs(c_g, c_h)
   var_h, mse = jnp.asarray(var_h, float), jnp.asarray(mse, float)
   interior = mse < c_h / (c_h + c_g) * var_h
   rate = jnp.sqrt((c_g / c_h) * mse / jnp.where(interior, var_h - mse, 1.0))
-  return jnp.where(interior, jnp.minimum(rate, 1.0), 1.0)
+  return v.nan_unless(ok, jnp.where(interior, jnp.minimum(rate, 1.0), 1.0))
 
 
 def active_policy(U, var_h, c_g, c_h):
@@ -53,11 +57,11 @@ def active_policy(U, var_h, c_g, c_h):
 
   Returns `(pi, tau, gamma)`: the labelling probability of every item, the threshold above
   which items are always labelled (`-inf`: all items labelled) and the scale gamma(tau).
-  Expectations over X are averages over the T items.
+  Expectations over X are averages over the T items. NaN outputs flag traced bad values.
   """
-  _costs(c_g, c_h)
+  ok = _costs(c_g, c_h)
   U = v.as_float(U, 'U', (1,))
-  v.check_finite(U=U)
+  ok &= v.check_finite(U=U)
   T = U.shape[0]
   u = jnp.sort(U)
   below = jnp.cumsum(u) / T                       # E[U 1{U <= u_j}]
@@ -74,7 +78,7 @@ def active_policy(U, var_h, c_g, c_h):
   best = jnp.argmin(objective)
   tau = jnp.where(best == 0, -jnp.inf, u[jnp.maximum(best - 1, 0)])
   gamma = jnp.where(best == 0, 0.0, gamma[jnp.maximum(best - 1, 0)])
-  return jnp.where(U <= tau, gamma * U, 1.0), tau, gamma
+  return v.nan_unless(ok, (jnp.where(U <= tau, gamma * U, 1.0), tau, gamma))
 
 
 def policy_cost_and_variance(pi, U, var_h, c_g, c_h):
@@ -95,17 +99,18 @@ def estimate_uncertainty(H_burn, G_burn, bins_burn, bins, num_bins, prior_streng
 
   `U_b = sqrt((sum_{burn-in in b} (H - G)^2 + prior_strength M) / (n_b + prior_strength))`,
   shrinking each bin's mean squared error towards the overall M = mean (H - G)^2 (so an
-  empty or lucky bin never gets U = 0). Returns `U_b` for each item's bin in `bins`.
+  empty or lucky bin never gets U = 0). Returns `U_b` for each item's bin in `bins` (NaN if a
+  traced input is not finite).
   """
   H_burn, G_burn = v.as_float(H_burn, 'H_burn', (1,)), v.as_float(G_burn, 'G_burn', (1,))
   v.check_same_shape('H_burn', H_burn, 'G_burn', G_burn)
   v.check_rows(H_burn=H_burn)
-  v.check_finite(H_burn=H_burn, G_burn=G_burn)
+  ok = v.check_finite(H_burn=H_burn, G_burn=G_burn)
   sq = (H_burn - G_burn)**2
   onehot = jnp.asarray(bins_burn)[:, None] == jnp.arange(num_bins)
   counts = onehot.sum(0)
   mse = (onehot.T @ sq + prior_strength * sq.mean()) / (counts + prior_strength)
-  return jnp.sqrt(mse)[jnp.asarray(bins)]
+  return v.nan_unless(ok, jnp.sqrt(mse)[jnp.asarray(bins)])
 
 
 def items_for_budget(budget, c_g, c_h, mean_rate):
@@ -129,16 +134,17 @@ def sample_labels(key, pi):
 
 
 def _ipw_inputs(H, G, xi, pi):
+  """Validated arrays and the flag of the value checks."""
   H, G = v.as_float(H, 'H', (1,)), v.as_float(G, 'G', (1,))
   pi = v.as_float(pi, 'pi', (1,))
   xi = jnp.asarray(xi).astype(bool)
   for name, x in [('G', G), ('xi', xi), ('pi', pi)]:
     v.check_same_shape('H', H, name, x)
   v.check_rows(H=H)
-  v.check_finite(G=G, pi=pi, H_where_labelled=jnp.where(xi, H, 0.0))
-  if v.is_concrete(pi, xi) and bool(jnp.any((pi < 0) | (pi > 1) | (xi & (pi <= 0)))):
-    raise ValueError('pi must lie in [0, 1] and be positive wherever xi = 1.')
-  return H, G, xi, pi
+  ok = v.check_finite(G=G, pi=pi, H_where_labelled=jnp.where(xi, H, 0.0))
+  ok &= v.require((pi >= 0) & (pi <= 1) & ~(xi & (pi <= 0)),
+                  'pi must lie in [0, 1] and be positive wherever xi = 1.')
+  return (H, G, xi, pi), ok
 
 
 def _ipw_terms(H, G, xi, pi, lam):
@@ -147,38 +153,42 @@ def _ipw_terms(H, G, xi, pi, lam):
   return lam * G + jnp.where(xi, H - lam * G, 0.0) * weight
 
 
-def _ipw_ci(terms, alpha, alternative):
+def _ipw_ci(terms, alpha, alternative, ok):
+  """`(estimate, (lower, upper))`, all NaN unless the flag `ok` holds."""
   se = v.positive_se(jnp.std(terms, ddof=1) / jnp.sqrt(terms.shape[0]))
-  return terms.mean(), z_interval(terms.mean(), se, alpha, alternative)
+  return v.nan_unless(ok, (terms.mean(), z_interval(terms.mean(), se, alpha, alternative)))
 
 
 def cost_optimal_mean_ci(H, G, xi, pi, alpha=0.1, alternative='two-sided'):
   """The unbiased estimate of E[H] and its z interval: `(estimate, (lower, upper))`, with the
-  standard error from the sample variance of the per-item terms."""
-  H, G, xi, pi = _ipw_inputs(H, G, xi, pi)
-  return _ipw_ci(_ipw_terms(H, G, xi, pi, 1.0), alpha, alternative)
+  standard error from the sample variance of the per-item terms (NaN if a traced value is
+  bad, module docstring)."""
+  (H, G, xi, pi), ok = _ipw_inputs(H, G, xi, pi)
+  return _ipw_ci(_ipw_terms(H, G, xi, pi, 1.0), alpha, alternative, ok)
 
 
 def active_inference_rates(u, budget_fraction, mix=0.0):
   """Zrnic & Candès's sampling rule `pi = clip((1 - mix) eta u + mix b, 0, 1)` with
   `eta = b / mean(u)`: labels spread in proportion to the uncertainty u, mixed with uniform
-  sampling at the expected labelled fraction b."""
+  sampling at the expected labelled fraction b. NaN for a traced b outside (0, 1]."""
   u = jnp.asarray(u)
-  if v.is_concrete(budget_fraction) and not 0 < float(budget_fraction) <= 1:
-    raise ValueError(f'budget_fraction must lie in (0, 1], got {budget_fraction}.')
+  ok = v.require((0 < budget_fraction) & (budget_fraction <= 1),
+                 f'budget_fraction must lie in (0, 1], got {budget_fraction}.')
   eta = budget_fraction / jnp.mean(u)
-  return jnp.clip((1 - mix) * eta * u + mix * budget_fraction, 0.0, 1.0)
+  return v.nan_unless(ok, jnp.clip((1 - mix) * eta * u + mix * budget_fraction, 0.0, 1.0))
 
 
 def active_inference_mean_ci(Y, Yhat, xi, pi, alpha=0.1, alternative='two-sided', lam=None):
   """Active inference (Zrnic & Candès 2024): `mean(lam Yhat + (Y - lam Yhat) xi / pi)` and its
   z interval. `lam=None` plugs in the variance-minimising `lam = -Cov(a, b) / Var(b)` for the
-  terms `a + lam b` (a = Y xi / pi, b = Yhat (1 - xi / pi)), clipped to [0, 1]."""
-  Y, Yhat, xi, pi = _ipw_inputs(Y, Yhat, xi, pi)
+  terms `a + lam b` (a = Y xi / pi, b = Yhat (1 - xi / pi)), clipped to [0, 1]. Bad values
+  raise when concrete; traced ones give NaN outputs (module docstring)."""
+  (Y, Yhat, xi, pi), ok = _ipw_inputs(Y, Yhat, xi, pi)
+  ok &= v.check_lam(lam)
   if lam is None:
     a, b = _ipw_terms(Y, Yhat, xi, pi, 0.0), _ipw_terms(Y, Yhat, xi, pi, 1.0) - _ipw_terms(
         Y, Yhat, xi, pi, 0.0)
     var_b = jnp.var(b)
     lam = jnp.clip(-jnp.mean((a - a.mean()) * (b - b.mean())) / jnp.where(var_b > 0, var_b, 1.0),
                    0.0, 1.0)
-  return _ipw_ci(_ipw_terms(Y, Yhat, xi, pi, lam), alpha, alternative)
+  return _ipw_ci(_ipw_terms(Y, Yhat, xi, pi, lam), alpha, alternative, ok)

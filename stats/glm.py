@@ -19,8 +19,14 @@ interval re-tunes lambda at that tuned estimate and uses the fit at the new lamb
 Differences from ppi_py 0.2.3: `coord` is honoured for logistic and Poisson regression
 (ppi_py ignores it there); the fits are Newton's method to machine precision rather than
 L-BFGS-B with its default gradient tolerance; `optimizer_options` takes `{'newton_steps': k}`.
-Inputs are validated as described in `stats._validation`. Separable logistic data have no
-maximum-likelihood estimate; the Newton iterates then diverge (as any solver's would).
+Inputs are validated as described in `stats._validation`: a design `X` or `X_unlabeled`
+with collinear columns (singular `X^T X`, so the coefficients are not identified), labels
+outside the family's domain (logistic: Y in {0, 1} and predictions in [0, 1]; Poisson: Y and
+predictions non-negative), a non-finite `lam`, alpha outside (0, 1), NaN/inf data or negative
+weights raise a ValueError naming the argument when concrete; when traced (inside jit/vmap)
+they are flagged instead: every output (estimates, interval endpoints, p-values) is NaN.
+Separable logistic data have no maximum-likelihood estimate; the Newton iterates then
+diverge (as any solver's would).
 """
 import functools
 
@@ -41,7 +47,24 @@ _FAMILIES = {
 _NEWTON_STEPS = 30
 
 
-def _inputs(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled):
+def _check_domain(family, Y, Yhat, Yhat_unlabeled):
+  """Flag: labels and predictions lie where the family's loss has a minimiser."""
+  if family == 'logistic':
+    ok = v.require((Y == 0) | (Y == 1), 'Y must be binary (0 or 1) for logistic regression.')
+    for name, p in [('Yhat', Yhat), ('Yhat_unlabeled', Yhat_unlabeled)]:
+      ok &= v.require((p >= 0) & (p <= 1), f'{name} must lie in [0, 1] for logistic regression.')
+    return ok
+  if family == 'poisson':
+    ok = True
+    for name, y in [('Y', Y), ('Yhat', Yhat), ('Yhat_unlabeled', Yhat_unlabeled)]:
+      ok &= v.require(y >= 0, f'{name} must be non-negative for Poisson regression.')
+    return ok
+  return True
+
+
+def _inputs(family, X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled, lam):
+  """Validated arrays `(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled)` and the
+  flag of the value checks (module docstring)."""
   X, X_unlabeled = v.as_float(X, 'X', (2,)), v.as_float(X_unlabeled, 'X_unlabeled', (2,))
   Y, Yhat = v.as_float(Y, 'Y', (1,)), v.as_float(Yhat, 'Yhat', (1,))
   Yhat_unlabeled = v.as_float(Yhat_unlabeled, 'Yhat_unlabeled', (1,))
@@ -50,9 +73,14 @@ def _inputs(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled):
   v.check_same_shape('X_unlabeled', X_unlabeled, 'Yhat_unlabeled', Yhat_unlabeled, axis=0)
   v.check_same_shape('X', X, 'X_unlabeled', X_unlabeled, axis=1)
   v.check_rows(Y=Y, Yhat_unlabeled=Yhat_unlabeled)
-  v.check_finite(X=X, Y=Y, Yhat=Yhat, X_unlabeled=X_unlabeled, Yhat_unlabeled=Yhat_unlabeled)
-  return (X, Y, Yhat, X_unlabeled, Yhat_unlabeled, v.weights(w, Y.shape[0], 'w'),
-          v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled'))
+  ok = v.check_finite(X=X, Y=Y, Yhat=Yhat, X_unlabeled=X_unlabeled,
+                      Yhat_unlabeled=Yhat_unlabeled)
+  w, ok_w = v.weights(w, Y.shape[0], 'w')
+  w_unlabeled, ok_wu = v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled')
+  ok &= ok_w & ok_wu & v.check_lam(lam) & _check_domain(family, Y, Yhat, Yhat_unlabeled)
+  ok &= v.check_full_rank(X, w, 'X') & v.check_full_rank(X_unlabeled, w_unlabeled,
+                                                          'X_unlabeled')
+  return (X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled), ok
 
 
 def _wls(X, y, w):
@@ -135,14 +163,15 @@ def _ppi_api(family):
 
   def pointestimate(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, lam=None, coord=None,
                     optimizer_options=None, w=None, w_unlabeled=None):
-    data = _inputs(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled)
-    return _pointestimate(family, data, lam, coord, _steps(optimizer_options))
+    data, ok = _inputs(family, X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled, lam)
+    return v.nan_unless(ok, _pointestimate(family, data, lam, coord, _steps(optimizer_options)))
 
   def ci(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, alpha=0.1, alternative='two-sided',
          lam=None, coord=None, optimizer_options=None, w=None, w_unlabeled=None):
-    data = _inputs(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled)
+    data, ok = _inputs(family, X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled, lam)
+    ok &= v.check_alpha(alpha)  # before the fit, so that a concrete bad alpha raises at once
     theta, se = _estimate_and_se(family, data, lam, coord, _steps(optimizer_options))
-    return z_interval(theta, se, alpha, alternative)
+    return v.nan_unless(ok, z_interval(theta, se, alpha, alternative))
 
   args = ('`X`, `Y`, `Yhat` (labelled rows), `X_unlabeled`, `Yhat_unlabeled`; `lam` (None '
           'tunes it, 1 is PPI, 0 classical), `coord` (tune lambda for that coordinate), '
@@ -151,7 +180,9 @@ def _ppi_api(family):
                          (ci, 'ci', '(1 - alpha) interval `(lower, upper)`')]:
     fn.__name__ = fn.__qualname__ = f'ppi_{family}_{kind}'
     fn.__doc__ = (f'Prediction-powered {what} of the {family} coefficients (PPI++, module '
-                  f'docstring).\n\n  Arguments as in ppi_py: {args}.\n  ')
+                  f'docstring).\n\n  Arguments as in ppi_py: {args}. Bad values raise a '
+                  'ValueError when concrete; traced ones give NaN outputs (module docstring).'
+                  '\n  ')
   return pointestimate, ci
 
 
@@ -163,30 +194,37 @@ ppi_poisson_pointestimate, ppi_poisson_ci = _ppi_api('poisson')
 def ppi_logistic_pval(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, lam=None, coord=None,
                       optimizer_options=None, w=None, w_unlabeled=None,
                       alternative='two-sided'):
-  """Prediction-powered p-values for H0: coefficient_j = 0, per coordinate."""
-  data = _inputs(X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled)
+  """Prediction-powered p-values for H0: coefficient_j = 0, per coordinate (NaN if a traced
+  value is bad, module docstring)."""
+  data, ok = _inputs('logistic', X, Y, Yhat, X_unlabeled, Yhat_unlabeled, w, w_unlabeled, lam)
   theta, se = _estimate_and_se('logistic', data, lam, coord, _steps(optimizer_options))
-  return z_pvalue(theta, se, 0.0, alternative)
+  return v.nan_unless(ok, z_pvalue(theta, se, 0.0, alternative))
 
 
 def _classical(family, X, Y, alpha, alternative, w, ddof):
-  data = _inputs(X, Y, Y, X, Y, w, None)
+  """Classical interval: the lam=0 fit with the labelled rows standing in for the unlabelled
+  ones. Bad values raise when concrete; traced ones give NaN endpoints."""
+  data, ok = _inputs(family, X, Y, Y, X, Y, w, None, 0.0)
+  ok &= v.check_alpha(alpha)
   theta, se = _estimate_and_se(family, data, 0.0, None, _NEWTON_STEPS, ddof)
-  return z_interval(theta, se, alpha, alternative)
+  return v.nan_unless(ok, z_interval(theta, se, alpha, alternative))
 
 
 def classical_ols_ci(X, Y, w=None, alpha=0.1, alternative='two-sided'):
-  """Classical OLS interval with HC0 (sandwich) standard errors, as statsmodels/ppi_py."""
+  """Classical OLS interval with HC0 (sandwich) standard errors, as statsmodels/ppi_py (NaN
+  endpoints if a traced input is bad, e.g. collinear X)."""
   return _classical('ols', X, Y, alpha, alternative, w, ddof=0)
 
 
 def classical_logistic_ci(X, Y, alpha=0.1, alternative='two-sided', w=None):
-  """Classical logistic-regression interval with sandwich standard errors (ddof=1)."""
+  """Classical logistic-regression interval with sandwich standard errors (ddof=1); NaN
+  endpoints if a traced input is bad (e.g. non-binary Y)."""
   return _classical('logistic', X, Y, alpha, alternative, w, ddof=1)
 
 
 def classical_poisson_ci(X, Y, alpha=0.1, alternative='two-sided', w=None):
-  """Classical Poisson-regression interval with sandwich standard errors (ddof=1)."""
+  """Classical Poisson-regression interval with sandwich standard errors (ddof=1); NaN
+  endpoints if a traced input is bad."""
   return _classical('poisson', X, Y, alpha, alternative, w, ddof=1)
 
 

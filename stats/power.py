@@ -80,7 +80,7 @@ def ppi_mean_power(Y, Yhat, cost_Y, cost_Yhat, budget=None, effective_n=None, n_
   v.check_rows(Y=Y)
   v.check_finite(Y=Y, Yhat=Yhat)
   n = Y.shape[0]
-  w = v.weights(w, n, 'w')
+  w, _ = v.weights(w, n, 'w')  # concrete inputs: a bad value has raised
   g, gh = w * (Y - jnp.sum(w * Y) / n), w * (Yhat - jnp.sum(w * Y) / n)
   g, gh = g - g.mean(), gh - gh.mean()
   rho = float(jnp.minimum(jnp.mean(g * gh) / jnp.sqrt(jnp.mean(g**2) * jnp.mean(gh**2)),

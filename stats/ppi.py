@@ -12,8 +12,11 @@ Notation: `Y` gold labels (n,), `Yhat` predictions on the labelled rows (n,),
 parameter (`lam=1` is plain PPI, `lam=0` the classical estimator, `None` estimates the
 variance-optimal value, clipped to [0, 1]); `w`, `w_unlabeled` are sample weights,
 normalised to sum to n and N. Standard errors use ddof=0 and intervals are z intervals,
-as in ppi_py. Input validation follows the policy in `stats._validation`: value checks on
-concrete inputs only; under jit degenerate inputs give NaN.
+as in ppi_py. Input validation follows the policy in `stats._validation`: a bad value
+(NaN/inf data, `alpha` or `q` outside (0, 1), a non-finite `lam`, negative weights, zero
+variance) raises a ValueError naming the argument when it is concrete; when it is traced
+(inside jit/vmap) the function cannot raise and flags it instead by returning NaN for every
+output (both interval endpoints, the estimate, the p-value).
 
 Deliberate differences from ppi_py 0.2.3 (each is tested):
 * `ppi_mean_ci(..., lam=None, alternative='larger'|'smaller')` is one-sided; ppi_py drops
@@ -42,7 +45,8 @@ from stats._core import z_interval, z_pvalue
 
 
 def _mean_inputs(Y, Yhat, Yhat_unlabeled, w, w_unlabeled):
-  """Validated 2-D float arrays, weight columns and whether the input was 1-D."""
+  """Validated 2-D float arrays, weight columns, whether the input was 1-D, and the flag of
+  the value checks (`stats._validation`)."""
   Y, Yhat = v.as_float(Y, 'Y'), v.as_float(Yhat, 'Yhat')
   Yhat_unlabeled = v.as_float(Yhat_unlabeled, 'Yhat_unlabeled')
   v.check_same_shape('Y', Y, 'Yhat', Yhat)
@@ -50,12 +54,13 @@ def _mean_inputs(Y, Yhat, Yhat_unlabeled, w, w_unlabeled):
     raise ValueError(f'Yhat_unlabeled must have shape (N,) + {Y.shape[1:]}, got '
                      f'{Yhat_unlabeled.shape}.')
   v.check_rows(Y=Y, Yhat_unlabeled=Yhat_unlabeled)
-  v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled)
+  ok = v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled)
   squeeze = Y.ndim == 1
   as2d = lambda x: x[:, None] if x.ndim == 1 else x
-  w = v.weights(w, Y.shape[0], 'w')[:, None]
-  w_unlabeled = v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled')[:, None]
-  return as2d(Y), as2d(Yhat), as2d(Yhat_unlabeled), w, w_unlabeled, squeeze
+  w, ok_w = v.weights(w, Y.shape[0], 'w')
+  w_unlabeled, ok_wu = v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled')
+  return (as2d(Y), as2d(Yhat), as2d(Yhat_unlabeled), w[:, None], w_unlabeled[:, None], squeeze,
+          ok & ok_w & ok_wu)
 
 
 def _mean_estimate(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, lam):
@@ -72,20 +77,23 @@ def _mean_lam(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, coord, clip, optim_mode):
 
 
 def _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled, lam_optim_mode):
-  """Point estimate and standard error (PPI++ Eq. (5)), plus the squeeze flag."""
-  Y, Yhat, Yhat_unlabeled, w, w_unlabeled, squeeze = _mean_inputs(
+  """Point estimate and standard error (PPI++ Eq. (5)), the squeeze flag and the flag of
+  the value checks."""
+  Y, Yhat, Yhat_unlabeled, w, w_unlabeled, squeeze, ok = _mean_inputs(
       Y, Yhat, Yhat_unlabeled, w, w_unlabeled)
+  ok &= v.check_lam(lam)
   if lam is None:
     lam = _mean_lam(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, coord, True, lam_optim_mode)
   n, N = Y.shape[0], Yhat_unlabeled.shape[0]
   estimate = _mean_estimate(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, lam)
   se = jnp.sqrt(_core.column_var(w_unlabeled * lam * Yhat_unlabeled) / N +
                 _core.column_var(w * (Y - lam * Yhat)) / n)
-  return estimate, se, squeeze
+  return estimate, se, squeeze, ok
 
 
-def _out(x, squeeze):
-  return x[0] if squeeze else x
+def _out(x, squeeze, ok):
+  """`x` (an array or tuple of arrays) as returned: scalars for 1-D input, NaN if flagged."""
+  return v.nan_unless(ok, jax.tree_util.tree_map(lambda a: a[0] if squeeze else a, x))
 
 
 def ppi_mean_lam(Y, Yhat, Yhat_unlabeled, coord=None, w=None, w_unlabeled=None,
@@ -93,47 +101,53 @@ def ppi_mean_lam(Y, Yhat, Yhat_unlabeled, coord=None, w=None, w_unlabeled=None,
   """The variance-optimal PPI++ lambda for the mean (scalar, or per coordinate).
 
   `lam = Cov(Y, Yhat) / ((1 + n/N) Var(Yhat_all))` in 1-D (PAPERS.md §9); `clip` restricts it
-  to [0, 1]. `lam_optim_mode='element'` tunes each coordinate separately.
+  to [0, 1]. `lam_optim_mode='element'` tunes each coordinate separately. NaN if a traced
+  input is bad (module docstring).
   """
-  Y, Yhat, Yhat_unlabeled, w, w_unlabeled, _ = _mean_inputs(Y, Yhat, Yhat_unlabeled, w,
-                                                            w_unlabeled)
-  return _mean_lam(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, coord, clip, lam_optim_mode)
+  Y, Yhat, Yhat_unlabeled, w, w_unlabeled, _, ok = _mean_inputs(Y, Yhat, Yhat_unlabeled, w,
+                                                                w_unlabeled)
+  return v.nan_unless(ok, _mean_lam(Y, Yhat, Yhat_unlabeled, w, w_unlabeled, coord, clip,
+                                    lam_optim_mode))
 
 
 def ppi_mean_pointestimate(Y, Yhat, Yhat_unlabeled, lam=None, coord=None, w=None,
                            w_unlabeled=None, lam_optim_mode='overall'):
-  """Prediction-powered point estimate of the mean of Y."""
-  estimate, _, squeeze = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
-                                   lam_optim_mode)
-  return _out(estimate, squeeze)
+  """Prediction-powered point estimate of the mean of Y (NaN if a traced input is bad)."""
+  estimate, _, squeeze, ok = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
+                                       lam_optim_mode)
+  return _out(estimate, squeeze, ok)
 
 
 def ppi_mean_ci(Y, Yhat, Yhat_unlabeled, alpha=0.1, alternative='two-sided', lam=None,
                 coord=None, w=None, w_unlabeled=None, lam_optim_mode='overall'):
-  """Prediction-powered (1 - alpha) confidence interval `(lower, upper)` for the mean."""
-  estimate, se, squeeze = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
-                                    lam_optim_mode)
-  lo, hi = z_interval(estimate, v.positive_se(se), alpha, alternative)
-  return _out(lo, squeeze), _out(hi, squeeze)
+  """Prediction-powered (1 - alpha) confidence interval `(lower, upper)` for the mean.
+
+  Bad values raise a ValueError when concrete; traced ones give NaN endpoints (module
+  docstring)."""
+  estimate, se, squeeze, ok = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
+                                        lam_optim_mode)
+  return _out(z_interval(estimate, v.positive_se(se), alpha, alternative), squeeze, ok)
 
 
 def ppi_mean_pval(Y, Yhat, Yhat_unlabeled, null=0, alternative='two-sided', lam=None,
                   coord=None, w=None, w_unlabeled=None, lam_optim_mode='overall'):
-  """Prediction-powered p-value for H0: mean = null (z test)."""
-  estimate, se, squeeze = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
-                                    lam_optim_mode)
-  return _out(z_pvalue(estimate, v.positive_se(se), null, alternative), squeeze)
+  """Prediction-powered p-value for H0: mean = null (z test); NaN if a traced input is bad."""
+  estimate, se, squeeze, ok = _mean_fit(Y, Yhat, Yhat_unlabeled, lam, coord, w, w_unlabeled,
+                                        lam_optim_mode)
+  return _out(z_pvalue(estimate, v.positive_se(se), null, alternative), squeeze, ok)
 
 
 def classical_mean_ci(Y, w=None, alpha=0.1, alternative='two-sided'):
-  """Classical CLT interval for the mean from the labels alone (ddof=0 standard error)."""
+  """Classical CLT interval for the mean from the labels alone (ddof=0 standard error).
+
+  Bad values raise when concrete; traced ones give NaN endpoints (module docstring)."""
   Y = v.as_float(Y, 'Y')
   v.check_rows(Y=Y)
-  v.check_finite(Y=Y)
-  w = v.weights(w, Y.shape[0], 'w')
+  ok = v.check_finite(Y=Y)
+  w, ok_w = v.weights(w, Y.shape[0], 'w')
   wy = w.reshape((-1,) + (1,) * (Y.ndim - 1)) * Y
   se = v.positive_se(jnp.std(wy, axis=0) / jnp.sqrt(Y.shape[0]))
-  return z_interval(wy.mean(0), se, alpha, alternative)
+  return v.nan_unless(ok & ok_w, z_interval(wy.mean(0), se, alpha, alternative))
 
 
 # ------------------------------------------------------------------------------------------
@@ -175,11 +189,10 @@ def _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled, unlabeled_ndim=
   Yhat_unlabeled = v.as_float(Yhat_unlabeled, 'Yhat_unlabeled', ndim=unlabeled_ndim)
   v.check_same_shape('Y', Y, 'Yhat', Yhat)
   v.check_rows(Y=Y, Yhat_unlabeled=Yhat_unlabeled)
-  v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled)
-  v.check_alpha(q, 'q')
-  w = v.weights(w, Y.shape[0], 'w')
-  w_unlabeled = v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled')
-  return Y, Yhat, Yhat_unlabeled, w, w_unlabeled
+  ok = v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled) & v.check_alpha(q, 'q')
+  w, ok_w = v.weights(w, Y.shape[0], 'w')
+  w_unlabeled, ok_wu = v.weights(w_unlabeled, Yhat_unlabeled.shape[0], 'w_unlabeled')
+  return (Y, Yhat, Yhat_unlabeled, w, w_unlabeled), ok & ok_w & ok_wu
 
 
 def _quantile_lam(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled, theta):
@@ -209,44 +222,48 @@ def _quantile_curve(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled, exact_grid, lam)
 
 def _invert_cdf_ci(grid, cdf, var, q, alpha, alternative):
   """Grid points whose rectified p-value for H0: F(t) = q exceeds alpha: `(first, last)`."""
-  v.check_alpha(alpha)
+  ok = v.check_alpha(alpha)
   keep = z_pvalue(cdf, jnp.maximum(jnp.sqrt(var), 1e-16), q, alternative) > alpha
-  if v.is_concrete(keep) and not bool(jnp.any(keep)):
-    raise ValueError('no grid point is compatible with the quantile at this alpha.')
+  ok &= v.require(jnp.any(keep), 'no grid point is compatible with the quantile at this alpha.')
   first = grid[jnp.argmax(keep)]
   last = grid[grid.shape[0] - 1 - jnp.argmax(keep[::-1])]
-  empty = ~jnp.any(keep)
-  return jnp.where(empty, jnp.nan, first), jnp.where(empty, jnp.nan, last)
+  return v.nan_unless(ok, (first, last))
 
 
 def ppi_quantile_pointestimate(Y, Yhat, Yhat_unlabeled, q, exact_grid=False, w=None,
                                w_unlabeled=None, lam=None):
   """Prediction-powered estimate of the q-quantile: the grid point where the rectified CDF
-  is closest to q (a 5000-point linear grid, or every data point with `exact_grid`)."""
-  args = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled)
+  is closest to q (a 5000-point linear grid, or every data point with `exact_grid`).
+  Traced bad values (e.g. q outside (0, 1)) give NaN (module docstring)."""
+  args, ok = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled)
+  ok &= v.check_lam(lam)
   grid, cdf, _ = _quantile_curve(*args[:3], q, *args[3:], exact_grid, lam)
-  return grid[jnp.argmin(jnp.abs(cdf - q))]
+  return v.nan_unless(ok, grid[jnp.argmin(jnp.abs(cdf - q))])
 
 
 def ppi_quantile_ci(Y, Yhat, Yhat_unlabeled, q, alpha=0.1, exact_grid=False, w=None,
                     w_unlabeled=None, lam=None):
-  """Prediction-powered (1 - alpha) interval for the q-quantile (two-sided)."""
-  args = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled)
+  """Prediction-powered (1 - alpha) interval for the q-quantile (two-sided).
+
+  Bad values raise when concrete; traced ones give NaN endpoints (module docstring)."""
+  args, ok = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, w, w_unlabeled)
+  ok &= v.check_lam(lam)
   grid, cdf, var = _quantile_curve(*args[:3], q, *args[3:], exact_grid, lam)
-  return _invert_cdf_ci(grid, cdf, var, q, alpha, 'two-sided')
+  return v.nan_unless(ok, _invert_cdf_ci(grid, cdf, var, q, alpha, 'two-sided'))
 
 
 def classical_quantile_ci(Y, q, alpha=0.1):
-  """Order-statistic interval for the q-quantile (normal approximation to the binomial)."""
+  """Order-statistic interval for the q-quantile (normal approximation to the binomial).
+
+  Bad values raise when concrete; traced ones give NaN endpoints (module docstring)."""
   Y = v.as_float(Y, 'Y', ndim=(1,))
   v.check_rows(Y=Y)
-  v.check_finite(Y=Y)
-  v.check_alpha(q, 'q')
+  ok = v.check_finite(Y=Y) & v.check_alpha(q, 'q') & v.check_alpha(alpha)
   n = Y.shape[0]
   lo, hi = z_interval(q * n, jnp.sqrt(q * (1 - q) * n), alpha)
   sorted_y = jnp.sort(Y)
   index = lambda x: jnp.clip(jnp.trunc(x).astype(jnp.int32), 0, n - 1)
-  return sorted_y[index(lo)], sorted_y[index(hi)]
+  return v.nan_unless(ok, (sorted_y[index(lo)], sorted_y[index(hi)]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,8 +291,8 @@ def crossppi_mean_ci(Y, Yhat, Yhat_unlabeled, alpha=0.1, alternative='two-sided'
 
 def _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid):
   _check_cross(Yhat_unlabeled)
-  Y, Yhat, Yhat_unlabeled, w, _ = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, None, None,
-                                                   unlabeled_ndim=(2,))
+  (Y, Yhat, Yhat_unlabeled, w, _), ok = _quantile_inputs(Y, Yhat, Yhat_unlabeled, q, None, None,
+                                                         unlabeled_ndim=(2,))
   N = Yhat_unlabeled.shape[0]
   grid = _quantile_grid(jnp.concatenate([Y, Yhat, Yhat_unlabeled.ravel()]), exact_grid)
   # CDF: average of the K fold CDFs; its variance: that of 1{mean_k Yhat_ik <= t} (ppi_py).
@@ -283,20 +300,20 @@ def _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid):
   f_mean, _ = _cdf_sums(Yhat_unlabeled.mean(1), jnp.ones((N,), Y.dtype), grid)
   unl_var = (f_mean / N) * (1 - f_mean / N) / N
   cdf, var = _rectified_cdf(Y, Yhat, f_all / Yhat_unlabeled.size, unl_var, w, grid, 1.0)
-  return grid, cdf, var
+  return grid, cdf, var, ok
 
 
 def crossppi_quantile_pointestimate(Y, Yhat, Yhat_unlabeled, q, exact_grid=False):
   """Cross-PPI estimate of the q-quantile."""
-  grid, cdf, _ = _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid)
-  return grid[jnp.argmin(jnp.abs(cdf - q))]
+  grid, cdf, _, ok = _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid)
+  return v.nan_unless(ok, grid[jnp.argmin(jnp.abs(cdf - q))])
 
 
 def crossppi_quantile_ci(Y, Yhat, Yhat_unlabeled, q, alpha=0.1, alternative='two-sided',
                          exact_grid=False):
   """Cross-PPI interval for the q-quantile."""
-  grid, cdf, var = _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid)
-  return _invert_cdf_ci(grid, cdf, var, q, alpha, alternative)
+  grid, cdf, var, ok = _crossppi_quantile_curve(Y, Yhat, Yhat_unlabeled, q, exact_grid)
+  return v.nan_unless(ok, _invert_cdf_ci(grid, cdf, var, q, alpha, alternative))
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,7 +329,8 @@ def _resample(key, n_resamples, arrays):
 
 
 def _bootstrap_bounds(draws, estimate, alpha, alternative, method):
-  v.check_alpha(alpha)
+  """Percentile or basic bootstrap bounds; NaN for a traced alpha outside (0, 1)."""
+  ok = v.check_alpha(alpha)
   v.check_alternative(alternative)
   if method not in ('percentile', 'basic'):
     raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}.")
@@ -324,7 +342,8 @@ def _bootstrap_bounds(draws, estimate, alpha, alternative, method):
     lo = 2 * estimate - jnp.quantile(draws, 1 - a_lo, axis=0)
     hi = 2 * estimate - jnp.quantile(draws, a_hi, axis=0)
   inf = jnp.full_like(lo, jnp.inf)
-  return {'two-sided': (lo, hi), 'larger': (lo, inf), 'smaller': (-inf, hi)}[alternative]
+  return v.nan_unless(ok, {'two-sided': (lo, hi), 'larger': (lo, inf),
+                           'smaller': (-inf, hi)}[alternative])
 
 
 def ppboot(estimator, Y, Yhat, Yhat_unlabeled, X=None, X_unlabeled=None, lam=None,
@@ -335,7 +354,8 @@ def ppboot(estimator, Y, Yhat, Yhat_unlabeled, X=None, X_unlabeled=None, lam=Non
 
   `lam=None` estimates `lam = sum_j Cov(est(Y*), est(Yhat*))_j / sum_j (Var est(Yhat*)_j +
   Var est(Yhat_unlabeled*)_j)` from `n_resamples_lam` resamples; `key` (default `key(0)`)
-  makes the draws reproducible.
+  makes the draws reproducible. A traced non-finite `lam` or alpha outside (0, 1) gives NaN
+  endpoints (module docstring).
   """
   if (X is None) != (X_unlabeled is None):
     raise ValueError('X and X_unlabeled must be both None or both given.')
@@ -354,6 +374,7 @@ def ppboot(estimator, Y, Yhat, Yhat_unlabeled, X=None, X_unlabeled=None, lam=Non
 
   boot = lambda k_l, k_u, m: jax.vmap(parts)(_resample(k_l, m, labelled),
                                              _resample(k_u, m, unlabelled))
+  ok = v.check_lam(lam) & v.check_alpha(alpha)  # before resampling: raise at once
   if lam is None:
     ey, eh, eu = boot(k_lam_l, k_lam_u, n_resamples_lam)
     cov = jnp.sum(((ey - ey.mean(0)) * (eh - eh.mean(0))).sum(0) / (n_resamples_lam - 1))
@@ -361,12 +382,14 @@ def ppboot(estimator, Y, Yhat, Yhat_unlabeled, X=None, X_unlabeled=None, lam=Non
   ey, eh, eu = parts(labelled, unlabelled)
   estimate = lam * eu + ey - lam * eh
   by, bh, bu = boot(k_l, k_u, n_resamples)
-  return _bootstrap_bounds(lam * bu + by - lam * bh, estimate, alpha, alternative, method)
+  return v.nan_unless(ok, _bootstrap_bounds(lam * bu + by - lam * bh, estimate, alpha,
+                                            alternative, method))
 
 
 def classical_bootstrap_ci(estimator, Y, X=None, n_resamples=1000, alpha=0.1,
                            alternative='two-sided', method='percentile', key=None):
-  """Classical bootstrap interval for `estimator(Y)` or `estimator(X, Y)` (rows paired)."""
+  """Classical bootstrap interval for `estimator(Y)` or `estimator(X, Y)` (rows paired); a
+  traced alpha outside (0, 1) gives NaN endpoints."""
   key = jax.random.key(0) if key is None else key
   data = [jnp.asarray(Y)] if X is None else [jnp.asarray(X), jnp.asarray(Y)]
   v.check_rows(Y=data[-1])

@@ -11,8 +11,10 @@ Conventions follow ppi_py's mean, so one stratum reproduces `ppi_mean_ci` exactl
 covariance and both variances in Var use ddof=0, and Var_k(f) in lam_k pools the labelled
 and unlabelled predictions (ddof=1). `lam=1` is stratified PPI, `lam=0` the stratified
 classical estimator. Strata are integer ids in [0, num_strata); `num_strata` is static
-under jit. Validation follows `stats._validation`; under jit a stratum with fewer than two
-labelled or unlabelled rows makes the result NaN.
+under jit. Validation follows `stats._validation`: a stratum id out of range, a stratum with
+fewer than two labelled or unlabelled rows, NaN/inf data, a non-finite `lam`, negative
+`stratum_weights` or alpha outside (0, 1) raise a ValueError when concrete; when traced
+(inside jit/vmap) every output is NaN instead.
 
 Allocation of a labelling budget across strata (§4 of the paper): proportional
 (`n_k ∝ w_k`), optimal (Neyman on the residual, `n_k ∝ w_k sd_k(Y - lam_k f)`), or a
@@ -27,29 +29,28 @@ from stats import _validation as v
 from stats._core import z_interval
 
 
-def _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata):
+def _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata, lam=None):
+  """Validated arrays, one-hot strata `(Y, Yhat, Yhat_unlabeled, onehot, onehot_u)` and the
+  flag of the value checks."""
   Y, Yhat = v.as_float(Y, 'Y', (1,)), v.as_float(Yhat, 'Yhat', (1,))
   Yhat_unlabeled = v.as_float(Yhat_unlabeled, 'Yhat_unlabeled', (1,))
   strata, strata_unlabeled = jnp.asarray(strata), jnp.asarray(strata_unlabeled)
   v.check_same_shape('Y', Y, 'Yhat', Yhat)
   v.check_same_shape('Y', Y, 'strata', strata)
   v.check_same_shape('Yhat_unlabeled', Yhat_unlabeled, 'strata_unlabeled', strata_unlabeled)
-  v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled)
+  ok = v.check_finite(Y=Y, Yhat=Yhat, Yhat_unlabeled=Yhat_unlabeled) & v.check_lam(lam)
   if num_strata is None:
     if not v.is_concrete(strata, strata_unlabeled):
       raise ValueError('num_strata must be given (statically) inside jit/vmap.')
     num_strata = int(max(strata.max(), strata_unlabeled.max())) + 1
   onehot = (strata[:, None] == jnp.arange(num_strata)).astype(Y.dtype)
   onehot_u = (strata_unlabeled[:, None] == jnp.arange(num_strata)).astype(Y.dtype)
-  if v.is_concrete(onehot, onehot_u):
-    for name, s, oh in [('strata', strata, onehot), ('strata_unlabeled', strata_unlabeled,
-                                                     onehot_u)]:
-      if bool(jnp.any(oh.sum(1) != 1)):
-        raise ValueError(f'{name} must hold integer ids in [0, {num_strata}).')
-      small = np.flatnonzero(np.asarray(oh.sum(0)) < 2)
-      if small.size:
-        raise ValueError(f'{name}: strata {small.tolist()} have fewer than 2 rows.')
-  return Y, Yhat, Yhat_unlabeled, onehot, onehot_u
+  for name, oh in [('strata', onehot), ('strata_unlabeled', onehot_u)]:
+    ok &= v.require(oh.sum(1) == 1, f'{name} must hold integer ids in [0, {num_strata}).')
+    counts = oh.sum(0)
+    ok &= v.require(counts >= 2, lambda: f'{name}: strata '
+                    f'{np.flatnonzero(np.asarray(counts) < 2).tolist()} have fewer than 2 rows.')
+  return (Y, Yhat, Yhat_unlabeled, onehot, onehot_u), ok
 
 
 def _moments(x, onehot):
@@ -76,49 +77,54 @@ def _fit(Y, Yhat, Yhat_unlabeled, onehot, onehot_u, lam, stratum_weights):
   resid = Y - (onehot @ lam) * Yhat
   _, rbar, cr = _moments(resid, onehot)
   var_r = onehot.T @ cr(resid, rbar)**2 / n_k
-  if stratum_weights is None:
-    w = N_k / N_k.sum()
-  else:
-    w = jnp.asarray(stratum_weights, Y.dtype)
-    if w.shape != n_k.shape:
-      raise ValueError(f'stratum_weights must have shape {n_k.shape}, got {w.shape}.')
-    w = w / w.sum()
+  w = N_k / N_k.sum() if stratum_weights is None else stratum_weights
   estimate = jnp.sum(w * (ybar + lam * (fbar_u - fbar)))
-  var_k = var_r / n_k + lam**2 * var_u / N_k
-  enough = (n_k >= 2) & (N_k >= 2)
-  se = jnp.sqrt(jnp.sum(w**2 * jnp.where(enough, var_k, jnp.nan)))
+  se = jnp.sqrt(jnp.sum(w**2 * (var_r / n_k + lam**2 * var_u / N_k)))
   return estimate, se, lam, jnp.sqrt(var_r)
+
+
+def _stratum_weights(stratum_weights, num_strata):
+  """Given stratum weights normalised to sum to 1 (None stays None), and their flag."""
+  if stratum_weights is None:
+    return None, True
+  w, ok = v.weights(stratum_weights, num_strata, 'stratum_weights')
+  return w / num_strata, ok
 
 
 def stratppi_mean_pointestimate(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled,
                                 num_strata=None, lam=None, stratum_weights=None):
-  """StratPPI point estimate of the mean of Y (module docstring)."""
-  data = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
-  return _fit(*data, lam, stratum_weights)[0]
+  """StratPPI point estimate of the mean of Y (module docstring; NaN if a traced value is
+  bad)."""
+  data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata, lam)
+  stratum_weights, ok_w = _stratum_weights(stratum_weights, data[3].shape[1])
+  return v.nan_unless(ok & ok_w, _fit(*data, lam, stratum_weights)[0])
 
 
 def stratppi_mean_ci(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata=None,
                      alpha=0.1, alternative='two-sided', lam=None, stratum_weights=None):
   """StratPPI (1 - alpha) z interval `(lower, upper)` for the mean of Y.
 
-  `lam=None` tunes lambda per stratum; a scalar or a (K,) array fixes it.
+  `lam=None` tunes lambda per stratum; a scalar or a (K,) array fixes it. Bad values raise
+  when concrete; traced ones give NaN endpoints (module docstring).
   """
-  data = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
+  data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata, lam)
+  stratum_weights, ok_w = _stratum_weights(stratum_weights, data[3].shape[1])
   estimate, se, _, _ = _fit(*data, lam, stratum_weights)
-  return z_interval(estimate, v.positive_se(se), alpha, alternative)
+  return v.nan_unless(ok & ok_w, z_interval(estimate, v.positive_se(se), alpha, alternative))
 
 
 def stratppi_lam(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata=None):
-  """Per-stratum power-tuning parameters lam_k, shape (K,)."""
-  data = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
-  return _fit(*data, None, None)[2]
+  """Per-stratum power-tuning parameters lam_k, shape (K,); NaN if a traced input is bad."""
+  data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
+  return v.nan_unless(ok, _fit(*data, None, None)[2])
 
 
 def residual_sd(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata=None,
                 lam=None):
-  """Per-stratum sd_k(Y - lam_k f) from a labelled pilot: the input of `allocate_optimal`."""
-  data = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata)
-  return _fit(*data, lam, None)[3]
+  """Per-stratum sd_k(Y - lam_k f) from a labelled pilot: the input of `allocate_optimal`
+  (NaN if a traced input is bad)."""
+  data, ok = _inputs(Y, Yhat, Yhat_unlabeled, strata, strata_unlabeled, num_strata, lam)
+  return v.nan_unless(ok, _fit(*data, lam, None)[3])
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 from model import decode
 from model.layers import ModelConfig
 from model.llama import Llama
+from tests.utils import FORWARD_RTOL, assert_close
 
 GREEDY = decode.SamplingConfig(greedy=True)
 
@@ -43,7 +44,7 @@ class CachedDecodingTest(parameterized.TestCase):
     for t in range(prefill, tokens.shape[1]):
       logits, aux = apply(tokens[:, t:t + 1], jnp.full((2, 1), t), aux['cache'])
       cached.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=1e-5, rtol=1e-5)
+    assert_close(jnp.concatenate(cached, axis=1), full, FORWARD_RTOL)
 
 
 class GenerateTest(parameterized.TestCase):
@@ -64,7 +65,7 @@ class GenerateTest(parameterized.TestCase):
     for b, n in enumerate(self.lengths.tolist()):
       alone = self._greedy(self.prompts[b:b + 1, :n], None)
       np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
-      np.testing.assert_allclose(batched.logprobs[b], alone.logprobs[0], atol=1e-5)
+      assert_close(batched.logprobs[b], alone.logprobs[0], FORWARD_RTOL)
 
   @parameterized.named_parameters(('loop', False), ('scan', True))
   def test_greedy_tokens_are_argmax_of_full_forward(self, scan_layers):
@@ -76,7 +77,7 @@ class GenerateTest(parameterized.TestCase):
     steps = logits[0, 4:-1]  # Logits that predicted each generated token.
     np.testing.assert_array_equal(out.tokens[0], jnp.argmax(steps, axis=-1))
     expected = jnp.take_along_axis(jax.nn.log_softmax(steps), out.tokens[0, :, None], 1)[:, 0]
-    np.testing.assert_allclose(out.logprobs[0], expected, atol=1e-5)
+    assert_close(out.logprobs[0], expected, FORWARD_RTOL)
     np.testing.assert_array_equal(out.lengths, [8])
 
   def test_stop_tokens_end_rows_and_pad(self):

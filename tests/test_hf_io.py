@@ -12,6 +12,7 @@ import transformers
 
 from model import decode, hf_io, param_layout
 from model.llama import Llama
+from tests.utils import FORWARD_RTOL, assert_close
 
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 11))
 
@@ -64,8 +65,7 @@ class HfIoTest(parameterized.TestCase):
     self.assertEqual(cfg.scan_layers, scan_layers)
     self.assertEqual(cfg.tie_embeddings, overrides.get('tie_word_embeddings', False))
     self.assertEqual(cfg.rope_theta, overrides.get('rope_theta', 10000.0))
-    np.testing.assert_allclose(_our_logits(cfg, params, TOKENS), _hf_logits(hf_model, TOKENS),
-                               atol=1e-4, rtol=1e-4)
+    assert_close(_our_logits(cfg, params, TOKENS), _hf_logits(hf_model, TOKENS), FORWARD_RTOL)
 
   @parameterized.named_parameters(('untied_scan', False, True), ('tied_loop', True, False))
   def test_export_round_trip_and_transformers_load(self, tied, scan_layers):
@@ -78,8 +78,7 @@ class HfIoTest(parameterized.TestCase):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation='eager')
     self.assertEqual(reloaded.config.rope_parameters['rope_theta'], 2000.0)
-    np.testing.assert_allclose(_hf_logits(reloaded.eval(), TOKENS), _hf_logits(hf_model, TOKENS),
-                               atol=1e-5, rtol=1e-5)
+    assert_close(_hf_logits(reloaded.eval(), TOKENS), _hf_logits(hf_model, TOKENS), FORWARD_RTOL)
 
   def test_scan_and_loop_layouts_convert(self):
     path = self._save(_hf_model())
@@ -102,8 +101,7 @@ class HfIoTest(parameterized.TestCase):
     self.assertEqual(params['layers_1']['mlp']['down']['kernel'].dtype, np.float32)
     reloaded = transformers.LlamaForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation='eager').eval()
-    np.testing.assert_allclose(_our_logits(cfg, params, TOKENS), _hf_logits(reloaded, TOKENS),
-                               atol=1e-4, rtol=1e-4)
+    assert_close(_our_logits(cfg, params, TOKENS), _hf_logits(reloaded, TOKENS), FORWARD_RTOL)
 
   def test_greedy_generation_matches_transformers(self):
     hf_model = _hf_model(seed=2, initializer_range=0.3)

@@ -10,6 +10,9 @@ import ppi_py  # noqa: E402
 
 from stats import glm  # noqa: E402
 
+# float64 parity with ppi_py: the fits agree to the optimiser's tolerance (gtol 1e-12 below,
+# ~1e-11 in the coefficients) and O(1) data give O(1) coefficients and endpoints, so this
+# absolute tolerance is a 1e-6 relative one.
 TOL = 1e-6
 # ppi_py's L-BFGS-B stops at a gradient of 1e-5 by default; tighten it so that both solvers
 # reach the optimum and the comparison is about the statistics, not the stopping rule.
