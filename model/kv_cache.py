@@ -1,13 +1,21 @@
 """Functional KV caches shared by every model family.
 
 A cache is a plain dict pytree:
-  ``k``, ``v``: [L, B, S, Hkv, D] per-layer keys/values (L cache layers),
+  ``k``, ``v``: tuples of L per-layer buffers [B, Hkv, S, D] (L cache layers; head-major),
   ``pos``: [B, S] int32 position of the token in each slot, -1 where empty,
-  ``end``: [B] int32 next slot to write.
+  ``end``: int32 scalar, the next slot to write (the same for every row).
 Each forward call writes its T tokens at slots ``end .. end+T-1`` of every row (padding
 tokens, segment id 0, are written with position -1 so nobody attends to them) and
 advances ``end`` by T. Writing past S is not checked inside ``jit`` (slots would be
 clamped); callers check ``end + T <= S`` statically, as ``model.decode.generate`` does.
+
+Why this layout: a cached call must cost one read of the cache plus writing its new entries.
+Each layer writes its entries into its own buffer with one dynamic-update-slice (in place
+when the cache is donated) and attention reads the buffer directly. A stacked [L, ...] buffer
+would not do: XLA copies a layer's slice of it (and a [B, S, Hkv, D] buffer's transpose)
+before every attention matmul, tripling the bytes a decode step moves (measured by
+tests/test_decode.py's cost-analysis tests). Engines that pick cache layers by a traced
+depth index use ``stack_layers``.
 """
 import jax.numpy as jnp
 
@@ -16,15 +24,21 @@ from model.layers import KVContext, write_slots
 
 def init_cache(num_layers, batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
   """An empty cache for ``max_len`` slots per row."""
-  shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
-          'pos': jnp.full((batch, max_len), -1, jnp.int32), 'end': jnp.zeros((batch,), jnp.int32)}
+  shape = (batch, num_kv_heads, max_len, head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+  return {'k': zeros(), 'v': zeros(), 'pos': jnp.full((batch, max_len), -1, jnp.int32),
+          'end': jnp.zeros((), jnp.int32)}
 
 
 def init_cache_for(cfg, batch, max_len, num_layers=None):
   """An empty cache for a model config: one cache layer per unrolled layer by default."""
   return init_cache(cfg.num_layers if num_layers is None else num_layers, batch, max_len,
                     cfg.num_kv_heads, cfg.dims_per_head, cfg.compute_dtype)
+
+
+def stack_layers(cache):
+  """The cache with ``k``/``v`` stacked into [L, B, Hkv, S, D] arrays."""
+  return dict(cache, k=jnp.stack(cache['k']), v=jnp.stack(cache['v']))
 
 
 def advance(cache, positions, segment_ids=None):
