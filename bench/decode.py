@@ -14,8 +14,14 @@ and recursive models, randomly initialised), greedy-decodes ``new_tokens`` token
 Both are compiled before timing; the two are timed alternately, ``rounds`` times, and each
 keeps its best round, so both see the same machine load. Reports tokens/s of each, their
 ratio, and whether the two produced the same tokens. MoR uses ``causal_routing`` so that
-its full forward pass routes as cached decoding does. Prints a table and writes JSON.
+its full forward pass routes as cached decoding does.
+
+Also reports, per family, XLA's cost analysis of one cached decode step of a small model
+with a long cache (as tests/test_decode.py): bytes accessed / the bytes its attention layers
+read from the cache (one read of a layer's keys+values per layer application). Prints
+tables and writes JSON.
 """
+import argparse
 import json
 import platform
 import time
@@ -24,19 +30,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-
 from bench.train_throughput import config_50m
 from configs import mor_tiny, recursive_tiny, vanilla_tiny
-from model import decode
+from model import decode, kv_cache
+from model.layers import ModelConfig
+from model.llama import Llama
+from model.mor import MoR, MoRConfig
+from model.recursive import Recursive, RecursiveConfig
 from model.registry import build_model
-
-_OUT = flags.DEFINE_string('out', 'bench_decode.json', 'JSON output path.')
-_NEW = flags.DEFINE_integer('new_tokens', 256, 'Tokens generated per row.')
-_PROMPT = flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens per row.')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Rows decoded together.')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds (best kept).')
-_BUCKET = flags.DEFINE_integer('bucket', 64, 'Naive prefix lengths are padded to multiples.')
 
 GREEDY = decode.SamplingConfig(greedy=True)
 
@@ -47,6 +48,23 @@ def configs():
   mor.causal_routing = True
   return [('llama_50m', config_50m().model), ('vanilla_tiny', vanilla_tiny.get_config().model),
           ('mor_tiny', mor), ('recursive_tiny', recursive_tiny.get_config().model)]
+
+
+def cache_read_ratios(batch=2, max_len=2048):
+  """{family: decode-step bytes accessed / bytes of one cache read per layer application}."""
+  shapes = dict(vocab_size=64, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=64,
+                mlp_dim=64)
+  models = {'llama': Llama(ModelConfig(**shapes, num_layers=3)),
+            'llama_scan': Llama(ModelConfig(**shapes, num_layers=3, scan_layers=True)),
+            'recursive': Recursive(RecursiveConfig(**shapes, num_layers=4, num_loops=2)),
+            'mor': MoR(MoRConfig(**shapes, num_layers=4, num_recursions=2)),
+            'mor_kv_sharing': MoR(MoRConfig(**shapes, num_layers=4, num_recursions=2,
+                                            kv_sharing=True))}
+  ratios = {}
+  for name, model in models.items():
+    step_bytes, layer_bytes = kv_cache.decode_step_bytes(model, batch, max_len)
+    ratios[name] = step_bytes / (model.cfg.num_layers * layer_bytes)
+  return ratios
 
 
 def naive_decoder(model, variables, prompts, new_tokens, bucket):
@@ -60,7 +78,7 @@ def naive_decoder(model, variables, prompts, new_tokens, bucket):
     for n in range(prompt_len, prompt_len + new_tokens):
       logits = forward(jnp.asarray(buf[:, :-(-n // bucket) * bucket]))
       buf[:, n] = np.asarray(jnp.argmax(logits[:, n - 1], axis=-1))
-    return buf[:, prompt_len:]
+    return buf[:, prompt_len:prompt_len + new_tokens]
   return run
 
 
@@ -87,22 +105,35 @@ def measure(name, model_config, new_tokens, prompt_len, batch, rounds, bucket):
           'speedup': best['naive'] / best['generate'], 'same_tokens': same}
 
 
-def main(_):
-  rows = [measure(name, cfg, _NEW.value, _PROMPT.value, _BATCH.value, _ROUNDS.value,
-                  _BUCKET.value) for name, cfg in configs()]
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out', default='bench_decode.json', help='JSON output path.')
+  parser.add_argument('--new_tokens', type=int, default=256, help='Tokens generated per row.')
+  parser.add_argument('--prompt_len', type=int, default=16, help='Prompt tokens per row.')
+  parser.add_argument('--batch', type=int, default=1, help='Rows decoded together.')
+  parser.add_argument('--rounds', type=int, default=2, help='Interleaved rounds (best kept).')
+  parser.add_argument('--bucket', type=int, default=64,
+                      help='Naive prefix lengths are padded to multiples of this.')
+  args = parser.parse_args()
+  ratios = cache_read_ratios()
+  rows = [measure(name, cfg, args.new_tokens, args.prompt_len, args.batch, args.rounds,
+                  args.bucket) for name, cfg in configs()]
   cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
               if l.startswith('model name')), '') if platform.system() == 'Linux' else ''
   device = f'{jax.devices()[0].device_kind} ({cpu or platform.processor()})'
-  print(f'device: {device}; best of {_ROUNDS.value} interleaved rounds')
+  print(f'device: {device}; best of {args.rounds} interleaved rounds')
   print(f"{'config':15s} {'generate tok/s':>15s} {'naive tok/s':>12s} {'speedup':>8s} "
         f"{'same tokens':>11s}")
   for r in rows:
     print(f"{r['config']:15s} {r['generate_tokens_per_s']:15,.1f} "
           f"{r['naive_tokens_per_s']:12,.1f} {r['speedup']:7.1f}x {str(r['same_tokens']):>11s}")
-  with open(_OUT.value, 'w') as f:
-    json.dump({'device': device, 'rounds': _ROUNDS.value, 'bucket': _BUCKET.value,
-               'rows': rows}, f, indent=2)
+  print('decode step bytes accessed / one cache read per layer application (XLA cost '
+        'analysis; 2 rows x 2048 slots):')
+  print('  ' + ', '.join(f'{name} {ratio:.2f}' for name, ratio in ratios.items()))
+  with open(args.out, 'w') as f:
+    json.dump({'device': device, 'rounds': args.rounds, 'bucket': args.bucket, 'rows': rows,
+               'step_bytes_over_cache_read': ratios}, f, indent=2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

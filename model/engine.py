@@ -109,7 +109,9 @@ class SlotEngine:
   token each slot emitted this step or -1, ``depth`` how deep that token went),
   ``fresh_slot`` (state fields of a newly filled slot) and ``_init_state(n)``.
   ``static_batching=True`` refills slots only when all are free (static batching),
-  otherwise at once (continuous batching).
+  otherwise at once (continuous batching). The engine keeps the model's cache with its
+  layers stacked (``kv_cache.stack_layers``: [L, B, Hkv, S, D]), since a step picks each
+  slot's cache layer by its traced depth.
   """
   num_depths: int  # length of stats['exits_per_depth']
   fresh_slot: dict

@@ -17,6 +17,8 @@ before every attention matmul, tripling the bytes a decode step moves (measured 
 tests/test_decode.py's cost-analysis tests). Engines that pick cache layers by a traced
 depth index use ``stack_layers``.
 """
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from model.layers import KVContext, write_slots
@@ -47,3 +49,21 @@ def advance(cache, positions, segment_ids=None):
   pos = write_slots(cache['pos'], new_pos.astype(jnp.int32), cache['end'])
   ctx = KVContext(kv_pos=pos, write_idx=cache['end'])
   return ctx, dict(cache, pos=pos, end=cache['end'] + positions.shape[1])
+
+
+def decode_step_bytes(model, batch, max_len):
+  """(bytes accessed, bytes of one layer's keys+values) of one cached decode step.
+
+  XLA's cost analysis of ``model.apply`` on one token per row with a donated ``max_len``-slot
+  cache, compiled for abstract inputs (nothing is allocated). XLA counts a
+  dynamic-update-slice as its update, a scatter as its whole operand and a ``while`` body once.
+  """
+  tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  variables = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+  cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+  step = jax.jit(lambda v, tok, pos, c: model.apply(v, tok, positions=pos, cache=c),
+                 donate_argnums=3)
+  cost = step.lower(variables, tokens, tokens, cache).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  layer = cache['k'][0]
+  return cost['bytes accessed'], 2 * layer.size * layer.dtype.itemsize

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import decode
+from model import decode, kv_cache
 from model.layers import ModelConfig
 from model.llama import Llama
 from model.mor import MoR, MoRConfig
@@ -197,7 +197,9 @@ class DecodeStepCostTest(parameterized.TestCase):
   per layer. Without in-place writes a step copies the cache several times (about 9x).
   XLA counts a dynamic-update-slice as its update only, but a per-row scatter as its whole
   operand, and counts a ``while`` body once: hence one shared write slot for all rows and
-  scanned layers unrolled when cached (model.kv_cache, model.llama.run_layers).
+  scanned layers unrolled when cached (model.kv_cache, model.llama.run_layers). With a
+  single KV head XLA:CPU's dot fusion transposes the cache before reading it (measured:
+  about 6.7x), so these models have 2 KV heads.
   """
   SHAPES = dict(vocab_size=64, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=64,
                 mlp_dim=64)
@@ -209,18 +211,12 @@ class DecodeStepCostTest(parameterized.TestCase):
       ('mor', MoR, MoRConfig, dict(num_layers=4, num_recursions=2)),
       ('mor_kv_sharing', MoR, MoRConfig, dict(num_layers=4, num_recursions=2, kv_sharing=True)))
   def test_decode_step_bytes_are_about_one_cache_read(self, family, config, overrides):
+    if jax.default_backend() != 'cpu':
+      self.skipTest('The bound holds for XLA:CPU fusion and layout decisions; other backends '
+                    'decide differently and have not been measured.')
     model = family(config(**self.SHAPES, **overrides))
-    batch, slots = 2, 2048
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    variables = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
-    cache = jax.eval_shape(lambda: model.init_cache(batch, slots))
-    step = jax.jit(lambda v, tok, pos, c: model.apply(v, tok, positions=pos, cache=c),
-                   donate_argnums=3)
-    cost = step.lower(variables, tokens, tokens, cache).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    layer_bytes = 2 * cache['k'][0].size * cache['k'][0].dtype.itemsize  # keys + values
-    # Every family here applies num_layers attention layers per token (unrolled depth).
-    self.assertLessEqual(cost['bytes accessed'], 1.5 * model.cfg.num_layers * layer_bytes)
+    step_bytes, layer_bytes = kv_cache.decode_step_bytes(model, batch=2, max_len=2048)
+    self.assertLessEqual(step_bytes, 1.5 * model.cfg.num_layers * layer_bytes)
 
 
 class SamplingTest(parameterized.TestCase):
