@@ -9,13 +9,14 @@ tokens, segment id 0, are written with position -1 so nobody attends to them) an
 advances ``end`` by T. Writing past S is not checked inside ``jit`` (slots would be
 clamped); callers check ``end + T <= S`` statically, as ``model.decode.generate`` does.
 
-Why this layout: a cached call must cost one read of the cache plus writing its new entries.
-Each layer writes its entries into its own buffer with one dynamic-update-slice (in place
-when the cache is donated) and attention reads the buffer directly. A stacked [L, ...] buffer
-would not do: XLA copies a layer's slice of it (and a [B, S, Hkv, D] buffer's transpose)
-before every attention matmul, tripling the bytes a decode step moves (measured by
-tests/test_decode.py's cost-analysis tests). Engines that pick cache layers by a traced
-depth index use ``stack_layers``.
+Why this layout: a cached call should cost one read of the cache plus writing its new
+entries. Each layer writes its entries into its own buffer with one dynamic-update-slice (in
+place when the cache is donated; all rows share the write slot, since a per-row write is a
+scatter) and attention's matmuls read the buffer as it is. XLA:CPU copies a layer's slice of
+a stacked [L, ...] buffer, and transposes a [B, S, Hkv, D] one, before the matmuls: with the
+earlier stacked [L, B, S, Hkv, D] cache a decode step moved about 9 cache reads, with this
+one about 1.2 (``decode_step_bytes``; tests/test_decode.py, bench/decode.py). Engines that
+pick cache layers by a traced depth index use ``stack_layers``.
 """
 import flax.linen as nn
 import jax

@@ -154,9 +154,12 @@ class GenerateLogprobsTest(parameterized.TestCase):
     sampling, new = decode.SamplingConfig(**kwargs), 6
     out = decode.generate(self.model, self.params, self.prompts, new, sampling,
                           jax.random.key(5), prompt_lengths=self.lengths)
+    seqs = np.zeros((3, self.prompts.shape[1] + new), np.int32)  # Right padding: invisible.
     for b, n in enumerate(self.lengths):
-      seq = jnp.concatenate([self.prompts[b, :n], out.tokens[b]])[None]
-      logits = np.asarray(_forward(self.model, self.params, seq)[0, n - 1:n - 1 + new])
+      seqs[b, :n + new] = np.concatenate([self.prompts[b, :n], out.tokens[b]])
+    all_logits = np.asarray(_forward(self.model, self.params, jnp.asarray(seqs)))
+    for b, n in enumerate(self.lengths):
+      logits = all_logits[b, n - 1:n - 1 + new]  # The logits each generated token came from.
       tokens = np.asarray(out.tokens[b])[:, None]
       policy = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), tokens, 1)[:, 0]
       sample = np.take_along_axis(_reference_sampling_logprobs(logits, sampling), tokens, 1)[:, 0]
