@@ -5,7 +5,9 @@
 each row's last prompt token, then its previous sample, at position ``prompt_length - 1 +
 step``. A row stops at a stop token; the loop exits as soon as every row has stopped.
 ``sample_logits`` and ``filter_logits`` are the pure sampling functions it uses (greedy,
-temperature, top-k, top-p).
+temperature, top-k, top-p). For RL, every generated token comes with two exact log-probs:
+under the distribution it was drawn from (``sample_logprobs``) and under the unmodified
+policy (``policy_logprobs``); see ``GenerateOutput``.
 """
 import dataclasses
 from typing import NamedTuple
@@ -33,11 +35,19 @@ class SamplingConfig:
 
 
 class GenerateOutput(NamedTuple):
-  """``tokens`` [B, N] (``pad_id`` after a row stops); ``logprobs`` [B, N] float32, the raw
-  model log-softmax (temperature 1, no filtering) of each generated token, 0 at padding;
-  ``lengths`` [B] tokens generated per row, including the stop token."""
+  """What ``generate`` returns; all [B, N] fields are 0 at padding.
+
+  ``tokens`` [B, N]: generated tokens, ``pad_id`` after a row stops.
+  ``sample_logprobs`` [B, N] float32: log-prob of each token under the distribution it was
+    drawn from (the softmax of ``filter_logits``: temperature, top-k and top-p applied);
+    0 (= log 1) for greedy decoding, whose choice is deterministic.
+  ``policy_logprobs`` [B, N] float32: log-prob of each token under the unmodified policy
+    (the model's log-softmax: temperature 1, no filtering).
+  ``lengths`` [B]: tokens generated per row, including the stop token.
+  """
   tokens: jax.Array
-  logprobs: jax.Array
+  sample_logprobs: jax.Array
+  policy_logprobs: jax.Array
   lengths: jax.Array
 
 
@@ -65,22 +75,42 @@ def filter_logits(logits, sampling: SamplingConfig):
   return jnp.where(keep, logits, -jnp.inf)
 
 
+def _token_logprob(logits, tokens):
+  """log softmax(logits)[token] for logits [..., V] and tokens [...]."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def sample_with_logprobs(logits, rng, sampling: SamplingConfig):
+  """Samples token ids [...] from logits [..., V] -> (tokens, sample_logprobs,
+  policy_logprobs), as ``GenerateOutput`` defines them.
+
+  Greedy: argmax, sample log-prob 0. Otherwise ``jax.random.categorical`` draws from
+  softmax(``filter_logits``) and the sample log-prob is that distribution's log-softmax.
+  """
+  if sampling.greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sample_logprobs = jnp.zeros(tokens.shape, jnp.float32)
+  else:
+    filtered = filter_logits(logits, sampling)
+    tokens = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    sample_logprobs = _token_logprob(filtered, tokens)
+  return tokens, sample_logprobs, _token_logprob(logits, tokens)
+
+
 def sample_logits(logits, rng, sampling: SamplingConfig):
   """Samples token ids [...] from logits [..., V]: argmax if greedy, else filtered softmax."""
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+  return sample_with_logprobs(logits, rng, sampling)[0]
 
 
 def _pick(logits, rng, sampling, done, stop_tokens, pad_id):
-  """One step for every row -> (tokens, logprobs, done after it); done rows get pad_id."""
-  tokens = sample_logits(logits, rng, sampling)
-  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                                 tokens[:, None], axis=-1)[:, 0]
+  """One step for every row -> (tokens, sample_logprobs, policy_logprobs, done after it);
+  done rows get pad_id and log-probs 0."""
+  tokens, sample_lp, policy_lp = sample_with_logprobs(logits, rng, sampling)
   tokens = jnp.where(done, pad_id, tokens)
-  logprobs = jnp.where(done, 0.0, logprobs)
+  sample_lp, policy_lp = (jnp.where(done, 0.0, lp) for lp in (sample_lp, policy_lp))
   stopped = done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else done
-  return tokens, logprobs, stopped
+  return tokens, sample_lp, policy_lp, stopped
 
 
 def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampling,
@@ -103,19 +133,19 @@ def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampl
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, cache, prev, tokens, logprobs, lengths, done = state
+    step, cache, prev, outputs, lengths, done = state
     logits, aux = apply(prev[:, None], (prompt_lengths - 1 + step)[:, None], None, cache)
-    token, logprob, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling,
-                                     done, stop_tokens, pad_id)
-    tokens = tokens.at[:, step].set(token)
-    logprobs = logprobs.at[:, step].set(logprob)
-    return step + 1, aux['cache'], token, tokens, logprobs, lengths + ~done, new_done
+    *picked, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling, done,
+                              stop_tokens, pad_id)
+    outputs = tuple(out.at[:, step].set(new) for out, new in zip(outputs, picked))
+    return step + 1, aux['cache'], picked[0], outputs, lengths + ~done, new_done
 
-  state = (jnp.int32(0), aux['cache'], last, jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch,), jnp.int32),
+  zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
+  outputs = (jnp.full((batch, max_new_tokens), pad_id, jnp.int32), zeros, zeros)
+  state = (jnp.int32(0), aux['cache'], last, outputs, jnp.zeros((batch,), jnp.int32),
            jnp.zeros((batch,), bool))
-  _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, state)
-  return GenerateOutput(tokens, logprobs, lengths)
+  _, _, _, outputs, lengths, _ = jax.lax.while_loop(cond, body, state)
+  return GenerateOutput(*outputs, lengths)
 
 
 _generate_jit = jax.jit(_generate, static_argnames=(
@@ -142,7 +172,8 @@ def generate(model, params, prompts, max_new_tokens: int, sampling: SamplingConf
     max_len: KV-cache slots per row; default P + N. Must be >= P + N.
 
   Returns:
-    GenerateOutput(tokens [B, N], logprobs [B, N], lengths [B]); see GenerateOutput.
+    GenerateOutput(tokens, sample_logprobs, policy_logprobs [B, N], lengths [B]); see
+    GenerateOutput.
   The whole call is jit-compiled (static N, sampling, stop_tokens, pad_id, max_len) and
   may itself be traced inside a caller's ``jax.jit``.
   """

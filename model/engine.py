@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import kv_cache
 from model.layers import KVContext, Linear, ModelConfig, RMSNorm, apply_rope
 from model.llama import Embedder
 from model.recursive import PROJECTIONS, Recursive, RecursiveConfig, apply_layer
@@ -77,8 +78,8 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
       x, (k, v) = apply_layer(cfg, params[f'layers_{j}'], {}, x,
                               (k_cache[layer, slots], v_cache[layer, slots]), ctx)
       # Only the new entries go back (writing whole rows would copy the cache every step).
-      k_cache = k_cache.at[layer, slots, pos].set(k[slots, pos])
-      v_cache = v_cache.at[layer, slots, pos].set(v[slots, pos])
+      k_cache = k_cache.at[layer, slots, :, pos].set(k[slots, :, pos])
+      v_cache = v_cache.at[layer, slots, :, pos].set(v[slots, :, pos])
     normed = RMSNorm(cfg.norm_eps, cfg.compute_dtype).apply({'params': params['final_norm']}, x)
     logits = embedder.apply({'params': params['embedder']}, normed, method=Embedder.decode)[:, 0]
     exits = depth == loops - 1
@@ -89,10 +90,10 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
     for layer in range(size, size * loops):
       k, v = kv_projection(cfg, params[f'layers_{layer % size}'], x, pos[:, None])
       fill = exits & (layer >= (depth + 1) * size)
-      k_cache = k_cache.at[layer, slots, pos].set(
-          jnp.where(fill[:, None, None], k[:, 0], k_cache[layer, slots, pos]))
-      v_cache = v_cache.at[layer, slots, pos].set(
-          jnp.where(fill[:, None, None], v[:, 0], v_cache[layer, slots, pos]))
+      k_cache = k_cache.at[layer, slots, :, pos].set(
+          jnp.where(fill[:, None, None], k[:, 0], k_cache[layer, slots, :, pos]))
+      v_cache = v_cache.at[layer, slots, :, pos].set(
+          jnp.where(fill[:, None, None], v[:, 0], v_cache[layer, slots, :, pos]))
     emitted = jnp.where(exits, jnp.argmax(logits, axis=-1).astype(jnp.int32), -1)
     new_state = dict(state, h=x, token=jnp.where(exits, emitted, state['token']),
                      pos=jnp.where(exits, pos + 1, pos), depth=jnp.where(exits, 0, depth + 1))
@@ -108,7 +109,9 @@ class SlotEngine:
   token each slot emitted this step or -1, ``depth`` how deep that token went),
   ``fresh_slot`` (state fields of a newly filled slot) and ``_init_state(n)``.
   ``static_batching=True`` refills slots only when all are free (static batching),
-  otherwise at once (continuous batching).
+  otherwise at once (continuous batching). The engine keeps the model's cache with its
+  layers stacked (``kv_cache.stack_layers``: [L, B, Hkv, S, D]), since a step picks each
+  slot's cache layer by its traced depth.
   """
   num_depths: int  # length of stats['exits_per_depth']
   fresh_slot: dict
@@ -128,7 +131,7 @@ class SlotEngine:
     _, aux = self.model.apply(variables, tokens[None], positions=steps[None],
                               segment_ids=(steps < length)[None].astype(jnp.int32),
                               cache=self.model.init_cache(1, self.max_len))
-    return aux['cache']
+    return kv_cache.stack_layers(aux['cache'])
 
   def _insert_fn(self, state, cache, row, slot, token, pos):
     """Puts a prefilled cache row into ``slot`` ([L, B, ...] buffers or [B, ...] ones)."""
@@ -150,7 +153,8 @@ class SlotEngine:
         raise ValueError(f'A request needs {len(r.prompt) + r.max_new_tokens} positions; '
                          f'max_len={self.max_len}.')
     state = self._init_state(n)
-    cache = {k: v for k, v in self.model.init_cache(n, self.max_len).items() if k != 'end'}
+    cache = {k: v for k, v in kv_cache.stack_layers(self.model.init_cache(n, self.max_len)).items()
+             if k != 'end'}
     queue, owner = list(range(len(requests)))[::-1], [None] * n
     outputs = [[] for _ in requests]
     exit_counts = np.zeros(self.num_depths, np.int64)

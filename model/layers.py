@@ -146,21 +146,50 @@ class KVContext:
   """What every layer needs to read/write its slice of a KV cache.
 
   ``kv_pos`` [B, S] are the positions of all cache slots *after* this call's tokens are
-  written (-1 = empty); ``write_idx`` [B] is the slot where this call's first token goes.
+  written (-1 = empty); ``write_idx`` is the slot where this call's first token goes: a
+  scalar (every row writes at the same slot, as ``model.kv_cache`` does) or per row [B].
   """
   kv_pos: jax.Array
   write_idx: jax.Array
 
 
-def write_slots(buffer, update, start):
-  """Writes update [B, T, ...] into buffer [B, S, ...] at per-row slot ``start`` [B]."""
-  def one(buf, upd, s):
-    return jax.lax.dynamic_update_slice_in_dim(buf, upd.astype(buf.dtype), s, axis=0)
+def write_slots(buffer, update, start, axis=1):
+  """Writes ``update`` into ``buffer`` (both batch-major) along the slot ``axis`` from ``start``.
+
+  A scalar ``start`` writes every row at the same slot with one dynamic-update-slice (in
+  place when XLA may reuse ``buffer``, e.g. a donated cache); a per-row ``start`` [B] is a
+  scatter, which copies the buffer unless XLA can update it in place.
+  """
+  update = update.astype(buffer.dtype)
+  if jnp.ndim(start) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, start, axis)
+  one = lambda buf, upd, s: jax.lax.dynamic_update_slice_in_dim(buf, upd, s, axis - 1)
   return jax.vmap(one)(buffer, update, start)
 
 
+def write_kv(buffer, update, start):
+  """Writes keys or values ``update`` [B, T, Hkv, D] into one layer's head-major cache buffer
+  [B, Hkv, S, D] at slot ``start`` (see ``write_slots``); returns the written buffer.
+
+  Head-major is the layout XLA's batched matmuls read in place: a [B, S, Hkv, D] buffer is
+  transposed (copied) before every attention read.
+  """
+  return write_slots(buffer, jnp.swapaxes(update, 1, 2), start, axis=2)
+
+
+def kv_view(buffer):
+  """A head-major cache buffer [B, Hkv, S, D] as attention's keys/values [B, S, Hkv, D] (XLA
+  folds the transpose into the attention matmul)."""
+  return jnp.swapaxes(buffer, 1, 2)
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE at the tokens' positions."""
+  """Grouped-query self-attention with RoPE at the tokens' positions.
+
+  With a cache (``layer_kv``: this layer's head-major buffers (k, v) [B, Hkv, S, D]) the call
+  writes its keys/values at ``kv_ctx.write_idx``, attends over the written buffers and returns
+  them; without, it attends among its own tokens and returns None.
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -176,9 +205,10 @@ class Attention(nn.Module):
       kv_pos = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
       keys, values, new_kv = k, v, None
     else:
-      keys = write_slots(layer_kv[0], k, kv_ctx.write_idx)
-      values = write_slots(layer_kv[1], v, kv_ctx.write_idx)
-      kv_pos, new_kv, segment_ids = kv_ctx.kv_pos, (keys, values), None
+      new_kv = (write_kv(layer_kv[0], k, kv_ctx.write_idx),
+                write_kv(layer_kv[1], v, kv_ctx.write_idx))
+      keys, values = kv_view(new_kv[0]), kv_view(new_kv[1])
+      kv_pos, segment_ids = kv_ctx.kv_pos, None
     out = attention_lib.attention(q, keys, values, q_pos=positions, kv_pos=kv_pos,
                                   q_segment_ids=segment_ids, impl=cfg.attention_impl)
     out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),

@@ -34,14 +34,21 @@ class Embedder(nn.Module):
 def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'):
   """Applies ``num_layers`` DecoderBlocks (loop or scan) inside the calling module.
 
-  ``layer_caches`` is None or (k, v) stacked [num_layers, ...]; returns (x, new caches).
+  ``layer_caches`` is None or (k, v), each a tuple of per-layer buffers (``model.kv_cache``);
+  returns (x, new caches in the same form). A cached call of scanned layers unrolls the scan
+  (the parameters keep their stacked tree): XLA then reads each layer's buffer in place instead
+  of copying its slice of the stacked scan input (the stacking and unstacking fold away).
   """
   block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
   if cfg.scan_layers:
+    cached = layer_caches is not None
     scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(0, nn.broadcast), length=num_layers,
+                      unroll=num_layers if cached else 1,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-    return scanned(cfg, name=name)(x, layer_caches, ctx)
+    stacked = None if not cached else tuple(jnp.stack(c) for c in layer_caches)
+    x, new = scanned(cfg, name=name)(x, stacked, ctx)
+    return x, (None if not cached else tuple(tuple(c) for c in new))
   new_k, new_v = [], []
   for i in range(num_layers):
     layer_kv = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
@@ -49,7 +56,7 @@ def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'
     if kv is not None:
       new_k.append(kv[0])
       new_v.append(kv[1])
-  return x, (None if layer_caches is None else (jnp.stack(new_k), jnp.stack(new_v)))
+  return x, (None if layer_caches is None else (tuple(new_k), tuple(new_v)))
 
 
 class Llama(nn.Module):

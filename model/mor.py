@@ -66,8 +66,8 @@ import optax
 
 from model import attention as attention_lib
 from model import kv_cache
-from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope,
-                          training_flops_per_token, write_slots)
+from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope, kv_view,
+                          training_flops_per_token, write_kv, write_slots)
 from model.llama import Embedder
 
 _SHARING = ('middle_cycle', 'cycle')
@@ -214,7 +214,8 @@ class SharedKVAttention(nn.Module):
   * ``ctx.write_idx`` set: write ``x``'s (k, v) into the cache buffers ``layer_kv`` at
     ``write_idx`` and attend over the buffers; returns the updated buffers;
   * otherwise: attend over the given ``layer_kv`` (recursive KV sharing); returns None.
-  Visibility is ``ctx.kv_pos`` (-1 hides a key) and the segment ids.
+  Keys/values, given or returned, are in the cache's head-major layout [B, Hkv, S, D]
+  (``model.kv_cache``). Visibility is ``ctx.kv_pos`` (-1 hides a key) and the segment ids.
   """
   cfg: ModelConfig
 
@@ -224,17 +225,18 @@ class SharedKVAttention(nn.Module):
     h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
     q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(x),
                    ctx.positions, cfg.rope_theta)
-    if layer_kv is not None and ctx.write_idx is None:
-      (keys, values), new_kv = layer_kv, None
-    else:
+    new_kv = None
+    if layer_kv is None or ctx.write_idx is not None:
       k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(x),
                      ctx.positions, cfg.rope_theta)
       v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(x)
-      if layer_kv is not None:
-        k = write_slots(layer_kv[0], k, ctx.write_idx)
-        v = write_slots(layer_kv[1], v, ctx.write_idx)
-      keys, values = new_kv = (k, v)
-    out = attention_lib.attention(q, keys, values, q_pos=ctx.positions, kv_pos=ctx.kv_pos,
+      if layer_kv is None:
+        layer_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+      else:
+        layer_kv = tuple(write_kv(buf, new, ctx.write_idx) for buf, new in zip(layer_kv, (k, v)))
+      new_kv = layer_kv
+    out = attention_lib.attention(q, kv_view(layer_kv[0]), kv_view(layer_kv[1]),
+                                  q_pos=ctx.positions, kv_pos=ctx.kv_pos,
                                   q_segment_ids=ctx.segment_ids,
                                   kv_segment_ids=ctx.kv_segment_ids, impl=cfg.attention_impl)
     return Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
@@ -527,6 +529,6 @@ class MoR(nn.Module):
     aux = {'losses': losses, 'depth': depth}
     if cache is not None:
       layers_kv = ends_kv[:cfg.num_ends] + block.cache_kv + ends_kv[cfg.num_ends:]
-      aux['cache'] = dict(new_cache, k=jnp.stack([k for k, _ in layers_kv]),
-                          v=jnp.stack([v for _, v in layers_kv]), depth=block.slot_depth)
+      aux['cache'] = dict(new_cache, k=tuple(k for k, _ in layers_kv),
+                          v=tuple(v for _, v in layers_kv), depth=block.slot_depth)
     return embedder.decode(x), aux

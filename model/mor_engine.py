@@ -68,7 +68,8 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     ctx = (pos[:, None], None, KVContext(kv_pos=cache['pos'][slots], write_idx=pos))
     x, (k, v) = apply_layer(cfg, params[name], {}, x, (k_rows, v_rows), ctx)
     lanes = jnp.arange(slots.shape[0])
-    return x, {**cache, **{buf: _set_rows(cache[buf], (layer, slots, pos), new[lanes, pos], write)
+    return x, {**cache, **{buf: _set_rows(cache[buf], (layer, slots, slice(None), pos),
+                                          new[lanes, :, pos], write)
                            for buf, new in (('k', k), ('v', v))}}
 
   def continues(variables, h, rec, target):
@@ -147,8 +148,8 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     for j in range(cfg.base_depth):
       layer = cfg.num_ends + (j if cfg.kv_sharing else rec * cfg.base_depth + j)
       k, v = kv_projection(cfg, params[f'shared_{j}'], x, pos[:, None])
-      k_cache = _set_rows(k_cache, (layer, slots, pos), k[:, 0], write)
-      v_cache = _set_rows(v_cache, (layer, slots, pos), v[:, 0], write)
+      k_cache = _set_rows(k_cache, (layer, slots, slice(None), pos), k[:, 0], write)
+      v_cache = _set_rows(v_cache, (layer, slots, slice(None), pos), v[:, 0], write)
       x, _ = RecursionLayer(cfg).apply({'params': params[f'shared_{j}']}, x,
                                        (k_cache[layer, slots], v_cache[layer, slots]), ctx)
     h = state['h']

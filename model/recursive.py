@@ -316,5 +316,5 @@ class Recursive(nn.Module):
       if return_exits:
         aux['exit_logits'] = jnp.stack(exit_logits)
     if cache is not None:
-      aux['cache'] = dict(new_cache, k=jnp.stack(new_k), v=jnp.stack(new_v))
+      aux['cache'] = dict(new_cache, k=tuple(new_k), v=tuple(new_v))
     return logits, aux

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import decode
+from model import decode, kv_cache
 from model.layers import ModelConfig
 from model.llama import Llama
+from model.mor import MoR, MoRConfig
+from model.recursive import Recursive, RecursiveConfig
 from tests.utils import FORWARD_RTOL, assert_close
 
 GREEDY = decode.SamplingConfig(greedy=True)
@@ -65,7 +67,7 @@ class GenerateTest(parameterized.TestCase):
     for b, n in enumerate(self.lengths.tolist()):
       alone = self._greedy(self.prompts[b:b + 1, :n], None)
       np.testing.assert_array_equal(batched.tokens[b], alone.tokens[0])
-      assert_close(batched.logprobs[b], alone.logprobs[0], FORWARD_RTOL)
+      assert_close(batched.policy_logprobs[b], alone.policy_logprobs[0], FORWARD_RTOL)
 
   @parameterized.named_parameters(('loop', False), ('scan', True))
   def test_greedy_tokens_are_argmax_of_full_forward(self, scan_layers):
@@ -77,7 +79,8 @@ class GenerateTest(parameterized.TestCase):
     steps = logits[0, 4:-1]  # Logits that predicted each generated token.
     np.testing.assert_array_equal(out.tokens[0], jnp.argmax(steps, axis=-1))
     expected = jnp.take_along_axis(jax.nn.log_softmax(steps), out.tokens[0, :, None], 1)[:, 0]
-    assert_close(out.logprobs[0], expected, FORWARD_RTOL)
+    assert_close(out.policy_logprobs[0], expected, FORWARD_RTOL)
+    np.testing.assert_array_equal(out.sample_logprobs, 0.0)  # A deterministic choice: log 1.
     np.testing.assert_array_equal(out.lengths, [8])
 
   def test_stop_tokens_end_rows_and_pad(self):
@@ -90,7 +93,8 @@ class GenerateTest(parameterized.TestCase):
       self.assertEqual(int(out.lengths[b]), n)
       np.testing.assert_array_equal(out.tokens[b, :n], free.tokens[b, :n])
       np.testing.assert_array_equal(out.tokens[b, n:], -1)
-      np.testing.assert_array_equal(out.logprobs[b, n:], 0.0)
+      np.testing.assert_array_equal(out.sample_logprobs[b, n:], 0.0)
+      np.testing.assert_array_equal(out.policy_logprobs[b, n:], 0.0)
     self.assertEqual(int(out.lengths[0]), 3)
 
   def test_all_rows_stopped_exits_with_padding(self):
@@ -107,11 +111,116 @@ class GenerateTest(parameterized.TestCase):
     b = decode.generate(self.model, self.params, self.prompts, 5, sampling, jax.random.key(3),
                         prompt_lengths=self.lengths)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    self.assertTrue(np.all(np.asarray(a.logprobs) < 0))
+    np.testing.assert_array_equal(a.sample_logprobs, b.sample_logprobs)
+    self.assertTrue(np.all(np.asarray(a.policy_logprobs) < 0))
 
   def test_cache_too_small_raises(self):
     with self.assertRaisesRegex(ValueError, 'max_len=10'):
       self._greedy(self.prompts, self.lengths, max_new_tokens=5, max_len=10)
+
+
+def _reference_sampling_logprobs(logits, sampling):
+  """log p of every token under temperature / top-k / top-p sampling, computed directly in
+  float64 numpy: p = softmax(logits / T); keep the k most likely tokens and renormalise; keep
+  the most likely ones until their mass reaches top_p (the token crossing it included) and
+  renormalise. Filtered tokens get -inf."""
+  z = np.asarray(logits, np.float64) / sampling.temperature
+  order = np.argsort(-z, axis=-1, kind='stable')
+  p = np.exp(np.take_along_axis(z, order, -1) - z.max(-1, keepdims=True))
+  if sampling.top_k:
+    p[..., sampling.top_k:] = 0
+  p /= p.sum(-1, keepdims=True)
+  if sampling.top_p < 1:
+    p = np.where(np.cumsum(p, -1) - p < sampling.top_p, p, 0)
+    p /= p.sum(-1, keepdims=True)
+  out = np.empty_like(p)
+  np.put_along_axis(out, order, np.log(p, where=p > 0, out=np.full_like(p, -np.inf)), -1)
+  return out
+
+
+class GenerateLogprobsTest(parameterized.TestCase):
+  """``sample_logprobs`` / ``policy_logprobs`` against the full forward pass's logits."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model, cls.params = _model()
+    cls.prompts = jax.random.randint(jax.random.key(1), (3, 6), 1, 64)
+    cls.lengths = np.array([6, 2, 4])
+
+  @parameterized.named_parameters(
+      ('temperature', dict(temperature=0.7)), ('top_k', dict(top_k=5)),
+      ('top_p', dict(top_p=0.8)), ('combined', dict(temperature=1.3, top_k=10, top_p=0.9)))
+  def test_logprobs_match_full_forward(self, kwargs):
+    sampling, new = decode.SamplingConfig(**kwargs), 6
+    out = decode.generate(self.model, self.params, self.prompts, new, sampling,
+                          jax.random.key(5), prompt_lengths=self.lengths)
+    seqs = np.zeros((3, self.prompts.shape[1] + new), np.int32)  # Right padding: invisible.
+    for b, n in enumerate(self.lengths):
+      seqs[b, :n + new] = np.concatenate([self.prompts[b, :n], out.tokens[b]])
+    all_logits = np.asarray(_forward(self.model, self.params, jnp.asarray(seqs)))
+    for b, n in enumerate(self.lengths):
+      logits = all_logits[b, n - 1:n - 1 + new]  # The logits each generated token came from.
+      tokens = np.asarray(out.tokens[b])[:, None]
+      policy = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), tokens, 1)[:, 0]
+      sample = np.take_along_axis(_reference_sampling_logprobs(logits, sampling), tokens, 1)[:, 0]
+      # Cached and full-forward float32 logits differ by reduction order only (see
+      # test_cached_logits_equal_full_forward); log-probs inherit that.
+      assert_close(out.policy_logprobs[b], policy, FORWARD_RTOL)
+      assert_close(out.sample_logprobs[b], sample, FORWARD_RTOL)
+      self.assertTrue(np.all(np.isfinite(sample)))  # Only kept tokens are drawn.
+
+  def test_sample_logprobs_are_the_distribution_drawn_from(self):
+    """Many rows with one prompt draw one token each from the same distribution: the
+    empirical frequencies converge to exp(sample_logprobs)."""
+    n = 20_000
+    sampling = decode.SamplingConfig(temperature=0.8, top_k=12, top_p=0.9)
+    prompts = jnp.broadcast_to(self.prompts[:1, :3], (n, 3))
+    out = decode.generate(self.model, self.params, prompts, 1, sampling, jax.random.key(7))
+    tokens, logprobs = np.asarray(out.tokens[:, 0]), np.asarray(out.sample_logprobs[:, 0])
+    seen = np.unique(tokens)
+    probs = np.exp(np.array([logprobs[tokens == t][0] for t in seen]))
+    for t, p in zip(seen, probs):  # One distribution: a token's log-prob is the same in every row.
+      np.testing.assert_allclose(logprobs[tokens == t], np.log(p), rtol=1e-6)
+    freq = np.array([np.mean(tokens == t) for t in seen])
+    np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / n))
+    # A token of probability >= 20/n is missed with probability <= e^-20, so the mass of
+    # never-drawn tokens is below 64 * 20 / n.
+    self.assertGreater(probs.sum(), 1 - 64 * 20 / n)
+    self.assertLess(probs.sum(), 1 + 1e-5)
+
+
+class DecodeStepCostTest(parameterized.TestCase):
+  """A cached decode step moves about the bytes its attention layers must read from the KV
+  cache (XLA's cost analysis): one read of each layer's cache per layer application. That
+  is one read of the whole cache, except with MoR's KV sharing, where every recursion reads
+  the shared layers' cache (4 reads of 3 cache layers here).
+
+  The models are small with a long cache, so the cache dominates: 2 rows x 2048 slots x 2
+  KV heads of dim 64 are 4 MiB of keys+values per cache layer, against 0.24 MiB of weights
+  per layer. Without in-place writes a step copies the cache several times (about 9x).
+  XLA counts a dynamic-update-slice as its update only, but a per-row scatter as its whole
+  operand, and counts a ``while`` body once: hence one shared write slot for all rows and
+  scanned layers unrolled when cached (model.kv_cache, model.llama.run_layers). With a
+  single KV head XLA:CPU's dot fusion transposes the cache before reading it (measured:
+  about 6.7x), so these models have 2 KV heads.
+  """
+  SHAPES = dict(vocab_size=64, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=64,
+                mlp_dim=64)
+
+  @parameterized.named_parameters(
+      ('llama_loop', Llama, ModelConfig, dict(num_layers=3)),
+      ('llama_scan', Llama, ModelConfig, dict(num_layers=3, scan_layers=True)),
+      ('recursive', Recursive, RecursiveConfig, dict(num_layers=4, num_loops=2)),
+      ('mor', MoR, MoRConfig, dict(num_layers=4, num_recursions=2)),
+      ('mor_kv_sharing', MoR, MoRConfig, dict(num_layers=4, num_recursions=2, kv_sharing=True)))
+  def test_decode_step_bytes_are_about_one_cache_read(self, family, config, overrides):
+    if jax.default_backend() != 'cpu':
+      self.skipTest('The bound holds for XLA:CPU fusion and layout decisions; other backends '
+                    'decide differently and have not been measured.')
+    model = family(config(**self.SHAPES, **overrides))
+    step_bytes, layer_bytes = kv_cache.decode_step_bytes(model, batch=2, max_len=2048)
+    self.assertLessEqual(step_bytes, 1.5 * model.cfg.num_layers * layer_bytes)
 
 
 class SamplingTest(parameterized.TestCase):

@@ -211,7 +211,7 @@ class DecodeTest(parameterized.TestCase):
     cache = model.init_cache(2, 8)
     pos = jnp.broadcast_to(jnp.arange(8), tokens.shape)
     first, aux = model.apply({'params': params}, tokens[:, :5], positions=pos[:, :5], cache=cache)
-    self.assertEqual(aux['cache']['k'].shape[0], cfg.num_layers)
+    self.assertLen(aux['cache']['k'], cfg.num_layers)
     steps = [first]
     cache = aux['cache']
     for t in range(5, 8):
