@@ -49,14 +49,18 @@ class CachedDecodingTest(parameterized.TestCase):
     assert_close(jnp.concatenate(cached, axis=1), full, FORWARD_RTOL)
 
 
-class GenerateTest(parameterized.TestCase):
+class _PromptsTestCase(parameterized.TestCase):
+  """The tiny model and three right-padded prompts of lengths 6, 2 and 4."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.model, cls.params = _model()
     cls.prompts = jax.random.randint(jax.random.key(1), (3, 6), 1, 64)
-    cls.lengths = jnp.array([6, 2, 4])
+    cls.lengths = np.array([6, 2, 4])
+
+
+class GenerateTest(_PromptsTestCase):
 
   def _greedy(self, prompts, lengths, max_new_tokens=7, **kwargs):
     return decode.generate(self.model, self.params, prompts, max_new_tokens, GREEDY,
@@ -138,15 +142,8 @@ def _reference_sampling_logprobs(logits, sampling):
   return out
 
 
-class GenerateLogprobsTest(parameterized.TestCase):
+class GenerateLogprobsTest(_PromptsTestCase):
   """``sample_logprobs`` / ``policy_logprobs`` against the full forward pass's logits."""
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.model, cls.params = _model()
-    cls.prompts = jax.random.randint(jax.random.key(1), (3, 6), 1, 64)
-    cls.lengths = np.array([6, 2, 4])
 
   @parameterized.named_parameters(
       ('temperature', dict(temperature=0.7)), ('top_k', dict(top_k=5)),
