@@ -379,6 +379,11 @@ class TrainerCoreTest(absltest.TestCase):
       with self.assertRaisesRegex(RuntimeError, 'the data went away'):
         t.fit(state, _batches(config, crash_after=3), config.train.steps)
       self.assertEqual(t.checkpointer.latest_step(), 3)
+      # Batches that run out end the fit early, saved where it stopped.
+      state, _ = t.checkpointer.restore(3, t.abstract)
+      result = t.fit(state, itertools.islice(_batches(config), 2), config.train.steps)
+      self.assertEqual((result.step, result.preempted), (5, False))
+      self.assertEqual(t.checkpointer.latest_step(), 5)
 
 
 class DryRunTest(absltest.TestCase):

@@ -46,7 +46,9 @@ def run(config, workdir):
     start = time.time()
     result = train.train_and_evaluate(run_config, os.path.join(workdir, name))
     _, unique = train.count_params(result['state']['params'])
+    causal = result.get('eval/loss_causal_routing')  # expert choice, routed as decoding
     rows.append({'model': name, 'val_nll': float(result['eval/loss']),
+                 'val_nll_causal_routing': '' if causal is None else float(causal),
                  'unique_params_non_embedding': int(unique), 'train_flops_per_token': flops,
                  'steps': steps, 'tokens': steps * tokens_per_step,
                  'train_time_s': round(time.time() - start, 1)})
@@ -56,8 +58,8 @@ def run(config, workdir):
 
 
 def _write_table(workdir, rows, budget):
-  columns = ('model', 'val_nll', 'unique_params_non_embedding', 'tokens', 'steps',
-             'train_time_s')
+  columns = ('model', 'val_nll', 'val_nll_causal_routing', 'unique_params_non_embedding',
+             'tokens', 'steps', 'train_time_s')
   fmt = lambda x: f'{x:.4f}' if isinstance(x, float) else str(x)
   lines = [f'Training budget {budget:.3g} FLOPs per model.', '',
            '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]

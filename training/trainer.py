@@ -314,7 +314,8 @@ class Trainer:
           evaluate: Optional[Callable[[dict], dict]] = None) -> FitResult:
     """Steps ``state`` on ``batches`` until step ``until``, the batches run out, or a
     preemption; evaluates (``evaluate(state) -> {'eval/...': value}``), logs and saves
-    on the ``config.train`` cadence. See the module docstring for failures."""
+    on the ``config.train`` cadence, and saves the step it stops at. See the module
+    docstring for failures."""
     train_cfg = self.config.train
     step = int(state['step'])
     eval_step, last_eval = self.writer.last('eval/')
@@ -331,6 +332,9 @@ class Trainer:
             batch = next(batches)
           except StopIteration:
             logging.warning('The batches ran out at step %d (of %d).', step, until)
+            if self.checkpointer.latest_step() != step:
+              self._check_finite(state, data_after)
+              self.checkpointer.save(step, state, data_after.get(step))
             break
           batch = sharding.shard_batch(batch, self.mesh)
           state, metrics = self.step_fn(state, batch, args)
