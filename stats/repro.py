@@ -73,7 +73,7 @@ def _strat_trials(key, sigma, mu, n_k, N, n_trials, alpha):
       out[name] = (hi - lo, (lo <= 0) & (0 <= hi))
     return out
 
-  return jax.vmap(one)(jax.random.split(key, n_trials))
+  return jax.jit(jax.vmap(one))(jax.random.split(key, n_trials))
 
 
 def stratppi(config, workdir):
@@ -192,7 +192,7 @@ def _simulate(key, rate, pool, T, n_trials, alpha, c_g, c_h):
       cost = active.realised_cost(xi, c_g, c_h)
     return hi - lo, (lo <= truth) & (truth <= hi), cost, est
 
-  w, cov, cost, est = jax.vmap(one)(jax.random.split(key, n_trials))
+  w, cov, cost, est = jax.jit(jax.vmap(one))(jax.random.split(key, n_trials))
   return float(w.mean()), float(cov.mean()), float(cost.mean()), float(est.mean())
 
 

@@ -43,16 +43,22 @@ def _data(family, seed, n, N, d):
   return X, Y, mu * np.exp(rng.normal(size=n) * 0.2), Xu, mu_u * np.exp(rng.normal(size=N) * 0.2)
 
 
+# One labelled/unlabelled size throughout, with an intercept-only (d = 1) and a d = 3 design:
+# the jitted fits compile once per (family, shape), so every further shape is a compile
+# (seconds), while the parity checked does not depend on n or N.
+N_LAB, N_UNL, D = 200, 1000, 3
+
+
 class GLMParityTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      (family, shape, lam, weighted)
+      (family, seed, d, lam, weighted)
       for family in ['ols', 'logistic', 'poisson']
-      for shape, lam, weighted in [((150, 600, 1), None, False), ((200, 1000, 3), None, True),
-                                   ((200, 1000, 3), 0.0, False), ((120, 500, 2), 1.0, True),
-                                   ((120, 500, 2), 0.4, False)])
-  def test_ci_and_pointestimate(self, family, shape, lam, weighted):
-    X, Y, Yhat, Xu, Yhat_u = _data(family, 0, *shape)
+      for seed, d, lam, weighted in [(0, 1, None, False), (1, D, None, True), (2, D, 0.0, False),
+                                     (3, D, 1.0, True), (4, D, 0.4, False)])
+  def test_ci_and_pointestimate(self, family, seed, d, lam, weighted):
+    shape = (N_LAB, N_UNL, d)
+    X, Y, Yhat, Xu, Yhat_u = _data(family, seed, *shape)
     rng = np.random.default_rng(1)
     kw = dict(lam=lam)
     if weighted:
@@ -71,7 +77,7 @@ class GLMParityTest(parameterized.TestCase):
           atol=TOL)
 
   def test_ols_coord_and_one_sided(self):
-    X, Y, Yhat, Xu, Yhat_u = _data('ols', 2, 100, 800, 3)
+    X, Y, Yhat, Xu, Yhat_u = _data('ols', 5, N_LAB, N_UNL, D)
     with jax.enable_x64(True):
       for alt in ['larger', 'smaller']:
         np.testing.assert_allclose(
@@ -80,7 +86,7 @@ class GLMParityTest(parameterized.TestCase):
             atol=TOL)
 
   def test_logistic_pval_and_classical(self):
-    X, Y, Yhat, Xu, Yhat_u = _data('logistic', 3, 300, 900, 3)
+    X, Y, Yhat, Xu, Yhat_u = _data('logistic', 6, N_LAB, N_UNL, D)
     with jax.enable_x64(True):
       np.testing.assert_allclose(glm.ppi_logistic_pval(X, Y, Yhat, Xu, Yhat_u),
                                  ppi_py.ppi_logistic_pval(X, Y, Yhat, Xu, Yhat_u,
@@ -99,10 +105,10 @@ class GLMParityTest(parameterized.TestCase):
 
   def test_crossppi(self):
     rng = np.random.default_rng(7)
-    X, Y, Yhat, Xu, Yhat_u = _data('ols', 8, 200, 1000, 2)
-    folds = Yhat_u[:, None] + rng.normal(size=(1000, 4)) * 0.1
-    Xl, Yl, Yhl, Xlu, Yhlu = _data('logistic', 9, 200, 1000, 2)
-    folds_l = np.clip(Yhlu[:, None] + rng.normal(size=(1000, 4)) * 0.05, 0, 1)
+    X, Y, Yhat, Xu, Yhat_u = _data('ols', 8, N_LAB, N_UNL, D)
+    folds = Yhat_u[:, None] + rng.normal(size=(N_UNL, 4)) * 0.1
+    Xl, Yl, Yhl, Xlu, Yhlu = _data('logistic', 9, N_LAB, N_UNL, D)
+    folds_l = np.clip(Yhlu[:, None] + rng.normal(size=(N_UNL, 4)) * 0.05, 0, 1)
     with jax.enable_x64(True):
       np.testing.assert_allclose(_flat(glm.crossppi_ols_ci(X, Y, Yhat, Xu, folds)),
                                  _flat(ppi_py.crossppi_ols_ci(X, Y, Yhat, Xu, folds)), atol=TOL)
@@ -115,7 +121,7 @@ class GLMParityTest(parameterized.TestCase):
                                             optimizer_options=dict(OPT))), atol=TOL)
 
   def test_validation_and_jit(self):
-    X, Y, Yhat, Xu, Yhat_u = _data('logistic', 10, 100, 300, 2)
+    X, Y, Yhat, Xu, Yhat_u = _data('logistic', 10, N_LAB, N_UNL, D)
     with self.assertRaisesRegex(ValueError, 'X and X_unlabeled'):
       glm.ppi_logistic_ci(X, Y, Yhat, Xu[:, :1], Yhat_u)
     with self.assertRaisesRegex(ValueError, 'X and Y'):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from tests.utils import assert_update_close, initial_params, mean_loss_tol, tiny_config
+from tests.utils import assert_update_close, mean_loss_tol, tiny_config
 from training import checkpoint as ckpt_lib
 from training import losses
 from training import metrics as metrics_lib
@@ -39,6 +39,8 @@ def _random_batch(config, seed=0):
 
 
 def _one_step(config, mesh_shape, batch):
+  """Two training steps from `init(PRNGKey(0))` on a mesh of `mesh_shape`: the parameters
+  after them, the last step's metrics, the sharded state and the initial parameters."""
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh_shape)))
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(mesh_shape))])
   model, tx, schedule, _, shardings, init, rules = trainer.build_state_fns(config, mesh)
@@ -46,9 +48,10 @@ def _one_step(config, mesh_shape, batch):
                  out_shardings=(shardings, None))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = init(jax.random.PRNGKey(0))
+    before = jax.device_get(state['params'])
     for _ in range(2):
       state, metrics = step(state, sharding.shard_batch(batch, mesh))
-  return jax.device_get(state['params']), jax.device_get(metrics), state
+  return jax.device_get(state['params']), jax.device_get(metrics), state, before
 
 
 def _params(workdir, config):
@@ -65,11 +68,11 @@ class ShardingTest(absltest.TestCase):
   def test_2x2x2_mesh_matches_single_device(self):
     config = tiny_config(embed_dim=64, mlp_dim=128)
     batch = _random_batch(config)
-    p1, m1, _ = _one_step(config, (1, 1, 1), batch)
-    p8, m8, state8 = _one_step(config, (2, 2, 2), batch)
+    p1, m1, _, before = _one_step(config, (1, 1, 1), batch)
+    p8, m8, state8, _ = _one_step(config, (2, 2, 2), batch)
     self.assertAlmostEqual(float(m1['train/loss']), float(m8['train/loss']),
                            delta=mean_loss_tol(config, m1['train/loss']))
-    assert_update_close(p8, p1, initial_params(config))
+    assert_update_close(p8, p1, before)
     # Parameters really are sharded: the MLP kernel is split over 'fsdp' and 'tensor'.
     spec = state8['params']['layers_0']['mlp']['gate']['kernel'].sharding.spec
     self.assertEqual(tuple(spec), ('fsdp', 'tensor'))
@@ -77,12 +80,12 @@ class ShardingTest(absltest.TestCase):
   def test_grad_accumulation_matches_big_batch(self):
     config = tiny_config()
     batch = _random_batch(config, seed=1)
-    p1, m1, _ = _one_step(config, (1, 1, 1), batch)
+    p1, m1, _, before = _one_step(config, (1, 1, 1), batch)
     config.train.grad_accum = 4
-    p4, m4, _ = _one_step(config, (1, 1, 1), batch)
+    p4, m4, _, _ = _one_step(config, (1, 1, 1), batch)
     self.assertAlmostEqual(float(m1['train/loss']), float(m4['train/loss']),
                            delta=mean_loss_tol(config, m1['train/loss']))
-    assert_update_close(p4, p1, initial_params(config))
+    assert_update_close(p4, p1, before)
 
   def test_uneven_dimension_is_replicated(self):
     mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 2}, jax.devices()[:2])
@@ -153,6 +156,18 @@ class ResumeTest(absltest.TestCase):
     self.assertNotIn(99.0, [r['train/loss'] for r in records if 'train/loss' in r])
     self.assertEqual([r['step'] for r in records if 'eval/loss' in r], [0, 2, 3])
     self.assertEqual(summary['eval_step'], 3)
+
+  def test_finished_run_reports_sample_and_unigram_entropy(self):
+    """The end-of-run extras that tiny_config turns off (SigtermTest: a preempted run skips
+    them)."""
+    config = tiny_config()
+    config.train.update(steps=1, report_unigram_entropy=True)
+    config.sample.max_new_tokens = 4
+    summary = train.train_and_evaluate(config, self.create_tempdir().full_path)
+    self.assertTrue(summary['sample'].startswith(config.sample.prompt), summary['sample'])
+    # The entropy of a distribution over the vocabulary lies in (0, log V].
+    self.assertBetween(summary['validation_unigram_entropy'], 1e-3,
+                       np.log(config.model.vocab_size))
 
   def test_restore_onto_different_mesh(self):
     config = tiny_config(embed_dim=64, mlp_dim=128)

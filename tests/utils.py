@@ -1,6 +1,5 @@
 """Shared helpers for tests: tiny configs that compile and run in seconds on a CPU, and
 comparisons whose tolerances come from the size of the quantity compared."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +8,8 @@ from configs import vanilla_tiny
 
 
 def tiny_config(**model_overrides):
-  """vanilla_tiny shrunk: 2 layers, d=32, GQA, seq 32, batch 8, few pycorpus documents."""
+  """vanilla_tiny shrunk: 2 layers, d=32, GQA, seq 32, batch 8, few pycorpus documents, no
+  end-of-run sample or unigram-entropy pass."""
   config = vanilla_tiny.get_config()
   model = dict(embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
   model.update(model_overrides)
@@ -18,8 +18,12 @@ def tiny_config(**model_overrides):
   config.data.batch_size = 8
   config.data.max_docs = 40
   config.data.shuffle_buffer = 16
+  # The end-of-run extras (a 160-token sample: a decode compile; a unigram-entropy pass) are
+  # off: one test turns them on and checks them (test_train.ResumeTest).
   config.train.update(dict(steps=4, warmup_steps=1, log_every=1, eval_every=0, eval_batches=2,
-                           checkpoint_every=2, async_checkpointing=False, tensorboard=False))
+                           checkpoint_every=2, async_checkpointing=False, tensorboard=False,
+                           report_unigram_entropy=False))
+  config.sample.max_new_tokens = 0
   return config
 
 
@@ -61,15 +65,6 @@ def mean_loss_tol(config, loss):
   """Tolerance on a float32 mean loss over the batch's B x T tokens: summing K positive terms
   in another order moves the sum by at most about K eps relative (K = B T)."""
   return F32_EPS * config.data.batch_size * config.data.seq_len * abs(float(loss))
-
-
-def initial_params(config):
-  """The parameters a training run starts from (`init` at PRNGKey(0), on one device)."""
-  from training import sharding, trainer  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
-  _, _, _, _, _, init, rules = trainer.build_state_fns(config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.device_get(init(jax.random.PRNGKey(0))['params'])
 
 
 def assert_update_close(after, reference, before, rtol=UPDATE_RTOL):
