@@ -241,6 +241,14 @@ class ErrorTest(absltest.TestCase):
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn('no_such_field', proc.stderr)
     self.assertFalse(os.path.exists(workdir))
+    typo = subprocess.run(
+        [sys.executable, '-m', 'launch.main', '--config=configs/vanilla_tiny.py',
+         f'--workdir={workdir}', '--config.train.stepz=3'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    self.assertEqual(typo.returncode, 1)
+    self.assertNotIn('Traceback', typo.stderr)
+    self.assertEqual(typo.stderr.strip().splitlines()[-1][:70],
+                     'Error: Unknown config field(s): config.train.stepz (did you mean steps')
 
   def test_unknown_model_field(self):
     config = tiny_config()
