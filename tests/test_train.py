@@ -404,6 +404,10 @@ class TrainerCoreTest(absltest.TestCase):
       result = t.fit(state, itertools.islice(_batches(config), 2), config.train.steps)
       self.assertEqual((result.step, result.preempted), (5, False))
       self.assertEqual(t.checkpointer.latest_step(), 5)
+      # Saved without a data state (these batches have none): a resume that has an iterator
+      # to restore still reads it, rather than setting it aside as unreadable.
+      step, _, data_state = t.checkpointer.restore_latest_readable(t.abstract, with_data=True)
+      self.assertEqual((step, data_state), (5, None))
 
 
 class DryRunTest(absltest.TestCase):

@@ -128,9 +128,10 @@ class Checkpointer:
       items['data'] = ProcessStateSave(data_state)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def check_shapes(self, step, abstract_params):
-    """Raises ValueError if the saved params' shapes differ from ``abstract_params``."""
-    saved = flat_shapes(self.manager.item_metadata(step)['state'].tree['params'])
+  def check_shapes(self, step, abstract_params, saved=None):
+    """Raises ValueError if the saved params' shapes (``saved``, read from the checkpoint's
+    metadata when not given) differ from ``abstract_params``."""
+    saved = self._saved_shapes(step) if saved is None else saved
     wanted = flat_shapes(abstract_params)
     problems = [f'{k}: checkpoint {saved.get(k)} vs model {wanted.get(k)}'
                 for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
@@ -140,10 +141,18 @@ class Checkpointer:
           f'({len(problems)} parameter(s) differ): ' + '; '.join(problems[:5]) +
           '. Use a fresh --workdir or the config the checkpoint was trained with.')
 
+  def _saved_shapes(self, step):
+    return flat_shapes(self.manager.item_metadata(step)['state'].tree['params'])
+
   def restore(self, step, abstract_state, with_data=False):
     """(state, data_state or None) of ``step``, restored onto ``abstract_state``
     (ShapeDtypeStructs with shardings)."""
     self.check_shapes(step, abstract_state['params'])
+    return self._restore(step, abstract_state, with_data)
+
+  def _restore(self, step, abstract_state, with_data):
+    # A step saved without a data state (e.g. from batches without ``get_state``) has none.
+    with_data = with_data and (self.directory / str(step) / 'data').exists()
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if with_data:
       items['data'] = ProcessStateRestore()
@@ -158,16 +167,15 @@ class Checkpointer:
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        metadata = self.manager.item_metadata(step)['state']
+        saved = self._saved_shapes(step)
       except Exception as e:  # pylint: disable=broad-except
-        metadata, error = None, e
-      if metadata is not None:
-        self.check_shapes(step, abstract_state['params'])  # A mismatch is the user's to fix.
-        try:
-          return (step, *self.restore(step, abstract_state, with_data))
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-      self._set_aside(step, error)
+        self._set_aside(step, e)
+        continue
+      self.check_shapes(step, abstract_state['params'], saved)  # A mismatch is the user's.
+      try:
+        return (step, *self._restore(step, abstract_state, with_data))
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
     return None
 
   def _set_aside(self, step, error):

@@ -55,9 +55,6 @@ def check_config(config, tokenizer=None):
     raise workdir_lib.ConfigError(' '.join(problems))
 
 
-check_mesh = trainer_lib.check_mesh
-
-
 def analytic_flops_per_token(cfg, non_embedding_params, seq_len):
   """Training FLOPs per token: 6N for the matmuls plus 12·L·H·D·T for attention (PaLM, App. B).
 
@@ -113,7 +110,7 @@ def evaluate(eval_step, variables, val_ds, mesh, num_batches):
 def dry_run(config):
   """Compiles the train step ahead of time for the configured mesh; prints its costs."""
   mesh = sharding.make_mesh(config.mesh)
-  check_mesh(config, mesh)
+  trainer_lib.check_mesh(config, mesh)
   model, tx, schedule, abstract, shardings, _, rules = build_state_fns(config, mesh)
   b, t = config.data.batch_size, config.data.seq_len
   batch_spec = NamedSharding(mesh, P(sharding.BATCH_AXES))
@@ -150,8 +147,8 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   """Pretrains ``config.model`` on ``config.data``; resumes from ``workdir`` if possible.
 
   ``init_params`` (a parameter tree of the model's shapes, e.g. a converted checkpoint)
-  replaces the random initialisation of a fresh run. ``loss_fn`` (default
-  ``losses.lm_loss``) and ``step_args(trainer) -> args`` (e.g. a teacher's parameters,
+  replaces the random initialisation of a fresh run. ``loss_fn`` (default: the trainer's,
+  ``losses.lm_loss`` with ``train.z_loss``) and ``step_args(trainer) -> args`` (e.g. a teacher's parameters,
   placed with ``trainer.shard_params``) go to the trainer core.
   """
   if config.get('dry_run', False):
@@ -169,7 +166,6 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   data_lib.check_has_tokens(config.data, tokenizer, 'train', pi, pc)
 
   # -- The trainer: mesh, model, optimizer, abstract sharded state (no compile yet). -----
-  loss_fn = loss_fn or losses.lm_loss(config.train.get('z_loss', 0.0))
   trainer = trainer_lib.Trainer(config, workdir, loss_fn=loss_fn)
   total, non_emb = count_params(trainer.abstract['params'])
   logging.info('Model %s: %.2fM parameters (%.2fM non-embedding), mesh %s', config.model.name,

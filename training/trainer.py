@@ -32,6 +32,8 @@ from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import optax
 
 from model.registry import build_model
 from training import checkpoint as ckpt_lib
@@ -126,7 +128,7 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None):
       metrics = jax.tree.map(jnp.sum, metrics)
       # Each micro-batch updated the same model_state: keep the mean of their updates.
       model_state = jax.tree.map(lambda v: v.mean(0).astype(v.dtype), model_state)
-    grad_norm = optax_global_norm(grads)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = dict(state, step=state['step'] + 1, opt_state=opt_state,
                      params=jax.tree.map(jnp.add, params, updates))
@@ -142,10 +144,6 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None):
     return new_state, metrics
 
   return step
-
-
-def optax_global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
 
 
 def model_variables(state):
@@ -202,7 +200,6 @@ class Preemption:
 
   def requested(self, step):
     if self._multi:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       return multihost_utils.reached_preemption_sync_point(step)
     return self._flag
 
@@ -249,10 +246,8 @@ class Trainer:
     return self
 
   def __exit__(self, *exc):
-    for closer in (self.checkpointer, self.writer):
+    for closer in (self.checkpointer, self.writer):  # closing waits for pending saves
       if closer is not None:
-        if closer is self.checkpointer:
-          closer.wait()
         closer.close()
     self.checkpointer = self.writer = None
     if self._lock is not None:
