@@ -128,7 +128,7 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None):
       metrics = jax.tree.map(jnp.sum, metrics)
       # Each micro-batch updated the same model_state: keep the mean of their updates.
       model_state = jax.tree.map(lambda v: v.mean(0).astype(v.dtype), model_state)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = dict(state, step=state['step'] + 1, opt_state=opt_state,
                      params=jax.tree.map(jnp.add, params, updates))
