@@ -24,6 +24,9 @@ JOBS = {
     'ppi_eval': 'stats.jobs:ppi_eval',
     'repro_stratppi': 'stats.repro:stratppi',
     'repro_cost_optimal': 'stats.repro:cost_optimal',
+    'rl_sft': 'rl.rest:sft',
+    'rl_rest': 'rl.rest:rest',
+    'repro_clarify': 'rl.repro_clarify:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

@@ -5,6 +5,12 @@ and saves it under `workdir/tokenizer/`; a resumed run finds it there and
 reloads it, so every run in a workdir uses the same vocabulary. Files go
 through `etils.epath`, so a workdir may be a cloud path. `encode` never
 adds BOS/EOS: the data pipeline adds them where its config says.
+
+Reserved tokens (`config.reserved_tokens`, e.g. the RL roles' `<|user|>` and the
+end-of-turn `<|end|>`) get ids of their own that text never encodes to and that decode
+to nothing: the byte tokenizer appends them after the bytes, SentencePiece adds them as
+control symbols, and a Hugging Face tokenizer must already have them in its vocabulary.
+`reserved_id(token)` returns one's id, or raises naming the missing token.
 """
 
 import abc
@@ -34,12 +40,14 @@ def default_tokenizer_config() -> config_dict.ConfigDict:
       model_type='bpe',  # or 'unigram'
       max_train_chars=3_000_000,
       character_coverage=0.9999,
+      split_digits=False,  # sentencepiece: every digit its own piece
       # huggingface: path of a tokenizer.json; special ids override the ones
       # found by name (tokenizer_config.json beside it, then common names).
       path='',
       bos_id=config_dict.placeholder(int),
       eos_id=config_dict.placeholder(int),
       pad_id=config_dict.placeholder(int),
+      reserved_tokens=(),  # e.g. ('<|user|>', '<|assistant|>', '<|end|>')
   ))
 
 
@@ -76,6 +84,19 @@ class Tokenizer(abc.ABC):
   def pad_id(self) -> int:
     ...
 
+  reserved_tokens: tuple = ()
+
+  def reserved_id(self, token: str) -> int:
+    """The id of a reserved token (see the module docstring)."""
+    ids = self._reserved_ids()
+    if token not in ids:
+      raise ValueError(f'The {self.kind} tokenizer has no reserved token {token!r} (it has '
+                       f'{sorted(ids)}); add it to config.tokenizer.reserved_tokens.')
+    return ids[token]
+
+  def _reserved_ids(self) -> dict[str, int]:
+    return {}
+
   @classmethod
   @abc.abstractmethod
   def from_config(cls, config: config_dict.ConfigDict,
@@ -96,36 +117,44 @@ class Tokenizer(abc.ABC):
     directory.mkdir(parents=True, exist_ok=True)
     self._save_files(directory)
     info = dict(kind=self.kind, vocab_size=self.vocab_size, bos_id=self.bos_id,
-                eos_id=self.eos_id, pad_id=self.pad_id)
+                eos_id=self.eos_id, pad_id=self.pad_id,
+                reserved_tokens=list(self.reserved_tokens))
     (directory / MARKER_FILE).write_text(json.dumps(info, indent=2))
 
 
 class ByteTokenizer(Tokenizer):
-  """UTF-8 bytes: pad 0, bos 1, eos 2, byte b -> b + 3."""
+  """UTF-8 bytes: pad 0, bos 1, eos 2, byte b -> b + 3, reserved tokens from 259 on."""
 
   kind = 'byte'
   _OFFSET = 3
+  _BYTES_END = 256 + _OFFSET
+
+  def __init__(self, reserved_tokens=()):
+    self.reserved_tokens = tuple(_unique(reserved_tokens))
 
   def encode(self, text):
     return [b + self._OFFSET for b in text.encode('utf-8')]
 
   def decode(self, ids):
     data = bytes(int(i) - self._OFFSET for i in ids
-                 if self._OFFSET <= i < self.vocab_size)
+                 if self._OFFSET <= i < self._BYTES_END)
     return data.decode('utf-8', errors='replace')
 
-  vocab_size = property(lambda self: 256 + self._OFFSET)
+  vocab_size = property(lambda self: self._BYTES_END + len(self.reserved_tokens))
   pad_id = property(lambda self: 0)
   bos_id = property(lambda self: 1)
   eos_id = property(lambda self: 2)
 
+  def _reserved_ids(self):
+    return {t: self._BYTES_END + i for i, t in enumerate(self.reserved_tokens)}
+
   @classmethod
   def from_config(cls, config, texts):
-    return cls()
+    return cls(config.get('reserved_tokens', ()))
 
   @classmethod
   def load(cls, directory, info):
-    return cls()
+    return cls(info.get('reserved_tokens', ()))
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -134,9 +163,10 @@ class SentencePieceTokenizer(Tokenizer):
   kind = 'sentencepiece'
   MODEL_FILE = 'spm.model'
 
-  def __init__(self, model_proto: bytes):
+  def __init__(self, model_proto: bytes, reserved_tokens=()):
     self._proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.reserved_tokens = tuple(reserved_tokens)
 
   def encode(self, text):
     return self._sp.encode(text)
@@ -149,6 +179,9 @@ class SentencePieceTokenizer(Tokenizer):
   bos_id = property(lambda self: self._sp.bos_id())
   eos_id = property(lambda self: self._sp.eos_id())
 
+  def _reserved_ids(self):
+    return {t: self._sp.piece_to_id(t) for t in self.reserved_tokens}
+
   @classmethod
   def from_config(cls, config, texts):
     """Trains on lines of `texts`, up to `config.max_train_chars` characters."""
@@ -156,6 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError('tokenizer.kind=sentencepiece needs training texts: pass '
                        'texts= to make_tokenizer (e.g. data.document_texts).')
     model = io.BytesIO()
+    reserved = tuple(_unique(config.get('reserved_tokens', ())))
     # Identity normalisation, kept whitespace and '\n' as a piece make
     # decode(encode(text)) == text for code; byte_fallback covers rare chars.
     spm.SentencePieceTrainer.train(
@@ -167,12 +201,14 @@ class SentencePieceTokenizer(Tokenizer):
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True,
         user_defined_symbols=['\n'], num_threads=os.cpu_count() or 1,
-        minloglevel=2)
-    return cls(model.getvalue())
+        split_digits=config.get('split_digits', False),
+        minloglevel=2, **({'control_symbols': list(reserved)} if reserved else {}))
+    return cls(model.getvalue(), reserved)
 
   @classmethod
   def load(cls, directory, info):
-    return cls(_existing(epath.Path(directory) / cls.MODEL_FILE).read_bytes())
+    return cls(_existing(epath.Path(directory) / cls.MODEL_FILE).read_bytes(),
+               info.get('reserved_tokens', ()))
 
   def _save_files(self, directory):
     (directory / self.MODEL_FILE).write_bytes(self._proto)
@@ -201,10 +237,15 @@ class HuggingFaceTokenizer(Tokenizer):
       'pad': ('<pad>', '<|pad|>', '[PAD]', '<|finetune_right_pad_id|>'),
   }
 
-  def __init__(self, path: str, bos_id: int, eos_id: int, pad_id: int):
+  def __init__(self, path: str, bos_id: int, eos_id: int, pad_id: int, reserved_tokens=()):
     self._path = path
     self._tok = hf_tokenizers.Tokenizer.from_str(_existing(epath.Path(path)).read_text())
     self._special = dict(bos=bos_id, eos=eos_id, pad=pad_id)
+    self.reserved_tokens = tuple(_unique(reserved_tokens))
+    missing = [t for t in self.reserved_tokens if self._tok.token_to_id(t) is None]
+    if missing:
+      raise ValueError(f'{path}: the reserved tokens {missing} are not in the vocabulary; '
+                       'use tokens the tokenizer has (see its added_tokens).')
 
   def encode(self, text):
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -217,6 +258,9 @@ class HuggingFaceTokenizer(Tokenizer):
   bos_id = property(lambda self: self._special['bos'])
   eos_id = property(lambda self: self._special['eos'])
   pad_id = property(lambda self: self._special['pad'])
+
+  def _reserved_ids(self):
+    return {t: self._tok.token_to_id(t) for t in self.reserved_tokens}
 
   @classmethod
   def from_config(cls, config, texts):
@@ -238,12 +282,12 @@ class HuggingFaceTokenizer(Tokenizer):
     if missing:
       raise ValueError(f'{path}: no {"/".join(missing)} token found; set '
                        + ', '.join(f'tokenizer.{n}_id' for n in missing))
-    return cls(path, ids['bos'], ids['eos'], ids['pad'])
+    return cls(path, ids['bos'], ids['eos'], ids['pad'], config.get('reserved_tokens', ()))
 
   @classmethod
   def load(cls, directory, info):
     return cls(os.fspath(epath.Path(directory) / cls.FILE), info['bos_id'],
-               info['eos_id'], info['pad_id'])
+               info['eos_id'], info['pad_id'], info.get('reserved_tokens', ()))
 
   def _save_files(self, directory):
     target = directory / self.FILE
@@ -269,6 +313,15 @@ _KINDS: dict[str, type[Tokenizer]] = {
     cls.kind: cls
     for cls in (ByteTokenizer, SentencePieceTokenizer, HuggingFaceTokenizer)
 }
+
+
+def _unique(tokens):
+  """``tokens`` as a list, refusing duplicates and empty strings."""
+  tokens = list(tokens)
+  bad = [t for t in tokens if not t or tokens.count(t) > 1]
+  if bad:
+    raise ValueError(f'tokenizer.reserved_tokens={tokens} has empty or repeated tokens {bad}.')
+  return tokens
 
 
 def _existing(path):
@@ -312,7 +365,9 @@ def make_tokenizer(config: config_dict.ConfigDict, workdir: str | None = None,
 def _check_matches(tokenizer: Tokenizer, config: config_dict.ConfigDict,
                    directory: str) -> None:
   """Raises if the tokenizer saved in a workdir disagrees with `config`."""
-  expected = [('kind', config.kind, tokenizer.kind)]
+  expected = [('kind', config.kind, tokenizer.kind),
+              ('reserved_tokens', tuple(config.get('reserved_tokens', ())),
+               tuple(tokenizer.reserved_tokens))]
   if config.kind == 'sentencepiece':
     expected.append(('vocab_size', config.vocab_size, tokenizer.vocab_size))
   for field, want, saved in expected:

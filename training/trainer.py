@@ -275,7 +275,7 @@ class Trainer:
       else:
         state = self._init(jax.random.PRNGKey(self.config.seed))
         if init_params is not None:
-          state = self._with_params(state, init_params)
+          state = self.with_params(state, init_params)
     self.start_step = int(state['step'])
     workdir_lib.record_config(self.workdir, self.config, self.start_step)
     self.writer = metrics_lib.MetricWriter(
@@ -292,7 +292,7 @@ class Trainer:
                            jnp.zeros((1, self.config.data.seq_len), jnp.int32))['params']
     return jax.device_put(params, sharding.tree_shardings(boxed, self.mesh, self.rules))
 
-  def _with_params(self, state, params):
+  def with_params(self, state, params):
     """``state`` with the given parameters (shape-checked) and a fresh optimizer state."""
     got, want = ckpt_lib.flat_shapes(params), ckpt_lib.flat_shapes(self.abstract['params'])
     problems = [f'{k}: given {got.get(k)} vs model {want.get(k)}'

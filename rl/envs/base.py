@@ -50,6 +50,11 @@ class Env(abc.ABC):
 
   roles: tuple  # every role that can speak, e.g. ('system', 'user', 'assistant')
 
+  @property
+  def speakers(self) -> tuple:
+    """The roles that take turns, each with its own view ('system' only opens views)."""
+    return tuple(r for r in self.roles if r != 'system')
+
   @abc.abstractmethod
   def reset(self, rng: np.random.Generator, split: str = 'train', **overrides) -> Episode:
     """A new episode with its opening turns and ``next_role``; ``overrides`` fix sampled
@@ -74,3 +79,7 @@ class Env(abc.ABC):
     """Environment-specific metrics over finished episodes (default: none)."""
     del episodes
     return {}
+
+  def eval_settings(self) -> dict:
+    """Named evaluation sets: ``{name: [reset overrides, with an optional 'split']}``."""
+    return {'train': [{'split': 'train'}]}

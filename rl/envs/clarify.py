@@ -71,6 +71,9 @@ def default_config() -> config_dict.ConfigDict:
       priors2=(50, 60, 70, 80, 90),  # p_max percent for k = 2
       priors3=((40, 30, 30), (50, 30, 20), (60, 30, 10), (70, 20, 10), (80, 10, 10)),
       max_clarifications=2,
+      # 'outcome': acc against the hidden intent; 'expected': without a question, acc
+      # averaged over the intent under the priors (see ClarifyEnv._accuracy).
+      reward='outcome',
       alpha_range=(0.0, 0.6),
       beta_range=(0.0, 0.1),
       alpha_step=0.02,  # training grid: multiples inside the range
@@ -169,6 +172,8 @@ class ClarifyEnv(base.Env):
         for t in config.priors3):
       raise ValueError('priors3 must be decreasing percent triples summing to 100, '
                        f'got {config.priors3}.')
+    if config.get('reward', 'outcome') not in ('outcome', 'expected'):
+      raise ValueError(f"reward must be 'outcome' or 'expected', got {config.reward!r}.")
     if config.max_clarifications < 1:
       raise ValueError(f'max_clarifications must be >= 1, got {config.max_clarifications}.')
     self.config = config
@@ -273,9 +278,7 @@ class ClarifyEnv(base.Env):
       episode.n_clarifications += 1
       episode.next_role = 'user'
       return
-    truth = (episode.senses[episode.intent], episode.answers[episode.intent])
-    acc = float(action == 'answer' and parsed[1] == truth[1] or
-                action == 'enumerate' and truth in parsed[1])
+    acc = self._accuracy(episode, action, parsed)
     words = _words(turn.text)
     episode.reward = acc - episode.alpha * episode.n_clarifications - episode.beta * words
     episode.done, episode.next_role = True, None
@@ -283,6 +286,21 @@ class ClarifyEnv(base.Env):
                         n_clarifications=episode.n_clarifications, words=words, acc=acc,
                         optimal=episode.first_action in optimal_actions(episode),
                         k=episode.k)
+
+  def _accuracy(self, episode: ClarifyEpisode, action: str, parsed) -> float:
+    """acc of a final action. With ``reward='expected'`` and no question asked, the
+    accuracy is averaged over the intents the assistant cannot tell apart (the prior mass of
+    the entities its text gets right): the same expectation as the outcome, less variance."""
+    if action == 'invalid':
+      return 0.0
+    entities = list(zip(episode.senses, episode.answers))
+    if action == 'answer':
+      right = [i for i, (_, a) in enumerate(entities) if a == parsed[1]]
+    else:
+      right = [i for i, pair in enumerate(entities) if pair in parsed[1]]
+    if self.config.get('reward') == 'expected' and episode.n_clarifications == 0:
+      return sum(episode.priors[i] for i in right) / 100
+    return float(episode.intent in right)
 
   def scripted(self, episode: ClarifyEpisode, role: str) -> str:
     """The user simulator: replies to a question with the intent's sense word."""
@@ -325,6 +343,15 @@ class ClarifyEnv(base.Env):
       episode.turns.append(base.Turn(role, text))
       self.step(episode)
     return episode
+
+  def eval_settings(self) -> dict:
+    """'heldout': every pair of held-out costs; 'seen': a coarse grid of training costs."""
+    heldout = [dict(split='heldout', alpha=a, beta=b)
+               for a in self.heldout_alphas for b in self.heldout_betas]
+    alphas, betas = self.train_alphas, self.train_betas
+    seen = [dict(split='train', alpha=a, beta=b)
+            for a in alphas[::max(1, len(alphas) // 4)] for b in betas[::max(1, len(betas) // 3)]]
+    return {'heldout': heldout, 'seen': seen}
 
   def summary(self, episodes: list) -> dict:
     """Means over finished episodes: reward, acc, first-action rates, agreement with the

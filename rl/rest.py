@@ -1,0 +1,261 @@
+"""Supervised warm start and ReST / ReST-EM on any environment of ``rl.envs``.
+
+``sft``: demonstrations written by the environment itself (``env.demonstration``) become
+transcripts of each trained role's view; a tokenizer with the reserved role tokens is
+built from their text; the policy is trained with NLL on its roles' turns.
+
+``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
+  Grow     ``prompts`` fresh episodes, ``samples_per_prompt`` rollouts of each from the
+           current policy (the trained roles sample; in self-play the policy also plays
+           the other model roles), scored by the environment's reward.
+  Improve  for each threshold tau_j of ``thresholds`` (raised over Improve steps): keep the
+           samples with reward >= tau_j and within ``margin`` of their prompt's best, at most
+           ``max_per_prompt`` per prompt (the highest), and fine-tune ``steps_per_improve``
+           steps with NLL on the trained roles' own tokens.
+  ReST-EM's ``restart_from_base`` fine-tunes from the initial policy every iteration (on
+  samples from the current one).
+  Evaluate on the environment's evaluation sets; metrics, samples and a checkpoint.
+Resuming: an iteration has a fixed number of steps, so the step says where the loop stood;
+the Grow output of the running iteration is saved (``grown/iteration_K.npz``) and batch
+``k`` of an Improve step is a function of (seed, iteration, k), so SIGTERM and rerunning
+the command continue mid-iteration with the same data and RNG.
+"""
+import io
+import json
+
+from absl import logging
+import jax
+import numpy as np
+from ml_collections import config_dict
+
+from model import decode
+from rl import envs
+from rl import episodes as ep
+from rl import play as play_lib
+from training import checkpoint as ckpt_lib
+from training import tokenizers
+from training import trainer as trainer_lib
+from training import workdir as workdir_lib
+
+
+def default_sft_config() -> config_dict.ConfigDict:
+  return config_dict.ConfigDict(dict(
+      episodes=4000,  # demonstrations
+      roles=('assistant', 'user'),  # whose turns are trained (each from its own view)
+  ))
+
+
+def default_rest_config() -> config_dict.ConfigDict:
+  return config_dict.ConfigDict(dict(
+      init_workdir='',  # the SFT run to start from (its tokenizer and latest checkpoint)
+      iterations=4,
+      prompts=256,  # per Grow
+      samples_per_prompt=8,
+      thresholds=(0.0,),  # one per Improve step
+      margin=float('inf'),  # keep only samples within this of their prompt's best reward
+      max_per_prompt=2,
+      steps_per_improve=100,
+      restart_from_base=False,  # ReST-EM
+      trained_roles=('assistant',),
+      eval_episodes=64,  # per evaluation setting
+      eval_greedy=False,  # sample at the rollout temperature: rates are the policy's probabilities
+  ))
+
+
+def _check(config):
+  rest = config.get('rest')
+  if rest is not None:
+    if not rest.thresholds:
+      raise workdir_lib.ConfigError('config.rest.thresholds is empty: give one threshold per '
+                                    'Improve step.')
+    for field in ('iterations', 'prompts', 'samples_per_prompt', 'max_per_prompt',
+                  'steps_per_improve', 'eval_episodes'):
+      if rest[field] < 1:
+        raise workdir_lib.ConfigError(f'config.rest.{field}={rest[field]} must be >= 1.')
+
+
+def _text_of(env, episodes):
+  return [t.text for e in episodes for r in env.speakers for t in env.view(e, r)]
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation, shared by both jobs.
+# ---------------------------------------------------------------------------------------
+def evaluate(player, variables, config, seed):
+  """Every evaluation set of the environment -> ({'eval/<set>/<metric>': mean over its
+  settings}, {set: [(setting, summary), ...]}, episodes of the first set)."""
+  sampling = (decode.SamplingConfig(greedy=True) if config.rest.eval_greedy
+              else play_lib.sampling_config(config.rollout))
+  scalars, details, first = {}, {}, None
+  for name, settings in player.env.eval_settings().items():
+    per_setting, episodes = player.evaluate(variables, settings, config.rest.eval_episodes,
+                                            seed, sampling)
+    details[name] = per_setting
+    first = episodes if first is None else first
+    for metric in per_setting[0][1]:
+      scalars[f'eval/{name}/{metric}'] = float(np.mean([s[metric] for _, s in per_setting]))
+  return scalars, details, first
+
+
+def _write_json(workdir, name, value):
+  if workdir_lib.is_primary():
+    workdir_lib.write_text(workdir_lib.path(workdir) / name, json.dumps(value, indent=1))
+
+
+def _log_eval(trainer, player, state, config, step, name):
+  with trainer.context():
+    scalars, details, episodes = evaluate(player, trainer_lib.model_variables(state), config,
+                                          config.seed)
+  trainer.writer.write(step, scalars)
+  _write_json(trainer.workdir, f'eval/{name}.json', details)
+  play_lib.write_samples(trainer.workdir, f'eval_{name}', player.env, episodes,
+                         player.trained_roles[0])
+  logging.info('step %d eval: %s', step, {k: round(v, 3) for k, v in scalars.items()})
+  return scalars
+
+
+# ---------------------------------------------------------------------------------------
+# SFT.
+# ---------------------------------------------------------------------------------------
+def sft(config, workdir):
+  """Job ``rl_sft``: the environment's demonstrations -> tokenizer -> NLL training."""
+  _check(config)
+  env = envs.make_env(config.env)
+  demos = [env.demonstration(np.random.default_rng([config.seed, 1, i]))
+           for i in range(config.sft.episodes)]
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=_text_of(env, demos),
+                                        save=False)
+  formatter = ep.Formatter(tokenizer, env.roles)
+  formatter.check_vocab(config.model.vocab_size)
+  items = []
+  for role in config.sft.roles:
+    items += ep.transcripts(env, demos, formatter, role, (role,), demonstration=True)
+  arrays = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
+  trainer = trainer_lib.Trainer(config, workdir)
+  player = play_lib.Player(env, trainer, formatter, config.rollout)
+  with trainer:
+    state = trainer.restore_or_init()
+    _save_tokenizer(trainer, tokenizer)
+    batches = ep.epoch_batches(arrays, config.data.batch_size, config.seed,
+                               start=int(state['step']))
+    result = trainer.fit(state, batches, config.train.steps)
+    summary = {'step': result.step, 'preempted': result.preempted,
+               'transcripts': len(items)}
+    if not result.preempted:
+      summary.update(_log_eval(trainer, player, result.state, config, result.step, 'final'))
+  _write_json(workdir, 'summary.json', summary)
+  return summary
+
+
+def _save_tokenizer(trainer, tokenizer):
+  directory = trainer.workdir / tokenizers.TOKENIZER_SUBDIR
+  if workdir_lib.is_primary() and not (directory / tokenizers.MARKER_FILE).exists():
+    tokenizer.save(directory)
+
+
+# ---------------------------------------------------------------------------------------
+# ReST.
+# ---------------------------------------------------------------------------------------
+def improve_filter(rewards, groups, threshold, margin, max_per_prompt):
+  """Indices kept by one Improve step (see the module docstring), in a fixed order."""
+  rewards, groups = np.asarray(rewards, np.float64), np.asarray(groups)
+  kept = []
+  for g in np.unique(groups):
+    idx = np.flatnonzero(groups == g)
+    best = rewards[idx].max()
+    order = idx[np.argsort(-rewards[idx], kind='stable')]
+    good = [i for i in order if rewards[i] >= threshold and rewards[i] >= best - margin]
+    kept += good[:max_per_prompt]
+  return np.asarray(sorted(kept), np.int64)
+
+
+def _save_arrays(path, arrays):
+  if workdir_lib.is_primary():
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+
+
+def _load_arrays(path):
+  with np.load(io.BytesIO(path.read_bytes())) as data:
+    return {k: data[k] for k in data.files}
+
+
+def rest(config, workdir):
+  """Job ``rl_rest``: ReST iterations from the SFT policy in ``config.rest.init_workdir``."""
+  _check(config)
+  cfg = config.rest
+  if not cfg.init_workdir:
+    raise workdir_lib.ConfigError('config.rest.init_workdir is empty: name the SFT workdir '
+                                  'to start from (job rl_sft).')
+  env = envs.make_env(config.env)
+  init = workdir_lib.path(cfg.init_workdir)
+  tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
+  formatter = ep.Formatter(tokenizer, env.roles)
+  formatter.check_vocab(config.model.vocab_size)
+  _, base = ckpt_lib.load_model(init)
+  trainer = trainer_lib.Trainer(config, workdir)
+  player = play_lib.Player(env, trainer, formatter, config.rollout, cfg.trained_roles)
+  per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
+  with trainer:
+    state = trainer.restore_or_init(init_params=base['params'])
+    _save_tokenizer(trainer, tokenizer)
+    base_params = jax.device_get(base['params'])
+    step = int(state['step'])
+    if trainer.writer.last('eval/')[0] is None:
+      _log_eval(trainer, player, state, config, step, 'iteration_0')
+    iteration, position = divmod(step, per_iteration)
+    while iteration < cfg.iterations:
+      grown_file = trainer.workdir / 'grown' / f'iteration_{iteration + 1}.npz'
+      if position == 0 or not grown_file.exists():
+        arrays, scalars = _grow(player, trainer, state, config, iteration, tokenizer)
+        _save_arrays(grown_file, arrays)
+        trainer.writer.write(step, scalars)
+        if cfg.restart_from_base:
+          state = trainer.with_params(state, base_params)
+      arrays = _load_arrays(grown_file)
+      for j, threshold in enumerate(cfg.thresholds):
+        end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
+        if step >= end:
+          continue
+        kept = improve_filter(arrays['rewards'], arrays['group_ids'], threshold, cfg.margin,
+                              cfg.max_per_prompt)
+        trainer.writer.write(step, {'improve/kept': len(kept), 'improve/threshold': threshold,
+                                    'improve/kept_reward': float(
+                                        arrays['rewards'][kept].mean()) if len(kept) else 0.0})
+        batches = ep.epoch_batches({k: v[kept] for k, v in arrays.items()},
+                                   config.data.batch_size, (config.seed, iteration, j),
+                                   start=step - (end - cfg.steps_per_improve))
+        result = trainer.fit(state, batches, end)
+        state, step = result.state, result.step
+        if result.preempted:
+          return {'step': step, 'preempted': True}
+      iteration, position = iteration + 1, 0
+      _log_eval(trainer, player, state, config, step, f'iteration_{iteration}')
+    summary = {'step': step, 'preempted': False, **trainer.writer.last('eval/')[1]}
+  _write_json(workdir, 'summary.json', summary)
+  return summary
+
+
+def _grow(player, trainer, state, config, iteration, tokenizer):
+  """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics)."""
+  cfg = config.rest
+  np_rng = np.random.default_rng([config.seed, 2, iteration])
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+  with trainer.context():
+    episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
+                                   trainer_lib.model_variables(state), rng)
+  items = []
+  for role in cfg.trained_roles:
+    items += ep.transcripts(player.env, episodes, player.formatter, role, cfg.trained_roles,
+                            groups)
+  fits = [len(t.tokens) <= config.data.seq_len + 1 for t in items]
+  arrays = ep.to_batch([t for t, ok in zip(items, fits) if ok], config.data.seq_len,
+                       tokenizer.pad_id)  # longer ones (rambling turns) are not trained on
+  play_lib.write_samples(trainer.workdir, f'grow_{iteration + 1}', player.env, episodes,
+                         cfg.trained_roles[0])
+  scalars = {f'grow/{k}': v for k, v in {**ep.summarize_rewards(episodes),
+                                         **player.env.summary(episodes)}.items()}
+  return arrays, {**scalars, 'rest/iteration': iteration + 1,
+                  'grow/too_long': 1.0 - float(np.mean(fits))}
