@@ -10,7 +10,8 @@ from scipy import special
 from model import recursive
 from model.registry import build_model
 from rl import losses, value
-from tests.utils import ELEMENTWISE_RTOL, FORWARD_RTOL, assert_close, assert_update_close, tiny_config
+from tests.utils import (ELEMENTWISE_RTOL, FORWARD_RTOL, assert_close, assert_update_close,
+                         tiny_config)
 from training import sharding, trainer
 
 
@@ -191,25 +192,26 @@ class TrainerTest(absltest.TestCase):
   def test_grad_accumulation_matches_one_batch(self):
     """Value baseline, KL to a reference passed as a step argument, entropy bonus and
     truncated importance weights: grad_accum=2 gives grad_accum=1's update."""
-    config = tiny_config()
+    config = tiny_config(num_layers=1)
+    config.data.update(seq_len=16, batch_size=4)
     batch = _rl_batch(config)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     base = build_model(config.model)
     model = value.WithValueHead(base)
     loss_fn = losses.reinforce_loss(kl_coeff=0.1, entropy_coeff=0.01, clip_ratio=1.2,
                                     baseline='value', value_coeff=0.5)
+    _, tx, schedule, _, _, init, rules = trainer.build_state_fns(config, mesh, model)
     results = []
-    for accum in (1, 2):
-      config.train.grad_accum = accum
-      _, tx, schedule, _, _, init, rules = trainer.build_state_fns(config, mesh, model)
-      step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train, loss_fn))
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = init(jax.random.PRNGKey(0))
-        before = jax.device_get(state['params'])
-        reference = jax.tree.map(lambda x: 0.9 * x, before['base'])
-        state, metrics = step(state, sharding.shard_batch(batch, mesh),
-                              {'reference': reference})
-      results.append((jax.device_get(state['params']), jax.device_get(metrics)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state = init(jax.random.PRNGKey(0))
+      before = jax.device_get(state['params'])
+      reference = jax.tree.map(lambda x: 0.9 * x, before['base'])
+      for accum in (1, 2):
+        config.train.grad_accum = accum
+        step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train, loss_fn))
+        new_state, metrics = step(state, sharding.shard_batch(batch, mesh),
+                                  {'reference': reference})
+        results.append((jax.device_get(new_state['params']), jax.device_get(metrics)))
     (p1, m1), (p2, m2) = results
     for name in ('pg_loss', 'kl', 'entropy', 'ratio', 'clip_frac', 'reward', 'value_loss',
                  'total_loss'):
@@ -233,39 +235,32 @@ class ValueHeadTest(parameterized.TestCase):
       ('llama_tied', 'llama'),
       ('recursive_early_exit', 'recursive'))
   def test_logits_unchanged_and_values_read_the_final_hidden_state(self, family):
+    """Logits are the base's; with the head set to the LM head's column j, values equal
+    logits[..., j], so they read the hidden state the logits come from (recursive
+    early-exit training calls final_norm once per loop). The KV-cached apply that
+    ``model.decode.generate`` runs gives the same logits and values and passes the base's
+    cache through (``init_cache`` delegates)."""
     if family == 'llama':
-      base = build_model(tiny_config(vocab_size=64).model)
-    else:  # early-exit training calls final_norm once per loop: the first call is the last loop
+      base = build_model(tiny_config(vocab_size=64, num_layers=1).model)
+    else:
       base = recursive.Recursive(recursive.RecursiveConfig(
-          vocab_size=64, embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=1, mlp_dim=32,
+          vocab_size=64, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=32,
           tie_embeddings=False, name='recursive', num_loops=2, early_exit='aggressive'))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 64)
     model = value.WithValueHead(base)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)['params'])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens)['params'])
     self.assertEqual(sorted(params), ['base', 'value_head'])
     params = value.wrap_params(params['base'], _head_from_lm_column(params['base'], 5))
     kwargs = dict(train=True, targets=tokens, loss_mask=jnp.ones(tokens.shape))
-    (logits, aux), (base_logits, _) = jax.jit(lambda p: (
-        model.apply({'params': p}, tokens, **kwargs),
-        base.apply({'params': p['base']}, tokens, **kwargs)))(params)
+    logits, aux = model.apply({'params': params}, tokens, **kwargs)
+    base_logits, _ = base.apply({'params': params['base']}, tokens, **kwargs)
+    cached, cached_aux = model.apply({'params': params}, tokens, cache=model.init_cache(2, 8))
     assert_close(logits, base_logits, FORWARD_RTOL)
     self.assertEqual(aux['values'].shape, (2, 7))
     assert_close(aux['values'], logits[..., 5], FORWARD_RTOL)
-
-  def test_cached_apply(self):
-    """The KV-cached apply that ``model.decode.generate`` runs: same logits and values as
-    the uncached one, and the base's cache passed through (``init_cache`` delegates)."""
-    base = build_model(tiny_config(vocab_size=64).model)
-    model = value.WithValueHead(base)
-    prompts = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 64)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), prompts)['params'])
-    params = value.wrap_params(params['base'], _head_from_lm_column(params['base'], 3))
-    (full, aux_full), (cached, aux) = jax.jit(lambda p: (
-        model.apply({'params': p}, prompts),
-        model.apply({'params': p}, prompts, cache=model.init_cache(2, 8))))(params)
-    assert_close(cached, full, FORWARD_RTOL)
-    assert_close(aux['values'], aux_full['values'], FORWARD_RTOL)
-    self.assertIn('cache', aux)
+    assert_close(cached, logits, FORWARD_RTOL)
+    assert_close(cached_aux['values'], aux['values'], FORWARD_RTOL)
+    self.assertIn('cache', cached_aux)
 
 
 if __name__ == '__main__':
