@@ -58,6 +58,7 @@ def default_rest_config() -> config_dict.ConfigDict:
       restart_from_base=False,  # ReST-EM
       trained_roles=('assistant',),
       eval_episodes=64,  # per evaluation setting
+      eval_sets=('heldout', 'seen'),  # of env.eval_settings()
       eval_greedy=False,  # sample at the rollout temperature: rates are the policy's probabilities
   ))
 
@@ -87,7 +88,13 @@ def evaluate(player, variables, config, seed):
   sampling = (decode.SamplingConfig(greedy=True) if config.rest.eval_greedy
               else play_lib.sampling_config(config.rollout))
   scalars, details, first = {}, {}, None
-  for name, settings in player.env.eval_settings().items():
+  available = player.env.eval_settings()
+  unknown = [n for n in config.rest.eval_sets if n not in available]
+  if unknown:
+    raise workdir_lib.ConfigError(f'config.rest.eval_sets has {unknown}; the environment has '
+                                  f'{sorted(available)}.')
+  for name in config.rest.eval_sets:
+    settings = available[name]
     per_setting, episodes = player.evaluate(variables, settings, config.rest.eval_episodes,
                                             seed, sampling)
     details[name] = per_setting
@@ -221,6 +228,11 @@ def rest(config, workdir):
           continue
         kept = improve_filter(arrays['rewards'], arrays['group_ids'], threshold, cfg.margin,
                               cfg.max_per_prompt)
+        if not len(kept):
+          raise ValueError(
+              f'Iteration {iteration + 1}, Improve step {j + 1}: no sample has reward >= '
+              f'{threshold} (best {arrays["rewards"].max():.3f}); lower config.rest.thresholds. '
+              'The Grow output is saved; rerunning resumes here.')
         trainer.writer.write(step, {'improve/kept': len(kept), 'improve/threshold': threshold,
                                     'improve/kept_reward': float(
                                         arrays['rewards'][kept].mean()) if len(kept) else 0.0})

@@ -1,0 +1,219 @@
+"""Tests for the RL core: reserved role tokens, batched multi-turn rollouts, transcripts,
+ReST's filter and the SFT -> ReST jobs (8-device mesh, preemption and resume)."""
+import copy
+import json
+import os
+from unittest import mock
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.rl import clarify as clarify_config
+from model import decode
+from model.registry import build_model
+from rl import episodes as ep
+from rl import rest
+from rl.envs import base, clarify, make_env
+from tests.utils import FORWARD_RTOL
+from training import checkpoint as ckpt_lib
+from training import tokenizers
+from training import trainer as trainer_lib
+
+ROLES = clarify.ClarifyEnv.roles
+
+
+def _byte_formatter():
+  return ep.Formatter(tokenizers.ByteTokenizer(ep.reserved_tokens(ROLES)), ROLES)
+
+
+class ReservedTokensTest(absltest.TestCase):
+
+  def test_reserved_ids_are_distinct_never_encoded_and_survive_a_reload(self):
+    config = tokenizers.default_tokenizer_config()
+    config.update(kind='sentencepiece', vocab_size=320, split_digits=True,
+                  reserved_tokens=ep.reserved_tokens(ROLES))
+    texts = [f'ask cost 0.{i:02d} word cost 0.0{i % 10}2 . kim : baker 70 paris' for i in range(99)]
+    sentencepiece = tokenizers.make_tokenizer(config, texts=texts)
+    for tok in (sentencepiece, tokenizers.ByteTokenizer(ep.reserved_tokens(ROLES))):
+      ids = [tok.reserved_id(t) for t in ep.reserved_tokens(ROLES)]
+      self.assertLen(set(ids), len(ids))
+      self.assertTrue(all(0 <= i < tok.vocab_size for i in ids))
+      encoded = tok.encode('<|user|> hi <|end|> 0.35' + ''.join(texts[:3]))
+      self.assertFalse(set(ids) & set(encoded))
+      self.assertEqual(tok.decode([ids[0], *tok.encode('hi'), ids[-1]]), 'hi')
+      directory = self.create_tempdir().full_path
+      tok.save(directory)
+      loaded = tokenizers.load_tokenizer(directory)
+      self.assertEqual([loaded.reserved_id(t) for t in ep.reserved_tokens(ROLES)], ids)
+    digits = [sentencepiece.decode([i]) for i in sentencepiece.encode('0.35')]
+    self.assertEqual(digits, ['0', '.', '3', '5'])  # split_digits: unseen costs use known ids
+
+  def test_missing_or_repeated_reserved_tokens_are_clear_errors(self):
+    with self.assertRaisesRegex(ValueError, r"no reserved token '<\|system\|>'.*'<\|end\|>'"):
+      ep.Formatter(tokenizers.ByteTokenizer(), ROLES)
+    with self.assertRaisesRegex(ValueError, 'repeated'):
+      tokenizers.ByteTokenizer(('<|a|>', '<|a|>'))
+    with self.assertRaisesRegex(ValueError, r'vocab_size=259 is smaller'):
+      _byte_formatter().check_vocab(259)
+
+
+def _tiny_model(vocab_size):
+  config = clarify_config.get_config('sft')
+  config.model.update(vocab_size=vocab_size, embed_dim=32, num_layers=2, num_heads=2,
+                      num_kv_heads=1, mlp_dim=64)
+  model = build_model(config.model)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return model, params
+
+
+class RolloutTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.env = make_env(clarify.default_config())
+    cls.formatter = _byte_formatter()
+    cls.model, cls.params = _tiny_model(cls.formatter.tokenizer.vocab_size)
+    cls.actor = ep.Actor(cls.model, cls.params, decode.SamplingConfig(), max_new_tokens=12)
+
+  def _episodes(self, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [self.env.reset(rng, 'heldout') for _ in range(n)]
+
+  def test_transcripts_hold_exact_behaviour_logprobs_of_policy_tokens(self):
+    """Random weights write malformed actions: every episode still ends (as invalid, with
+    the environment's reward), and each generated token's behaviour log-prob equals the
+    full forward pass's log-prob of it (temperature 1, no filter)."""
+    episodes = ep.rollout(self.env, self._episodes(6), {'assistant': self.actor},
+                          self.formatter, jax.random.PRNGKey(1))
+    self.assertTrue(all(e.done for e in episodes))
+    for e in episodes:
+      if e.info['action'] == 'invalid':
+        text = e.turns[-1].text
+        words = sum(w != ';' for w in text.replace(';', ' ; ').split()[1:])
+        self.assertAlmostEqual(e.reward, -e.alpha * e.n_clarifications - e.beta * words)
+    items = ep.transcripts(self.env, episodes, self.formatter, 'assistant', ('assistant',))
+    assistant = ROLES.index('assistant')
+    for t, e in zip(items, episodes):
+      generated = [t for t in e.turns if t.role == 'assistant']
+      self.assertEqual(t.policy_mask.sum(), sum(len(g.ids) + g.ended for g in generated))
+      self.assertTrue((t.roles[t.policy_mask == 1] == assistant).all())
+    batch = ep.to_batch(items, 192, self.formatter.tokenizer.pad_id)
+    logits, _ = self.model.apply({'params': self.params}, batch['tokens'],
+                                 positions=batch['positions'], segment_ids=batch['segment_ids'])
+    full = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                              batch['targets'][..., None], axis=-1)[..., 0]
+    mask = batch['loss_mask'] == 1
+    np.testing.assert_allclose(batch['behaviour_logprobs'][mask], full[mask], atol=1e-4,
+                               rtol=FORWARD_RTOL)
+    self.assertTrue((batch['behaviour_logprobs'][~mask] == 0).all())
+
+  def test_self_play_user_sees_the_intent_and_is_not_trained(self):
+    episodes = self._episodes(4, seed=3)
+    for e in episodes:
+      e.turns.append(base.Turn('assistant', 'ask ' + ' or '.join(e.senses) + ' ?'))
+      self.env.step(e)
+      self.assertEqual(e.next_role, 'user')
+    actors = {'assistant': self.actor, 'user': self.actor}
+    ep.rollout(self.env, episodes, actors, self.formatter, jax.random.PRNGKey(2))
+    for e in episodes:
+      user_view = ' '.join(t.text for t in self.env.view(e, 'user'))
+      assistant_view = self.env.view(e, 'assistant')
+      self.assertIn(f'you mean {e.name} the {e.senses[e.intent]}', user_view)
+      self.assertNotIn('you mean', ' '.join(t.text for t in assistant_view))
+      reply = e.turns[2]
+      self.assertEqual(reply.role, 'user')
+      self.assertIsNotNone(reply.logprobs)  # the policy played the user
+      t = ep.transcript(self.formatter, assistant_view, ('assistant',), e.reward)
+      user_tokens = t.roles == ROLES.index('user')
+      self.assertFalse(t.policy_mask[user_tokens].any())
+
+  def test_batches_align_targets_and_resume_deterministically(self):
+    episodes = [self.env.demonstration(np.random.default_rng([0, i])) for i in range(10)]
+    items = ep.transcripts(self.env, episodes, self.formatter, 'assistant', ('assistant',),
+                           demonstration=True)
+    batch = ep.to_batch(items, 200, self.formatter.tokenizer.pad_id)
+    for i, t in enumerate(items):
+      n = len(t.tokens) - 1
+      np.testing.assert_array_equal(batch['targets'][i, :n - 1], batch['tokens'][i, 1:n])
+      self.assertEqual(batch['loss_mask'][i].sum(), t.policy_mask.sum())
+      text = self.formatter.tokenizer.decode(batch['targets'][i][batch['loss_mask'][i] == 1])
+      self.assertEqual(text, ''.join(x.text for x in episodes[i].turns if x.role == 'assistant'))
+    with self.assertRaisesRegex(ValueError, 'more than data.seq_len'):
+      ep.to_batch(items, 20, 0)
+    stream = ep.epoch_batches(batch, 4, seed=(0, 1))
+    first = [next(stream)['tokens'] for _ in range(7)]
+    resumed = ep.epoch_batches(batch, 4, seed=(0, 1), start=5)
+    np.testing.assert_array_equal(next(resumed)['tokens'], first[5])
+    seen = np.concatenate([b[:, 0:60] for b in first[:5]])  # 20 rows = 2 epochs of 10
+    self.assertLen({r.tobytes() for r in seen}, len({r.tobytes() for r in batch['tokens'][:, :60]}))
+
+
+class ImproveFilterTest(absltest.TestCase):
+
+  def test_threshold_margin_and_cap(self):
+    rewards = [0.9, 0.5, 0.9, 0.1, -0.2, 0.3]
+    groups = [0, 0, 0, 1, 1, 2]
+    np.testing.assert_array_equal(rest.improve_filter(rewards, groups, 0.0, np.inf, 5),
+                                  [0, 1, 2, 3, 5])
+    np.testing.assert_array_equal(rest.improve_filter(rewards, groups, -1, 0.0, 5),
+                                  [0, 2, 3, 5])  # each prompt's best
+    np.testing.assert_array_equal(rest.improve_filter(rewards, groups, -1, np.inf, 1),
+                                  [0, 3, 5])  # highest per prompt, first among ties
+
+
+def _tiny_stage(stage, workdir=None):
+  config = clarify_config.get_config(stage)
+  config.model.update(embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+  config.data.update(batch_size=16, seq_len=80)
+  config.train.update(steps=20, log_every=10, tensorboard=False, async_checkpointing=False)
+  config.sft.episodes = 300
+  config.rollout.update(batch=64, max_new_tokens=12)
+  config.rest.update(iterations=2, prompts=8, samples_per_prompt=2, thresholds=(-9.0, -5.0),
+                     steps_per_improve=2, eval_episodes=1, eval_sets=('heldout',))
+  if workdir:
+    config.rest.init_workdir = workdir
+  return config
+
+
+class RestJobTest(absltest.TestCase):
+
+  def test_sft_then_rest_resumes_mid_iteration_on_the_mesh(self):
+    """SFT then ReST on the 8-device mesh; a ReST run preempted inside its second
+    iteration and rerun ends with the parameters of an uninterrupted run."""
+    self.assertEqual(jax.device_count(), 8)
+    sft_dir = self.create_tempdir().full_path
+    summary = rest.sft(_tiny_stage('sft'), sft_dir)
+    self.assertEqual(summary['step'], 20)
+    self.assertIn('eval/heldout/reward', summary)
+    straight, resumed = (self.create_tempdir().full_path for _ in range(2))
+    rest.rest(_tiny_stage('rest', sft_dir), straight)
+    with mock.patch.object(trainer_lib.Preemption, 'requested', lambda self, step: step == 5):
+      self.assertTrue(rest.rest(_tiny_stage('rest', sft_dir), resumed)['preempted'])
+    self.assertEqual(ckpt_lib.Checkpointer(resumed, async_save=False).latest_step(), 5)
+    summary = rest.rest(_tiny_stage('rest', sft_dir), resumed)
+    self.assertEqual(summary['step'], 8)  # 2 iterations x 2 Improve steps x 2 steps
+    params = [jax.device_get(ckpt_lib.load_model(d)[1]['params']) for d in (straight, resumed)]
+    jax.tree.map(np.testing.assert_array_equal, *params)
+    with open(os.path.join(resumed, 'eval', 'iteration_2.json')) as f:
+      self.assertLen(json.load(f)['heldout'], 30)
+    self.assertTrue(os.path.exists(os.path.join(resumed, 'samples', 'grow_2.txt')))
+
+  def test_bad_configs_fail_before_compiling(self):
+    config = _tiny_stage('rest')
+    with self.assertRaisesRegex(ValueError, 'init_workdir is empty'):
+      rest.rest(config, self.create_tempdir().full_path)
+    bad = copy.deepcopy(config.env)
+    bad.name = 'clarfy'
+    with self.assertRaisesRegex(ValueError, 'clarify'):
+      make_env(bad)
+    bad = copy.deepcopy(config.env)
+    bad.alpha_range = (0.5, 0.1)
+    with self.assertRaisesRegex(ValueError, 'alpha_range'):
+      make_env(bad)
+
+
+if __name__ == '__main__':
+  absltest.main()
