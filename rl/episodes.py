@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from model import decode
+from model.config_errors import ConfigError
 from rl.envs.base import Env, Episode, Turn
 
 END_OF_TURN = '<|end|>'
@@ -42,13 +43,13 @@ class Formatter:
       self.role_ids = {r: tokenizer.reserved_id(role_token(r)) for r in self.roles}
       self.end_id = tokenizer.reserved_id(END_OF_TURN)
     except ValueError as e:
-      raise ValueError(f'{e} An RL policy needs the reserved tokens '
-                       f'{list(reserved_tokens(self.roles))}.') from None
+      raise ConfigError(f'{e} An RL policy needs the reserved tokens '
+                        f'{list(reserved_tokens(self.roles))}.') from None
 
   def check_vocab(self, vocab_size: int):
     """The model must have an embedding for every id the tokenizer produces."""
     if vocab_size < self.tokenizer.vocab_size:
-      raise ValueError(f'config.model.vocab_size={vocab_size} is smaller than the tokenizer\'s '
+      raise ConfigError(f'config.model.vocab_size={vocab_size} is smaller than the tokenizer\'s '
                        f'{self.tokenizer.vocab_size} ids (reserved role tokens included).')
 
   def turn_ids(self, turn: Turn) -> list:
@@ -114,12 +115,14 @@ def _bucket(n: int, multiple: int) -> int:
 
 
 def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
-                   batch_multiple: int = 1, place: Callable = lambda x: x) -> list:
+                   batch_multiple: int = 1, place: Callable = lambda x: x,
+                   generate: Callable = decode.generate) -> list:
   """One turn for each context: a list of (ids, logprobs, ended).
 
   Contexts are right-padded to a multiple of 16 tokens and the batch to a power of two
   (and a multiple of ``batch_multiple``, the mesh's batch shards); ``place`` puts the
-  prompts on the mesh.
+  prompts on the mesh. ``generate`` has the signature and outputs of ``decode.generate``
+  (``bench/rollout.py`` swaps in a sampler without a KV cache).
   """
   n, longest = len(contexts), max(len(c) for c in contexts)
   rows, width = _bucket(n, batch_multiple), -(-longest // 16) * 16
@@ -129,9 +132,9 @@ def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
   for i, ids in enumerate(contexts):
     prompts[i, :len(ids)] = ids
     lengths[i] = len(ids)
-  out = decode.generate(actor.model, actor.params, place(prompts), actor.max_new_tokens,
-                        actor.sampling, rng, stop_tokens=(formatter.end_id,),
-                        pad_id=formatter.tokenizer.pad_id, prompt_lengths=place(lengths))
+  out = generate(actor.model, actor.params, place(prompts), actor.max_new_tokens,
+                 actor.sampling, rng, stop_tokens=(formatter.end_id,),
+                 pad_id=formatter.tokenizer.pad_id, prompt_lengths=place(lengths))
   tokens, logprobs, counts = jax.device_get((out.tokens, out.sample_logprobs, out.lengths))
   turns = []
   for i in range(n):
@@ -144,7 +147,8 @@ def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
 
 def rollout(env: Env, episodes: list, actors: dict, formatter: Formatter, rng,
             max_turns: int = 16, batch_multiple: int = 1, place: Callable = lambda x: x,
-            context: Callable = contextlib.nullcontext) -> list:
+            context: Callable = contextlib.nullcontext,
+            generate: Callable = decode.generate) -> list:
   """Plays ``episodes`` (fresh from ``env.reset``) to the end, in place, and returns them.
 
   Each round, scripted roles speak until every live episode waits on a model role; then
@@ -174,7 +178,7 @@ def rollout(env: Env, episodes: list, actors: dict, formatter: Formatter, rng,
       turn_rng = jax.random.fold_in(jax.random.fold_in(rng, round_index), role_index)
       with context():
         turns = generate_turns(actors[role], contexts, formatter, turn_rng, batch_multiple,
-                               place)
+                               place, generate)
       for i, (ids, logprobs, ended) in zip(indices, turns):
         text = formatter.tokenizer.decode(ids)
         episodes[i].turns.append(Turn(role, text, ids, logprobs, ended))

@@ -52,14 +52,18 @@ class Player:
     roles = [r for r in self.env.speakers if r in self.trained_roles or self.cfg.self_play]
     return {r: actor for r in roles}
 
-  def play(self, episodes, variables, rng, sampling=None):
+  def play(self, episodes, variables, rng, sampling=None, desc='rollout'):
     """Plays ``episodes`` to the end in batches of ``rollout.batch``; returns them."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     actors = self.actors(variables, sampling)
     place = lambda x: sharding.shard_batch(x, self.trainer.mesh)
-    for start in range(0, len(episodes), self.cfg.batch):
-      ep.rollout(self.env, episodes[start:start + self.cfg.batch], actors, self.formatter,
-                 jax.random.fold_in(rng, start), self.cfg.max_turns, self.batch_multiple,
-                 place, self.trainer.context)
+    with tqdm(total=len(episodes), desc=desc, unit='episode', dynamic_ncols=True,
+              disable=jax.process_index() != 0) as progress:
+      for start in range(0, len(episodes), self.cfg.batch):
+        batch = episodes[start:start + self.cfg.batch]
+        ep.rollout(self.env, batch, actors, self.formatter, jax.random.fold_in(rng, start),
+                   self.cfg.max_turns, self.batch_multiple, place, self.trainer.context)
+        progress.update(len(batch))
     return episodes
 
   def grow(self, np_rng, n_prompts, samples_per_prompt, variables, rng, split='train'):
@@ -68,7 +72,7 @@ class Player:
     prompts = [self.env.reset(np_rng, split) for _ in range(n_prompts)]
     episodes = [copy.deepcopy(p) for p in prompts for _ in range(samples_per_prompt)]
     groups = np.repeat(np.arange(n_prompts), samples_per_prompt)
-    return self.play(episodes, variables, rng), groups
+    return self.play(episodes, variables, rng, desc='grow'), groups
 
   def evaluate(self, variables, settings, n_per_setting, seed, sampling):
     """Plays ``n_per_setting`` episodes per setting (``env.reset`` overrides, e.g. costs);
@@ -80,7 +84,7 @@ class Player:
       overrides = {k: v for k, v in setting.items() if k != 'split'}
       episodes += [self.env.reset(np_rng, split, **overrides) for _ in range(n_per_setting)]
       owners += [i] * n_per_setting
-    self.play(episodes, variables, jax.random.PRNGKey(seed), sampling)
+    self.play(episodes, variables, jax.random.PRNGKey(seed), sampling, desc='evaluate')
     owners = np.asarray(owners)
     per_setting = [(s, self.env.summary([e for e, o in zip(episodes, owners) if o == i]))
                    for i, s in enumerate(settings)]

@@ -3,6 +3,8 @@ ReST's filter and the SFT -> ReST jobs (8-device mesh, preemption and resume).""
 import copy
 import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 from absl.testing import absltest
@@ -22,6 +24,7 @@ from training import tokenizers
 from training import trainer as trainer_lib
 
 ROLES = clarify.ClarifyEnv.roles
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _byte_formatter():
@@ -202,6 +205,16 @@ class RestJobTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(resumed, 'samples', 'grow_2.txt')))
 
   def test_bad_configs_fail_before_compiling(self):
+    workdir = self.create_tempdir().full_path
+    for override, message in (('--config.env.name=clarfy', "config.env.name='clarfy'"),
+                              ('--config.tokenizer.reserved_tokens=()', "<|system|>")):
+      out = subprocess.run([sys.executable, '-m', 'launch.main',
+                            '--config=configs/rl/clarify.py:sft', f'--workdir={workdir}',
+                            override], cwd=REPO, capture_output=True, text=True, timeout=300)
+      self.assertEqual(out.returncode, 1)
+      self.assertIn(message, out.stderr.strip().splitlines()[-1])
+      self.assertNotIn('Traceback', out.stderr)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
     config = _tiny_stage('rest')
     with self.assertRaisesRegex(ValueError, 'init_workdir is empty'):
       rest.rest(config, self.create_tempdir().full_path)

@@ -1,6 +1,7 @@
 """Environment registry: ``make_env(config)`` builds the env named by ``config.name``."""
 from ml_collections import config_dict
 
+from model.config_errors import ConfigError
 from rl.envs import base
 from rl.envs import clarify
 
@@ -8,8 +9,12 @@ ENVS = {'clarify': clarify.ClarifyEnv}
 
 
 def make_env(env_config: config_dict.ConfigDict) -> base.Env:
-  """The registered env ``env_config.name``, built from ``env_config``."""
+  """The registered env ``env_config.name``, built from ``env_config``; a bad field is a
+  ``ConfigError`` naming it (``launch.main`` prints it as one line)."""
   name = env_config.get('name')
   if name not in ENVS:
-    raise ValueError(f'env_config.name={name!r} is not a known env ({", ".join(ENVS)}).')
-  return ENVS[name](env_config)
+    raise ConfigError(f'config.env.name={name!r} is not a known env ({", ".join(ENVS)}).')
+  try:
+    return ENVS[name](env_config)
+  except ValueError as e:
+    raise ConfigError(f'config.env ({name}): {e}') from None
