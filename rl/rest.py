@@ -57,9 +57,13 @@ def default_rest_config() -> config_dict.ConfigDict:
       steps_per_improve=100,
       restart_from_base=False,  # ReST-EM
       trained_roles=('assistant',),
-      eval_episodes=64,  # per evaluation setting
+      eval_episodes=16,  # per evaluation setting, after each iteration
+      final_eval_episodes=64,  # per setting, after the last iteration (and by rl_sft)
       eval_sets=('heldout', 'seen'),  # of env.eval_settings()
-      eval_greedy=False,  # sample at the rollout temperature: rates are the policy's probabilities
+      # 'sample': at the rollout temperature (a rate is the policy's probability of an
+      # action); 'greedy': the argmax policy. Sets other than the first mode's are named
+      # '<set>_<mode>'.
+      eval_modes=('sample', 'greedy'),
   ))
 
 
@@ -70,7 +74,7 @@ def _check(config):
       raise workdir_lib.ConfigError('config.rest.thresholds is empty: give one threshold per '
                                     'Improve step.')
     for field in ('iterations', 'prompts', 'samples_per_prompt', 'max_per_prompt',
-                  'steps_per_improve', 'eval_episodes'):
+                  'steps_per_improve', 'eval_episodes', 'final_eval_episodes'):
       if rest[field] < 1:
         raise workdir_lib.ConfigError(f'config.rest.{field}={rest[field]} must be >= 1.')
 
@@ -82,20 +86,30 @@ def _text_of(env, episodes):
 # ---------------------------------------------------------------------------------------
 # Evaluation, shared by both jobs.
 # ---------------------------------------------------------------------------------------
-def evaluate(player, variables, config, seed):
-  """Every evaluation set of the environment -> ({'eval/<set>/<metric>': mean over its
-  settings}, {set: [(setting, summary), ...]}, episodes of the first set)."""
-  sampling = (decode.SamplingConfig(greedy=True) if config.rest.eval_greedy
-              else play_lib.sampling_config(config.rollout))
+def _eval_names(config):
+  """{name: (set, mode)} of every evaluation: the first mode's under the set's name."""
+  modes = config.rest.eval_modes
+  bad = [m for m in modes if m not in ('sample', 'greedy')]
+  if bad or not modes:
+    raise workdir_lib.ConfigError(f"config.rest.eval_modes={modes}: use 'sample' and/or "
+                                  "'greedy'.")
+  return {(s if i == 0 else f'{s}_{m}'): (s, m)
+          for i, m in enumerate(modes) for s in config.rest.eval_sets}
+
+
+def evaluate(player, variables, config, seed, episodes_per_setting):
+  """Every evaluation set of the environment in every mode -> ({'eval/<name>/<metric>': mean
+  over its settings}, {name: [(setting, summary), ...]}, the first evaluation's episodes)."""
   scalars, details, first = {}, {}, None
   available = player.env.eval_settings()
   unknown = [n for n in config.rest.eval_sets if n not in available]
   if unknown:
     raise workdir_lib.ConfigError(f'config.rest.eval_sets has {unknown}; the environment has '
                                   f'{sorted(available)}.')
-  for name in config.rest.eval_sets:
-    settings = available[name]
-    per_setting, episodes = player.evaluate(variables, settings, config.rest.eval_episodes,
+  for name, (which, mode) in _eval_names(config).items():
+    sampling = (decode.SamplingConfig(greedy=True) if mode == 'greedy'
+                else play_lib.sampling_config(config.rollout))
+    per_setting, episodes = player.evaluate(variables, available[which], episodes_per_setting,
                                             seed, sampling)
     details[name] = per_setting
     first = episodes if first is None else first
@@ -109,10 +123,11 @@ def _write_json(workdir, name, value):
     workdir_lib.write_text(workdir_lib.path(workdir) / name, json.dumps(value, indent=1))
 
 
-def _log_eval(trainer, player, state, config, step, name):
+def _log_eval(trainer, player, state, config, step, name, final=False):
+  n = config.rest.final_eval_episodes if final else config.rest.eval_episodes
   with trainer.context():
     scalars, details, episodes = evaluate(player, trainer_lib.model_variables(state), config,
-                                          config.seed)
+                                          config.seed, n)
   trainer.writer.write(step, scalars)
   _write_json(trainer.workdir, f'eval/{name}.json', details)
   play_lib.write_samples(trainer.workdir, f'eval_{name}', player.env, episodes,
@@ -149,7 +164,8 @@ def sft(config, workdir):
     summary = {'step': result.step, 'preempted': result.preempted,
                'transcripts': len(items)}
     if not result.preempted:
-      summary.update(_log_eval(trainer, player, result.state, config, result.step, 'final'))
+      summary.update(_log_eval(trainer, player, result.state, config, result.step, 'final',
+                               final=True))
   _write_json(workdir, 'summary.json', summary)
   return summary
 
@@ -210,9 +226,11 @@ def rest(config, workdir):
     _save_tokenizer(trainer, tokenizer)
     base_params = jax.device_get(base['params'])
     step = int(state['step'])
-    if trainer.writer.last('eval/')[0] is None:
-      _log_eval(trainer, player, state, config, step, 'iteration_0')
     iteration, position = divmod(step, per_iteration)
+    last_eval = trainer.writer.last('eval/')[0]
+    if position == 0 and (last_eval is None or last_eval < step):  # stopped before its eval
+      _log_eval(trainer, player, state, config, step, f'iteration_{iteration}',
+                final=iteration == cfg.iterations)
     while iteration < cfg.iterations:
       grown_file = trainer.workdir / 'grown' / f'iteration_{iteration + 1}.npz'
       if position == 0 or not grown_file.exists():
@@ -244,7 +262,8 @@ def rest(config, workdir):
         if result.preempted:
           return {'step': step, 'preempted': True}
       iteration, position = iteration + 1, 0
-      _log_eval(trainer, player, state, config, step, f'iteration_{iteration}')
+      _log_eval(trainer, player, state, config, step, f'iteration_{iteration}',
+                final=iteration == cfg.iterations)
     summary = {'step': step, 'preempted': False, **trainer.writer.last('eval/')[1]}
   _write_json(workdir, 'summary.json', summary)
   return summary

@@ -175,7 +175,8 @@ def _tiny_stage(stage, workdir=None):
   config.sft.episodes = 300
   config.rollout.update(batch=64, max_new_tokens=12)
   config.rest.update(iterations=2, prompts=8, samples_per_prompt=2, thresholds=(-9.0, -5.0),
-                     steps_per_improve=2, eval_episodes=1, eval_sets=('heldout',))
+                     steps_per_improve=2, eval_episodes=1, final_eval_episodes=1,
+                     eval_sets=('heldout',))
   if workdir:
     config.rest.init_workdir = workdir
   return config
@@ -201,7 +202,9 @@ class RestJobTest(absltest.TestCase):
     params = [jax.device_get(ckpt_lib.load_model(d)[1]['params']) for d in (straight, resumed)]
     jax.tree.map(np.testing.assert_array_equal, *params)
     with open(os.path.join(resumed, 'eval', 'iteration_2.json')) as f:
-      self.assertLen(json.load(f)['heldout'], 30)
+      final = json.load(f)
+    self.assertEqual(sorted(final), ['heldout', 'heldout_greedy'])
+    self.assertLen(final['heldout_greedy'], 30)
     self.assertTrue(os.path.exists(os.path.join(resumed, 'samples', 'grow_2.txt')))
 
   def test_bad_configs_fail_before_compiling(self):
