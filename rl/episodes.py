@@ -195,6 +195,10 @@ def transcripts(env: Env, episodes: list, formatter: Formatter, role: str, train
                      demonstration) for e, g in zip(episodes, groups)]
 
 
+BATCH_FIELDS = ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask',
+                'behaviour_logprobs', 'rewards', 'group_ids')
+
+
 def to_batch(items: list, seq_len: int, pad_id: int) -> dict:
   """Transcripts as trainer arrays [N, seq_len]: ``tokens``/``targets`` shifted by one,
   ``loss_mask`` from ``policy_mask``, ``behaviour_logprobs`` aligned with targets, plus

@@ -50,26 +50,31 @@ def run(config, workdir):
   sft_dir = root / 'sft'
   rest.sft(_stage(config, 'sft', config.seeds[0]), sft_dir)
   timings['sft'] = time.time() - start
-  evals = {'sft': [_final_eval(sft_dir, 'final')['heldout']]}
+  # The held-out evaluation of each mode, by its name in the eval files.
+  modes = {mode: name for name, (which, mode) in rest.eval_names(config.stages.rest).items()
+           if which == 'heldout'}
+  evals = {mode: {'sft': [_final_eval(sft_dir, 'final')[name]]} for mode, name in modes.items()}
   for policy, stage in (('steerable', 'rest'), ('single_cost', 'single')):
-    evals[policy] = []
     for seed in config.seeds:
       t0 = time.time()
       stage_config = _stage(config, stage, seed, str(sft_dir))
       stage_dir = root / f'{stage}_s{seed}'
       rest.rest(stage_config, stage_dir)
-      final = f'iteration_{stage_config.rest.iterations}'
-      evals[policy].append(_final_eval(stage_dir, final)['heldout'])
+      final = _final_eval(stage_dir, f'iteration_{stage_config.rest.iterations}')
+      for mode, name in modes.items():
+        evals[mode].setdefault(policy, []).append(final[name])
       timings[f'{stage}_s{seed}'] = time.time() - t0
   env = envs.make_env(config.stages.rest.env)
-  results = analyse(env, evals, config.baseline_instances, seed=config.seeds[0])
+  results = {mode: analyse(env, evals[mode], config.baseline_instances, seed=config.seeds[0])
+             for mode in modes}
+  results['single_cost'] = list(config.stages.single.env.single_cost)
   results['timings_s'] = {k: round(v, 1) for k, v in timings.items()}
   results['total_s'] = round(time.time() - start, 1)
   if workdir_lib.is_primary():
     workdir_lib.write_text(root / 'results.json', json.dumps(results, indent=1))
-    workdir_lib.write_text(root / 'results.md', markdown(results))
+    workdir_lib.write_text(root / 'results.md', report(results))
     plot(results, root / 'clarify.png')
-  logging.info('repro_clarify:\n%s', markdown(results))
+  logging.info('repro_clarify:\n%s', report(results))
   return results
 
 
@@ -107,8 +112,10 @@ def _curves(cells, alphas, betas, key_clarify='rate/clarify', key_enum='rate/enu
 
 
 def _spearman(xs, ys):
-  rho = sp_stats.spearmanr(xs, ys).statistic
-  return float(rho) if np.isfinite(rho) else float('nan')
+  """Spearman's rho; NaN for a constant curve (no order to correlate)."""
+  if np.ptp(ys) == 0:
+    return float('nan')
+  return float(sp_stats.spearmanr(xs, ys).statistic)
 
 
 def analyse(env, evals, instances, seed):
@@ -152,8 +159,20 @@ def analyse(env, evals, instances, seed):
   return results
 
 
+def report(results) -> str:
+  """Both evaluation modes' tables and the run's timings (results.md)."""
+  parts = []
+  for mode, title in (('sample', 'sampled at temperature 1'), ('greedy', 'greedy')):
+    if mode in results:
+      parts += [f'### Held-out costs, actions {title}', '', markdown(results[mode])]
+  parts.append(f"Single-cost baseline trained at (α, β) = {tuple(results['single_cost'])}. "
+               f"Wall time: {results['total_s'] / 60:.1f} min "
+               f"({', '.join(f'{k} {v / 60:.1f}' for k, v in results['timings_s'].items())}).")
+  return '\n'.join(parts) + '\n'
+
+
 def markdown(results) -> str:
-  """The results table of docs/RESULTS.md."""
+  """One evaluation mode's table (``analyse``'s output)."""
   fmt = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
   lines = ['| policy | seeds | reward (held-out costs) | acc | agreement with Bayes-optimal | '
            'ρ(clarify rate, α) | ρ(enumerate rate, β) |', '|---|---|---|---|---|---|---|']
@@ -166,20 +185,28 @@ def markdown(results) -> str:
     extra = (f" | | 1.000 | {bayes['rho_clarify_alpha']:.3f} | "
              f"{bayes['rho_enumerate_beta']:.3f} |" if name == 'bayes_optimal' else ' | | | | |')
     lines.append(f'| {name} (exact) | – | {value:.3f}{extra}')
-  lines += ['', 'Clarify rate by held-out α (mean over held-out β), steerable policy: ' + ', '.join(
-      f'{a:.2f}: {m:.2f}' for a, m in zip(results['alphas'],
-                                        results['policies']['steerable']['clarify_vs_alpha']['mean'])),
-            'Enumerate rate by held-out β (mean over held-out α), steerable policy: ' + ', '.join(
-      f'{b:.3f}: {m:.2f}' for b, m in zip(results['betas'],
-                                        results['policies']['steerable']['enumerate_vs_beta']['mean']))]
+  lines += ['', '| policy | clarify rate at held-out α = ' +
+            ', '.join(f'{a:.2f}' for a in results['alphas']) +
+            ' | enumerate rate at held-out β = ' + ', '.join(f'{b:.3f}' for b in results['betas']) +
+            ' |', '|---|---|---|']
+  curves = {n: (s['clarify_vs_alpha']['mean'], s['enumerate_vs_beta']['mean'])
+            for n, s in results['policies'].items()}
+  curves['bayes_optimal'] = (bayes['clarify_vs_alpha'], bayes['enumerate_vs_beta'])
+  for name, (by_alpha, by_beta) in curves.items():
+    lines.append(f'| {name} | ' + ', '.join(f'{v:.2f}' for v in by_alpha) + ' | ' +
+                 ', '.join(f'{v:.2f}' for v in by_beta) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def plot(results, path):
+def plot(all_results, path):
+  """Rates against the held-out costs (sampled actions: the policies' probabilities) and
+  the mean reward of every policy and baseline, in each evaluation mode."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  modes = [m for m in ('sample', 'greedy') if m in all_results]
+  fig, axes = plt.subplots(1, 2 + len(modes), figsize=(5 * (2 + len(modes)), 4))
+  results = all_results[modes[0]]
   panels = (('clarify_vs_alpha', 'alphas', 'held-out α (cost per question)', 'clarify rate'),
             ('enumerate_vs_beta', 'betas', 'held-out β (cost per word)', 'enumerate rate'))
   for ax, (key, xs, xlabel, ylabel) in zip(axes, panels):
@@ -189,14 +216,18 @@ def plot(results, path):
     ax.plot(x, results['bayes_curves'][key], 'k--', label='Bayes-optimal')
     ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.02, 1.02))
     ax.legend(fontsize=8)
-  names = list(results['policies']) + list(results['baselines'])
-  means = [results['policies'][n]['reward']['mean'] if n in results['policies']
-           else results['baselines'][n] for n in names]
-  errs = [results['policies'][n]['reward']['std'] if n in results['policies'] else 0
-          for n in names]
-  axes[2].bar(range(len(names)), means, yerr=errs, capsize=3)
-  axes[2].set_xticks(range(len(names)), names, rotation=35, ha='right', fontsize=8)
-  axes[2].set(ylabel='mean reward, held-out costs')
+    ax.set_title(f'held-out costs, {modes[0]}d actions', fontsize=9)
+  for ax, mode in zip(axes[2:], modes):
+    results = all_results[mode]
+    names = list(results['policies']) + list(results['baselines'])
+    means = [results['policies'][n]['reward']['mean'] if n in results['policies']
+             else results['baselines'][n] for n in names]
+    errs = [results['policies'][n]['reward']['std'] if n in results['policies'] else 0
+            for n in names]
+    ax.bar(range(len(names)), means, yerr=errs, capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha='right', fontsize=8)
+    ax.set(ylabel='mean reward, held-out costs', ylim=(0.5, 0.9),
+           title=f'{mode} actions (policies: mean ± std over seeds)')
   fig.tight_layout()
   with path.open('wb') as f:
     fig.savefig(f, dpi=110)

@@ -56,7 +56,7 @@ def default_rest_config() -> config_dict.ConfigDict:
       max_per_prompt=2,
       steps_per_improve=100,
       restart_from_base=False,  # ReST-EM
-      trained_roles=('assistant',),
+      trained_roles=('assistant', 'user'),  # each from its own view (self-play: both)
       eval_episodes=16,  # per evaluation setting, after each iteration
       final_eval_episodes=64,  # per setting, after the last iteration (and by rl_sft)
       eval_sets=('heldout', 'seen'),  # of env.eval_settings()
@@ -86,7 +86,7 @@ def _text_of(env, episodes):
 # ---------------------------------------------------------------------------------------
 # Evaluation, shared by both jobs.
 # ---------------------------------------------------------------------------------------
-def _eval_names(config):
+def eval_names(config):
   """{name: (set, mode)} of every evaluation: the first mode's under the set's name."""
   modes = config.rest.eval_modes
   bad = [m for m in modes if m not in ('sample', 'greedy')]
@@ -106,7 +106,7 @@ def evaluate(player, variables, config, seed, episodes_per_setting):
   if unknown:
     raise workdir_lib.ConfigError(f'config.rest.eval_sets has {unknown}; the environment has '
                                   f'{sorted(available)}.')
-  for name, (which, mode) in _eval_names(config).items():
+  for name, (which, mode) in eval_names(config).items():
     sampling = (decode.SamplingConfig(greedy=True) if mode == 'greedy'
                 else play_lib.sampling_config(config.rollout))
     per_setting, episodes = player.evaluate(variables, available[which], episodes_per_setting,
@@ -244,17 +244,19 @@ def rest(config, workdir):
         end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
         if step >= end:
           continue
-        kept = improve_filter(arrays['rewards'], arrays['group_ids'], threshold, cfg.margin,
+        kept = improve_filter(arrays['ep_rewards'], arrays['ep_groups'], threshold, cfg.margin,
                               cfg.max_per_prompt)
-        if not len(kept):
+        rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
+        if not len(rows):
           raise ValueError(
               f'Iteration {iteration + 1}, Improve step {j + 1}: no sample has reward >= '
-              f'{threshold} (best {arrays["rewards"].max():.3f}); lower config.rest.thresholds. '
-              'The Grow output is saved; rerunning resumes here.')
-        trainer.writer.write(step, {'improve/kept': len(kept), 'improve/threshold': threshold,
+              f'{threshold} (best {arrays["ep_rewards"].max():.3f}); lower '
+              'config.rest.thresholds. The Grow output is saved; rerunning resumes here.')
+        trainer.writer.write(step, {'improve/kept': len(kept), 'improve/rows': len(rows),
+                                    'improve/threshold': threshold,
                                     'improve/kept_reward': float(
-                                        arrays['rewards'][kept].mean()) if len(kept) else 0.0})
-        batches = ep.epoch_batches({k: v[kept] for k, v in arrays.items()},
+                                        arrays['ep_rewards'][kept].mean())})
+        batches = ep.epoch_batches({k: arrays[k][rows] for k in ep.BATCH_FIELDS},
                                    config.data.batch_size, (config.seed, iteration, j),
                                    start=step - (end - cfg.steps_per_improve))
         result = trainer.fit(state, batches, end)
@@ -270,23 +272,36 @@ def rest(config, workdir):
 
 
 def _grow(player, trainer, state, config, iteration, tokenizer):
-  """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics)."""
+  """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics).
+
+  The arrays hold one row per (episode, trained role) with the role's own turns as the
+  loss mask (each role learns from its own view: the self-play user from the one holding
+  the intent), ``episode_ids`` mapping rows to episodes, and per-episode ``ep_rewards`` and
+  ``ep_groups`` for the Improve filter. Rows without a trained token (a role that did not
+  speak) or longer than ``data.seq_len`` (rambling turns) are left out.
+  """
   cfg = config.rest
   np_rng = np.random.default_rng([config.seed, 2, iteration])
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
   with trainer.context():
     episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
                                    trainer_lib.model_variables(state), rng)
-  items = []
+  items, owners, too_long = [], [], 0
   for role in cfg.trained_roles:
-    items += ep.transcripts(player.env, episodes, player.formatter, role, cfg.trained_roles,
-                            groups)
-  fits = [len(t.tokens) <= config.data.seq_len + 1 for t in items]
-  arrays = ep.to_batch([t for t, ok in zip(items, fits) if ok], config.data.seq_len,
-                       tokenizer.pad_id)  # longer ones (rambling turns) are not trained on
+    for i, t in enumerate(ep.transcripts(player.env, episodes, player.formatter, role, (role,),
+                                         groups)):
+      if len(t.tokens) > config.data.seq_len + 1:
+        too_long += 1
+      elif t.policy_mask.any():
+        items.append(t)
+        owners.append(i)
+  arrays = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
+  arrays.update(episode_ids=np.asarray(owners, np.int32),
+                ep_rewards=np.asarray([e.reward for e in episodes], np.float32),
+                ep_groups=np.asarray(groups, np.int32))
   play_lib.write_samples(trainer.workdir, f'grow_{iteration + 1}', player.env, episodes,
                          cfg.trained_roles[0])
   scalars = {f'grow/{k}': v for k, v in {**ep.summarize_rewards(episodes),
                                          **player.env.summary(episodes)}.items()}
   return arrays, {**scalars, 'rest/iteration': iteration + 1,
-                  'grow/too_long': 1.0 - float(np.mean(fits))}
+                  'grow/too_long': too_long / max(1, len(episodes) * len(cfg.trained_roles))}

@@ -8,6 +8,7 @@ import sys
 from unittest import mock
 
 from absl.testing import absltest
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from configs.rl import clarify as clarify_config
 from model import decode
 from model.registry import build_model
 from rl import episodes as ep
-from rl import rest
+from rl import repro_clarify, rest
 from rl.envs import base, clarify, make_env
 from tests.utils import FORWARD_RTOL
 from training import checkpoint as ckpt_lib
@@ -165,6 +166,43 @@ class ImproveFilterTest(absltest.TestCase):
                                   [0, 2, 3, 5])  # each prompt's best
     np.testing.assert_array_equal(rest.improve_filter(rewards, groups, -1, np.inf, 1),
                                   [0, 3, 5])  # highest per prompt, first among ties
+
+
+class ReproAnalysisTest(absltest.TestCase):
+
+  def test_scripted_policies_meet_their_exact_values(self):
+    """The analysis of the reproduction, fed with scripted policies: the Bayes-optimal one
+    agrees with itself everywhere, earns the exact Bayes value and has its monotone
+    curves; always-clarify earns the exact always-clarify value."""
+    config = clarify.default_config()
+    config.reward = 'expected'
+    env = make_env(config)
+    rng = np.random.default_rng(0)
+
+    def evaluate(behaviour):
+      return [(s, env.summary([env.demonstration(rng, 'heldout', behaviour, alpha=s['alpha'],
+                                                 beta=s['beta']) for _ in range(150)]))
+              for s in env.eval_settings()['heldout']]
+
+    evals = {'optimal': [evaluate('optimal'), evaluate('optimal')],
+             'clarify': [evaluate('clarify')]}
+    results = repro_clarify.analyse(env, evals, 150, seed=1)
+    optimal, always = results['policies']['optimal'], results['policies']['clarify']
+    self.assertEqual(optimal['agreement']['mean'], 1.0)
+    self.assertAlmostEqual(optimal['reward']['mean'], results['baselines']['bayes_optimal'],
+                           delta=0.02)  # different random instances, ~0.005 standard error
+    self.assertAlmostEqual(always['reward']['mean'], results['baselines']['always_clarify'],
+                           delta=0.02)
+    self.assertEqual(always['clarify_vs_alpha']['mean'], [1.0] * 6)
+    self.assertTrue(np.isnan(always['rho_clarify_alpha']['mean']))  # a constant rate
+    for key in ('rho_clarify_alpha', 'rho_enumerate_beta'):
+      self.assertLessEqual(optimal[key]['mean'], -0.8)
+    path = epath.Path(self.create_tempdir().full_path) / 'clarify.png'
+    both = {'sample': results, 'greedy': results, 'single_cost': [0.3, 0.05],
+            'timings_s': {'sft': 1.0}, 'total_s': 1.0}
+    repro_clarify.plot(both, path)
+    self.assertGreater(path.stat().length, 10_000)
+    self.assertIn('| optimal | 2 |', repro_clarify.report(both))
 
 
 def _tiny_stage(stage, workdir=None):
