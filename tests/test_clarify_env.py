@@ -184,9 +184,9 @@ class ClarifyEnvTest(parameterized.TestCase):
     env, rng = self.env, np.random.default_rng(4)
     milli = lambda values: {round(v * 1000) for v in values}
     train, heldout = milli(env.train_alphas), milli(env.heldout_alphas)
-    self.assertEqual(train, set(range(0, 601, 20)))
-    self.assertEqual(milli(env.train_betas), set(range(0, 101, 4)))
-    self.assertEqual(heldout, {50, 150, 250, 350, 450, 550})
+    self.assertEqual(heldout, {40, 140, 240, 340, 440, 540})
+    self.assertEqual(train, set(range(0, 601, 20)) - heldout)
+    self.assertEqual(milli(env.train_betas), set(range(0, 101, 4)) - milli(env.heldout_betas))
     self.assertEmpty(heldout & train)
     self.assertEmpty(milli(env.heldout_betas) & milli(env.train_betas))
     for split, alphas, betas in (('train', env.train_alphas, env.train_betas),
@@ -206,8 +206,8 @@ class ClarifyEnvTest(parameterized.TestCase):
       ('alpha_range', dict(alpha_range=(0.6, 0.0)), 'alpha_range'),
       ('beta_range', dict(beta_range=(0.1, 0.0)), 'beta_range'),
       ('negative_range', dict(beta_range=(-0.1, 0.1)), 'beta_range'),
-      ('alpha_on_grid', dict(heldout_alphas=(0.05, 0.04)), 'heldout_alphas.*training grid'),
-      ('beta_on_grid', dict(heldout_betas=(0.01, 0.012)), 'heldout_betas.*training grid'),
+      ('no_training_alpha', dict(alpha_range=(0.1, 0.1), heldout_alphas=(0.1,)),
+       'leave no training value'),
       ('alpha_outside', dict(heldout_alphas=(0.65,)), 'heldout_alphas.*outside'),
       ('alpha_decimals', dict(heldout_alphas=(0.055,)), 'heldout_alphas.*decimals'),
       ('beta_step', dict(beta_step=0.0), 'beta_step'),

@@ -34,9 +34,13 @@ Bayes-optimal first actions (canonical texts; one question resolves the intent):
   E[answer] = p_max - beta,  E[enumerate] = 1 - 2 k beta,  E[clarify] = 1 - alpha - beta.
 
 Costs: split 'train' draws alpha and beta uniformly from the grids of multiples of
-``alpha_step`` / ``beta_step`` inside ``alpha_range`` / ``beta_range`` (or uses
-``single_cost``, the single-cost baseline); split 'heldout' draws from ``heldout_alphas`` /
-``heldout_betas``, which lie inside the ranges but off the training grids.
+``alpha_step`` / ``beta_step`` inside ``alpha_range`` / ``beta_range``, without the held-out
+values (or uses ``single_cost``, the single-cost baseline); split 'heldout' draws from
+``heldout_alphas`` / ``heldout_betas``: values inside the ranges that training never shows.
+By default they are grid values removed from training (interpolation between seen costs,
+written with digits in the places training uses them: a held-out value off the grids, e.g.
+alpha 0.05 against a 0.02 grid, would put a digit in a place training never fills, which
+tests the tokenization more than the cost).
 """
 import dataclasses
 from typing import Optional
@@ -78,8 +82,9 @@ def default_config() -> config_dict.ConfigDict:
       beta_range=(0.0, 0.1),
       alpha_step=0.02,  # training grid: multiples inside the range
       beta_step=0.004,
-      heldout_alphas=(0.05, 0.15, 0.25, 0.35, 0.45, 0.55),
-      heldout_betas=(0.01, 0.03, 0.05, 0.07, 0.09),
+      # Never drawn in training (removed from the grids), spelled with the grids' digits.
+      heldout_alphas=(0.04, 0.14, 0.24, 0.34, 0.44, 0.54),
+      heldout_betas=(0.012, 0.028, 0.048, 0.068, 0.088),
       single_cost=config_dict.placeholder(tuple),  # (alpha, beta) for every train episode
   ))
 
@@ -128,9 +133,9 @@ def _cost_values(config, which: str, decimals: int):
   for v in heldout:
     if not lo <= v <= hi:
       raise ValueError(f'heldout_{which}s value {v / _MILLI} is outside {which}_range.')
-    if v % step == 0:
-      raise ValueError(f'heldout_{which}s value {v / _MILLI} is on the training grid '
-                       f'(a multiple of {which}_step).')
+  grid = [v for v in grid if v not in heldout]
+  if not grid:
+    raise ValueError(f'heldout_{which}s leave no training value of {which}.')
   return grid, heldout
 
 
