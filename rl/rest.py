@@ -124,6 +124,8 @@ def _write_json(workdir, name, value):
 
 
 def _log_eval(trainer, player, state, config, step, name, final=False):
+  if not config.rest.eval_sets:
+    return {}
   n = config.rest.final_eval_episodes if final else config.rest.eval_episodes
   with trainer.context():
     scalars, details, episodes = evaluate(player, trainer_lib.model_variables(state), config,

@@ -245,6 +245,24 @@ class RestJobTest(absltest.TestCase):
     self.assertLen(final['heldout_greedy'], 30)
     self.assertTrue(os.path.exists(os.path.join(resumed, 'samples', 'grow_2.txt')))
 
+  def test_rest_em_restarts_from_the_base_policy(self):
+    """ReST-EM: every iteration fine-tunes the SFT parameters with a fresh optimizer, so after
+    two iterations Adam has counted only the second one's steps."""
+    sft_dir = self.create_tempdir().full_path
+    config = _tiny_stage('sft')
+    config.rest.eval_sets = ()
+    rest.sft(config, sft_dir)
+    config = _tiny_stage('rest', sft_dir)
+    config.rest.update(restart_from_base=True, eval_sets=())
+    workdir = self.create_tempdir().full_path
+    self.assertEqual(rest.rest(config, workdir)['step'], 8)
+    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    state, _ = checkpointer.restore(8, trainer_lib.Trainer(config, workdir).abstract)
+    checkpointer.close()
+    counts = {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        state['opt_state'])[0] if 'count' in jax.tree_util.keystr(path)}
+    self.assertEqual(counts, {4})
+
   def test_bad_configs_fail_before_compiling(self):
     workdir = self.create_tempdir().full_path
     for override, message in (('--config.env.name=clarfy', "config.env.name='clarfy'"),
