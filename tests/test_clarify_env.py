@@ -185,8 +185,8 @@ class ClarifyEnvTest(parameterized.TestCase):
     milli = lambda values: {round(v * 1000) for v in values}
     train, heldout = milli(env.train_alphas), milli(env.heldout_alphas)
     self.assertEqual(heldout, {40, 140, 240, 340, 440, 540})
-    self.assertEqual(train, set(range(0, 601, 20)) - heldout)
-    self.assertEqual(milli(env.train_betas), set(range(0, 101, 4)) - milli(env.heldout_betas))
+    self.assertEqual(train, set(range(0, 601, 10)) - heldout)
+    self.assertEqual(milli(env.train_betas), set(range(0, 101)) - milli(env.heldout_betas))
     self.assertEmpty(heldout & train)
     self.assertEmpty(milli(env.heldout_betas) & milli(env.train_betas))
     for split, alphas, betas in (('train', env.train_alphas, env.train_betas),

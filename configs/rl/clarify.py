@@ -28,7 +28,7 @@ def get_config(stage='sft'):
   config.env = clarify.default_config()
   config.env.reward = 'expected'  # same expectation as the outcome, without the guessing luck
   if stage == 'single':
-    config.env.single_cost = (0.2, 0.03)
+    config.env.single_cost = (0.3, 0.05)  # the middle of the training ranges
   config.tokenizer.update(kind='sentencepiece', vocab_size=512, split_digits=True,
                           reserved_tokens=episodes.reserved_tokens(clarify.ClarifyEnv.roles))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
@@ -42,8 +42,8 @@ def get_config(stage='sft'):
     config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
                                      eval_every=0, checkpoint_every=400, log_every=50)
   else:
-    config.rest.update(iterations=4, prompts=512, samples_per_prompt=8, max_per_prompt=1,
-                       thresholds=(-1.0,), steps_per_improve=100)
+    config.rest.update(iterations=6, prompts=512, samples_per_prompt=8, max_per_prompt=1,
+                       thresholds=(-1.0,), steps_per_improve=80)
     config.train = base.train_config(steps=0, learning_rate=1e-3, schedule='constant',
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=50, weight_decay=0.0)
