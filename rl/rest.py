@@ -233,44 +233,66 @@ def rest(config, workdir):
     if position == 0 and (last_eval is None or last_eval < step):  # stopped before its eval
       _log_eval(trainer, player, state, config, step, f'iteration_{iteration}',
                 final=iteration == cfg.iterations)
-    while iteration < cfg.iterations:
-      grown_file = trainer.workdir / 'grown' / f'iteration_{iteration + 1}.npz'
-      if position == 0 or not grown_file.exists():
-        arrays, scalars = _grow(player, trainer, state, config, iteration, tokenizer)
-        _save_arrays(grown_file, arrays)
-        trainer.writer.write(step, scalars)
-        if cfg.restart_from_base:
-          state = trainer.with_params(state, base_params)
-      arrays = _load_arrays(grown_file)
-      for j, threshold in enumerate(cfg.thresholds):
-        end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
-        if step >= end:
-          continue
-        kept = improve_filter(arrays['ep_rewards'], arrays['ep_groups'], threshold, cfg.margin,
-                              cfg.max_per_prompt)
-        rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
-        if not len(rows):
-          raise ValueError(
-              f'Iteration {iteration + 1}, Improve step {j + 1}: no sample has reward >= '
-              f'{threshold} (best {arrays["ep_rewards"].max():.3f}); lower '
-              'config.rest.thresholds. The Grow output is saved; rerunning resumes here.')
-        trainer.writer.write(step, {'improve/kept': len(kept), 'improve/rows': len(rows),
-                                    'improve/threshold': threshold,
-                                    'improve/kept_reward': float(
-                                        arrays['ep_rewards'][kept].mean())})
-        batches = ep.epoch_batches({k: arrays[k][rows] for k in ep.BATCH_FIELDS},
-                                   config.data.batch_size, (config.seed, iteration, j),
-                                   start=step - (end - cfg.steps_per_improve))
-        result = trainer.fit(state, batches, end)
-        state, step = result.state, result.step
-        if result.preempted:
-          return {'step': step, 'preempted': True}
-      iteration, position = iteration + 1, 0
-      _log_eval(trainer, player, state, config, step, f'iteration_{iteration}',
-                final=iteration == cfg.iterations)
-    summary = {'step': step, 'preempted': False, **trainer.writer.last('eval/')[1]}
+    # SIGTERM outside ``fit`` (during Grow or evaluation) stops the loop at the next
+    # boundary; the last checkpoint and the saved Grow output are where it resumes.
+    with trainer_lib.Preemption() as preemption:
+      preempted = False
+      while iteration < cfg.iterations:
+        preempted = preemption.requested(step)
+        if not preempted:
+          state, step, preempted = _iteration(trainer, player, state, step, iteration,
+                                              position, base_params, config, tokenizer,
+                                              preemption)
+        if preempted:
+          break
+        iteration, position = iteration + 1, 0
+        _log_eval(trainer, player, state, config, step, f'iteration_{iteration}',
+                  final=iteration == cfg.iterations)
+    summary = {'step': step, 'preempted': preempted, **trainer.writer.last('eval/')[1]}
   _write_json(workdir, 'summary.json', summary)
   return summary
+
+
+def _iteration(trainer, player, state, step, iteration, position, base_params, config,
+               tokenizer, preemption):
+  """Grow (or its saved output, mid-iteration) and the Improve steps of ``iteration`` from
+  ``step``; returns (state, step, preempted). A SIGTERM during Grow stops before the first
+  Improve step (``fit`` handles one that arrives during training)."""
+  cfg = config.rest
+  per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
+  grown_file = trainer.workdir / 'grown' / f'iteration_{iteration + 1}.npz'
+  if position == 0 or not grown_file.exists():
+    arrays, scalars = _grow(player, trainer, state, config, iteration, tokenizer)
+    _save_arrays(grown_file, arrays)
+    trainer.writer.write(step, scalars)
+    if preemption.requested(step):
+      return state, step, True
+    if cfg.restart_from_base and position == 0:
+      state = trainer.with_params(state, base_params)
+  arrays = _load_arrays(grown_file)
+  for j, threshold in enumerate(cfg.thresholds):
+    end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
+    if step >= end:
+      continue
+    kept = improve_filter(arrays['ep_rewards'], arrays['ep_groups'], threshold, cfg.margin,
+                          cfg.max_per_prompt)
+    rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
+    if not len(rows):
+      raise ValueError(
+          f'Iteration {iteration + 1}, Improve step {j + 1}: no sample has reward >= '
+          f'{threshold} (best {arrays["ep_rewards"].max():.3f}); lower '
+          'config.rest.thresholds. The Grow output is saved; rerunning resumes here.')
+    trainer.writer.write(step, {'improve/kept': len(kept), 'improve/rows': len(rows),
+                                'improve/threshold': threshold,
+                                'improve/kept_reward': float(arrays['ep_rewards'][kept].mean())})
+    batches = ep.epoch_batches({k: arrays[k][rows] for k in ep.BATCH_FIELDS},
+                               config.data.batch_size, (config.seed, iteration, j),
+                               start=step - (end - cfg.steps_per_improve))
+    result = trainer.fit(state, batches, end)
+    state, step = result.state, result.step
+    if result.preempted:
+      return state, step, True
+  return state, step, False
 
 
 def _grow(player, trainer, state, config, iteration, tokenizer):
