@@ -222,46 +222,40 @@ def _tiny_stage(stage, workdir=None):
 
 class RestJobTest(absltest.TestCase):
 
-  def test_sft_then_rest_resumes_mid_iteration_on_the_mesh(self):
-    """SFT then ReST on the 8-device mesh; a ReST run preempted inside its second
-    iteration and rerun ends with the parameters of an uninterrupted run."""
+  def test_sft_then_rest_em_resumes_mid_iteration_on_the_mesh(self):
+    """SFT then ReST-EM on the 8-device mesh. Every iteration fine-tunes the SFT parameters
+    with a fresh optimizer (Adam has counted only the last iteration's steps), and a run
+    preempted inside its second iteration and rerun ends with the parameters of an
+    uninterrupted run."""
     self.assertEqual(jax.device_count(), 8)
     sft_dir = self.create_tempdir().full_path
     summary = rest.sft(_tiny_stage('sft'), sft_dir)
     self.assertEqual(summary['step'], 20)
     self.assertIn('eval/heldout/reward', summary)
+    config = _tiny_stage('rest', sft_dir)
+    config.rest.restart_from_base = True
     straight, resumed = (self.create_tempdir().full_path for _ in range(2))
-    rest.rest(_tiny_stage('rest', sft_dir), straight)
+    rest.rest(config, straight)
     with mock.patch.object(trainer_lib.Preemption, 'requested', lambda self, step: step == 5):
-      self.assertTrue(rest.rest(_tiny_stage('rest', sft_dir), resumed)['preempted'])
+      self.assertTrue(rest.rest(config, resumed)['preempted'])
     self.assertEqual(ckpt_lib.Checkpointer(resumed, async_save=False).latest_step(), 5)
-    summary = rest.rest(_tiny_stage('rest', sft_dir), resumed)
+    summary = rest.rest(config, resumed)
     self.assertEqual(summary['step'], 8)  # 2 iterations x 2 Improve steps x 2 steps
-    params = [jax.device_get(ckpt_lib.load_model(d)[1]['params']) for d in (straight, resumed)]
-    jax.tree.map(np.testing.assert_array_equal, *params)
+    states = []
+    for workdir in (straight, resumed):
+      checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+      states.append(jax.device_get(checkpointer.restore(
+          8, trainer_lib.Trainer(config, workdir).abstract)[0]))
+      checkpointer.close()
+    jax.tree.map(np.testing.assert_array_equal, states[0]['params'], states[1]['params'])
+    counts = {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        states[0]['opt_state'])[0] if 'count' in jax.tree_util.keystr(path)}
+    self.assertEqual(counts, {4})
     with open(os.path.join(resumed, 'eval', 'iteration_2.json')) as f:
       final = json.load(f)
     self.assertEqual(sorted(final), ['heldout', 'heldout_greedy'])
     self.assertLen(final['heldout_greedy'], 30)
     self.assertTrue(os.path.exists(os.path.join(resumed, 'samples', 'grow_2.txt')))
-
-  def test_rest_em_restarts_from_the_base_policy(self):
-    """ReST-EM: every iteration fine-tunes the SFT parameters with a fresh optimizer, so after
-    two iterations Adam has counted only the second one's steps."""
-    sft_dir = self.create_tempdir().full_path
-    config = _tiny_stage('sft')
-    config.rest.eval_sets = ()
-    rest.sft(config, sft_dir)
-    config = _tiny_stage('rest', sft_dir)
-    config.rest.update(restart_from_base=True, eval_sets=())
-    workdir = self.create_tempdir().full_path
-    self.assertEqual(rest.rest(config, workdir)['step'], 8)
-    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-    state, _ = checkpointer.restore(8, trainer_lib.Trainer(config, workdir).abstract)
-    checkpointer.close()
-    counts = {int(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(
-        state['opt_state'])[0] if 'count' in jax.tree_util.keystr(path)}
-    self.assertEqual(counts, {4})
 
   def test_bad_configs_fail_before_compiling(self):
     workdir = self.create_tempdir().full_path
