@@ -19,7 +19,7 @@ import numpy as np
 
 from model import decode
 from model.config_errors import ConfigError
-from rl.envs.base import Env, Episode, Turn
+from rl.envs.base import Env, Turn
 
 END_OF_TURN = '<|end|>'
 
