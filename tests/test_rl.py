@@ -235,7 +235,9 @@ class RestJobTest(absltest.TestCase):
     config = _tiny_stage('rest', sft_dir)
     config.rest.restart_from_base = True
     straight, resumed = (self.create_tempdir().full_path for _ in range(2))
-    rest.rest(config, straight)
+    unevaluated = copy.deepcopy(config)
+    unevaluated.rest.eval_sets = ()  # evaluation touches neither the state nor its RNG
+    rest.rest(unevaluated, straight)
     with mock.patch.object(trainer_lib.Preemption, 'requested', lambda self, step: step == 5):
       self.assertTrue(rest.rest(config, resumed)['preempted'])
     self.assertEqual(ckpt_lib.Checkpointer(resumed, async_save=False).latest_step(), 5)
