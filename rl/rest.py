@@ -9,9 +9,10 @@ built from their text; the policy is trained with NLL on its roles' turns.
            current policy (the trained roles sample; in self-play the policy also plays
            the other model roles), scored by the environment's reward.
   Improve  for each threshold tau_j of ``thresholds`` (raised over Improve steps): keep the
-           samples with reward >= tau_j and within ``margin`` of their prompt's best, at most
-           ``max_per_prompt`` per prompt (the highest), and fine-tune ``steps_per_improve``
-           steps with NLL on the trained roles' own tokens.
+           samples with reward >= tau_j, in the ``top_fraction`` of all samples and within
+           ``margin`` of their prompt's best, at most ``max_per_prompt`` per prompt (the
+           highest), and fine-tune ``steps_per_improve`` steps with NLL on the trained roles'
+           own tokens (each role from its own view).
   ReST-EM's ``restart_from_base`` fine-tunes from the initial policy every iteration (on
   samples from the current one).
   Evaluate on the environment's evaluation sets; metrics, samples and a checkpoint.
@@ -53,6 +54,7 @@ def default_rest_config() -> config_dict.ConfigDict:
       samples_per_prompt=8,
       thresholds=(0.0,),  # one per Improve step
       margin=float('inf'),  # keep only samples within this of their prompt's best reward
+      top_fraction=1.0,  # keep only the top fraction of all samples by reward
       max_per_prompt=2,
       steps_per_improve=100,
       restart_from_base=False,  # ReST-EM
@@ -181,9 +183,13 @@ def _save_tokenizer(trainer, tokenizer):
 # ---------------------------------------------------------------------------------------
 # ReST.
 # ---------------------------------------------------------------------------------------
-def improve_filter(rewards, groups, threshold, margin, max_per_prompt):
-  """Indices kept by one Improve step (see the module docstring), in a fixed order."""
+def improve_filter(rewards, groups, threshold, margin, max_per_prompt, top_fraction=1.0):
+  """Indices kept by one Improve step (see the module docstring), in a fixed order.
+  ``top_fraction`` < 1 also drops samples below that upper quantile of all rewards."""
   rewards, groups = np.asarray(rewards, np.float64), np.asarray(groups)
+  if not 0 < top_fraction <= 1:
+    raise ValueError(f'config.rest.top_fraction={top_fraction} must be in (0, 1].')
+  threshold = max(threshold, np.quantile(rewards, 1 - top_fraction, method='higher'))
   kept = []
   for g in np.unique(groups):
     idx = np.flatnonzero(groups == g)
@@ -224,9 +230,11 @@ def rest(config, workdir):
   player = play_lib.Player(env, trainer, formatter, config.rollout, cfg.trained_roles)
   per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
   with trainer:
+    base = jax.device_get(base)
     state = trainer.restore_or_init(init_params=base['params'])
+    if trainer.start_step == 0:
+      state = _with_base_state(trainer, state, base)
     _save_tokenizer(trainer, tokenizer)
-    base_params = jax.device_get(base['params'])
     step = int(state['step'])
     iteration, position = divmod(step, per_iteration)
     last_eval = trainer.writer.last('eval/')[0]
@@ -241,7 +249,7 @@ def rest(config, workdir):
         preempted = preemption.requested(step)
         if not preempted:
           state, step, preempted = _iteration(trainer, player, state, step, iteration,
-                                              position, base_params, config, tokenizer,
+                                              position, base, config, tokenizer,
                                               preemption)
         if preempted:
           break
@@ -253,7 +261,16 @@ def rest(config, workdir):
   return summary
 
 
-def _iteration(trainer, player, state, step, iteration, position, base_params, config,
+def _with_base_state(trainer, state, base):
+  """``state`` with the initial policy's non-parameter collections (e.g. MoR's router
+  bias), which ``restore_or_init`` and ``with_params`` leave at their initial values."""
+  extra = {k: v for k, v in base.items() if k != 'params'}
+  if not extra or 'model_state' not in state:
+    return state
+  return dict(state, model_state=jax.device_put(extra, trainer.shardings['model_state']))
+
+
+def _iteration(trainer, player, state, step, iteration, position, base, config,
                tokenizer, preemption):
   """Grow (or its saved output, mid-iteration) and the Improve steps of ``iteration`` from
   ``step``; returns (state, step, preempted). A SIGTERM during Grow stops before the first
@@ -268,14 +285,14 @@ def _iteration(trainer, player, state, step, iteration, position, base_params, c
     if preemption.requested(step):
       return state, step, True
     if cfg.restart_from_base and position == 0:
-      state = trainer.with_params(state, base_params)
+      state = _with_base_state(trainer, trainer.with_params(state, base['params']), base)
   arrays = _load_arrays(grown_file)
   for j, threshold in enumerate(cfg.thresholds):
     end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
     if step >= end:
       continue
     kept = improve_filter(arrays['ep_rewards'], arrays['ep_groups'], threshold, cfg.margin,
-                          cfg.max_per_prompt)
+                          cfg.max_per_prompt, cfg.top_fraction)
     rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
     if not len(rows):
       raise ValueError(

@@ -166,6 +166,8 @@ class ImproveFilterTest(absltest.TestCase):
                                   [0, 2, 3, 5])  # each prompt's best
     np.testing.assert_array_equal(rest.improve_filter(rewards, groups, -1, np.inf, 1),
                                   [0, 3, 5])  # highest per prompt, first among ties
+    np.testing.assert_array_equal(rest.improve_filter(rewards, groups, -1, np.inf, 5, 0.5),
+                                  [0, 1, 2])  # the top half of all samples
 
 
 class ReproAnalysisTest(absltest.TestCase):
