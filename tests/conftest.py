@@ -1,8 +1,12 @@
 """Test-session setup: 8 fake CPU devices, set before JAX is imported anywhere."""
 import os
 
+# The suite compiles hundreds of tiny programs, so compile time dominates it: the CPU
+# backend's LLVM optimisation level 0 compiles them about a quarter faster. XLA's semantics
+# are unchanged (the HLO passes still run); production code keeps the default level.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # absltest helpers (create_tempdir, ...) read absl flags, which pytest never parses.
