@@ -131,6 +131,34 @@ class DataTest(parameterized.TestCase):
       self.assertTrue(np.all(tokens[~real] == TOKENIZER.pad_id))
       self.assertTrue(np.all(mask[~real] == 0))
 
+  @parameterized.parameters('train', 'validation')
+  def test_block_aligned_packing(self, split):
+    """Every document starts at a multiple of block_len in a row's inputs; the pads between
+    documents are out of the loss; all of a document's tokens are read, in order."""
+    block = 4
+    config = _config(self.dir, num_epochs=1, shuffle_buffer=0, block_len=block)
+    data.make_dataset(config, TOKENIZER, split)  # validates the config
+    rows = list(data._rows(config, TOKENIZER, split, 0, 1, 0))  # unbatched: none dropped  # pylint: disable=protected-access
+    read = []
+    for row in rows:
+      seg, pos, mask = row['segment_ids'], row['positions'], row['loss_mask']
+      starts = np.flatnonzero((seg > 0) & np.concatenate([[True], seg[1:] != seg[:-1]]))
+      np.testing.assert_array_equal(starts % block, 0)
+      np.testing.assert_array_equal(pos[starts], 0)
+      self.assertTrue(np.all(mask[seg == 0] == 0))
+      self.assertTrue(np.all(row['tokens'][seg == 0] == TOKENIZER.pad_id))
+      for s in np.unique(seg[seg > 0]):
+        read.append(list(row['tokens'][seg == s]))
+    # Rows overlap by one token, so each document is its segments' inputs, joined; with
+    # block alignment a segment never ends in the middle of another document.
+    joined = [t for part in read for t in part]
+    corpus, indices = data._split(config, split)  # pylint: disable=protected-access
+    expected = [t for i in indices for t in
+                [TOKENIZER.bos_id, *TOKENIZER.encode(corpus.read(int(i))), TOKENIZER.eos_id]]
+    self.assertEqual(sorted(joined), sorted(expected))
+    with self.assertRaisesRegex(ValueError, 'seq_len=32 must be a multiple of data.block_len=5'):
+      data.make_dataset(_config(self.dir, block_len=5), TOKENIZER, split)
+
   def test_short_documents_decode_to_their_text(self):
     config = _config(self.dir, validation_fraction=1.0, seq_len=128)
     complete = [

@@ -79,6 +79,9 @@ def default_data_config() -> config_dict.ConfigDict:
       num_epochs=config_dict.placeholder(int),  # train; None: forever
       max_docs=config_dict.placeholder(int),  # cap per split, before sharding
       pack=True,  # False: one document per row, truncated to seq_len + 1
+      # > 0 (packed rows): every document starts at a multiple of block_len (the Block
+      # Transformer's blocks never straddle two documents); see _BlockAlignedRows.
+      block_len=0,
   ))
 
 
@@ -298,6 +301,67 @@ def _one_document_row(ids: np.ndarray, length: int) -> dict[str, np.ndarray]:
                                       (0, pad)))
 
 
+class _BlockAlignedIterator(grain.DatasetIterator):
+  """Yields rows of ``seq_len + 1`` tokens cut from a stream of documents, each padded to a
+  multiple of ``block_len`` (pad entries have segment id 0). Consecutive rows overlap by one
+  token and start every ``seq_len`` stream tokens, so with ``seq_len % block_len == 0`` every
+  document starts at a block boundary of every row's inputs; each stream token is an input
+  once and a target once. As in the other packing, positions restart at 0 where a document
+  (or its continuation) starts in a row and segment ids number a row's documents from 1. The state is the parent's plus the stream tokens not yet cut."""
+
+  def __init__(self, parent, seq_len, block_len, pad_id):
+    super().__init__(parent)
+    self._seq_len, self._block_len, self._pad_id = seq_len, block_len, pad_id
+    self._buffer = []  # [token, document number (-1: pad), position]
+    self._documents = 0
+
+  def _pull(self):
+    ids = next(self._parent)
+    padded = -(-ids.size // self._block_len) * self._block_len
+    self._buffer += [[int(t), self._documents, i] for i, t in enumerate(ids)]
+    self._buffer += [[self._pad_id, -1, 0]] * (padded - ids.size)
+    self._documents += 1
+
+  def __next__(self):
+    length = self._seq_len + 1
+    while len(self._buffer) < length:
+      try:
+        self._pull()
+      except StopIteration:
+        if not any(doc >= 0 for _, doc, _ in self._buffer[:self._seq_len]):
+          raise
+        self._buffer += [[self._pad_id, -1, 0]] * (length - len(self._buffer))
+    row, self._buffer = self._buffer[:length], self._buffer[self._seq_len:]
+    numbers, first = {}, {}
+    for _, doc, position in row:
+      if doc >= 0 and doc not in numbers:
+        numbers[doc], first[doc] = len(numbers) + 1, position
+    return dict(tokens=np.asarray([t for t, _, _ in row], np.int32),
+                tokens_segment_ids=np.asarray([numbers.get(d, 0) for _, d, _ in row], np.int32),
+                tokens_positions=np.asarray([p - first[d] if d >= 0 else 0 for _, d, p in row],
+                                            np.int32))
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'buffer': [list(e) for e in self._buffer],
+            'documents': self._documents}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._buffer = [list(e) for e in state['buffer']]
+    self._documents = state['documents']
+
+
+class _BlockAlignedRows(grain.IterDataset):
+  """Block-aligned packing of token arrays (see ``_BlockAlignedIterator``)."""
+
+  def __init__(self, parent, seq_len, block_len, pad_id):
+    super().__init__(parent)
+    self._args = (seq_len, block_len, pad_id)
+
+  def __iter__(self):
+    return _BlockAlignedIterator(self._parent.__iter__(), *self._args)
+
+
 def _shift(pad_id: int, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Turns a packed row of seq_len + 1 tokens into inputs and targets."""
   tokens, segments = row['tokens'], row['tokens_segment_ids']
@@ -323,7 +387,9 @@ def _rows(config, tokenizer: tokenizers.Tokenizer, split: str,
   ds = ds.filter(lambda ids: ids.size > 0)
   rows = ds.to_iter_dataset(_READ_OPTIONS)
   length = config.seq_len + 1
-  if config.pack:
+  if config.pack and config.get('block_len', 0):
+    rows = _BlockAlignedRows(rows, config.seq_len, config.block_len, tokenizer.pad_id)
+  elif config.pack:
     rows = grain_exp.ConcatThenSplitIterDataset(
         rows.map(lambda ids: dict(tokens=ids)),
         length_struct=dict(tokens=length))
@@ -358,6 +424,10 @@ def make_dataset(data_config: config_dict.ConfigDict,
   for field in ('seq_len', 'batch_size'):
     if data_config[field] <= 0:
       raise ValueError(f'data.{field}={data_config[field]} must be positive.')
+  block_len = data_config.get('block_len', 0)
+  if block_len < 0 or block_len and data_config.seq_len % block_len:
+    raise ValueError(f'data.seq_len={data_config.seq_len} must be a multiple of '
+                     f'data.block_len={block_len} (blocks of block-aligned packing).')
   if data_config.batch_size % process_count:
     raise ValueError(f'data.batch_size={data_config.batch_size} is not '
                      f'divisible by process_count={process_count}')
