@@ -108,11 +108,13 @@ class BlockConfig(ModelConfig):
 
 def predicted_targets(cfg: BlockConfig, positions):
   """Bool [B, T]: which targets get a real prediction. With ``predict_first_block=False``
-  the tokens of a document's first block (target position ``positions + 1 < block_len``)
-  do not; mask them out of the loss (``loss_mask * predicted``)."""
+  the tokens of a document's first block (in-document position < ``block_len``; the
+  position of target t is ``positions[t + 1]``, ``positions[T - 1] + 1`` for the last) do
+  not; mask them out of the loss (``loss_mask * predicted``)."""
   if cfg.predict_first_block:
     return jnp.ones(positions.shape, bool)
-  return positions + 1 >= cfg.block_len
+  target_pos = jnp.concatenate([positions[:, 1:], positions[:, -1:] + 1], axis=1)
+  return target_pos >= cfg.block_len
 
 
 class BlockTransformer(nn.Module):
