@@ -21,7 +21,7 @@ SMALL = dict(vocab_size=V, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32
 def _model(**overrides):
   model = BlockTransformer(BlockConfig(**{**SMALL, **overrides}))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (1, T)), jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)['params']
   return model, params, tokens
 
 
@@ -87,7 +87,7 @@ class BlockTransformerTest(parameterized.TestCase):
   def test_predicted_targets(self):
     model, params, tokens = _model(predict_first_block=False)
     self.assertNotIn('start_context', params)
-    _, aux = model.apply({'params': params}, tokens)
+    _, aux = jax.jit(model.apply)({'params': params}, tokens)
     np.testing.assert_array_equal(aux['predicted'][0], np.arange(T) >= LB - 1)
     # Two packed documents of 8: each document's first block (targets x[1..3], x[9..11];
     # the target of t = 7 is document B's first token) is not predicted.
@@ -120,20 +120,24 @@ class BlockTransformerTest(parameterized.TestCase):
 class BlockTrainingTest(absltest.TestCase):
 
   def _config(self):
-    return tiny_config(name='block', block_len=4, embed_dim=64, mlp_dim=128, num_layers=1)
+    config = tiny_config(name='block', block_len=4, embed_dim=64, mlp_dim=128, num_layers=1)
+    config.train.steps = 20
+    return config
 
   def test_overfits_repeated_batch(self):
     config = self._config()
-    config.train.schedule = 'constant'
+    config.mesh.update(dict(zip(sharding.MESH_AXES, (1, 1, 1))))
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    model, tx, schedule, _, _, init, rules = trainer.build_state_fns(config, mesh)
+    model, tx, schedule, _, shardings, init, rules = trainer.build_state_fns(config, mesh)
     self.assertIsInstance(model, BlockTransformer)
-    step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train))
-    batch = _random_batch(config)
+    # The same program as test_train._one_step's: compiled once per suite run (cache).
+    step = jax.jit(trainer.make_train_step(model, tx, schedule, config.train),
+                   out_shardings=(shardings, None))
+    batch = sharding.shard_batch(_random_batch(config), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = init(jax.random.PRNGKey(0))
       losses = []
-      for _ in range(20):
+      for _ in range(config.train.steps):
         state, metrics = step(state, batch)
         losses.append(float(metrics['train/loss']))
     # Random tokens over 259 ids start near log(259) = 5.56; memorising them drives it down.
