@@ -3,9 +3,10 @@
 A family is a Linen module class with a ``cfg`` field and a config dataclass with
 ``from_config``; registering a new one is one entry here.
 """
-from model import layers, llama, mor, recursive
+from model import block_transformer, layers, llama, mor, recursive
 
 FAMILIES = {
+    'block': (block_transformer.BlockTransformer, block_transformer.BlockConfig),
     'llama': (llama.Llama, layers.ModelConfig),
     'mor': (mor.MoR, mor.MoRConfig),
     'recursive': (recursive.Recursive, recursive.RecursiveConfig),
