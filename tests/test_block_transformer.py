@@ -154,5 +154,21 @@ class BlockTrainingTest(absltest.TestCase):
     assert_update_close(p8, p1, before)
 
 
+class BlockJobConfigTest(absltest.TestCase):
+
+  def test_block_tiny_needs_block_aligned_data_and_no_sample(self):
+    from configs import block_tiny  # pylint: disable=g-import-not-at-top
+    from training import train  # pylint: disable=g-import-not-at-top
+    config = block_tiny.get_config()
+    train.check_config(config)
+    config.data.block_len = 0
+    with self.assertRaisesRegex(ValueError, 'data.block_len=0 must equal config.model.block_len=4'):
+      train.check_config(config)
+    config.data.block_len = 4
+    config.sample.max_new_tokens = 8
+    with self.assertRaisesRegex(ValueError, 'sample.max_new_tokens must be 0'):
+      train.check_config(config)
+
+
 if __name__ == '__main__':
   absltest.main()
