@@ -10,7 +10,7 @@ from absl.testing import absltest, parameterized
 from model.block_transformer import BlockConfig, BlockTransformer, predicted_targets
 from model.registry import build_model
 from tests.test_train import _one_step, _random_batch
-from tests.utils import FORWARD_RTOL, assert_close, assert_update_close, mean_loss_tol, tiny_config
+from tests.utils import FORWARD_RTOL, assert_update_close, mean_loss_tol, tiny_config
 from training import sharding, trainer
 
 V, T, LB = 32, 16, 4
