@@ -56,14 +56,10 @@ def _no_cache(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampl
     filled = prompt_lengths + step
     segment_ids = (positions < filled[:, None]).astype(jnp.int32)
     logits, _ = model.apply(variables, buf, positions=positions, segment_ids=segment_ids)
-    last = logits[rows, filled - 1]
-    token, sample_lp, policy_lp = decode.sample_with_logprobs(
-        last, jax.random.fold_in(rng, step), sampling)
-    token = jnp.where(done, pad_id, token)
-    picked = (token, jnp.where(done, 0.0, sample_lp), jnp.where(done, 0.0, policy_lp))
+    *picked, stopped = decode.pick_next(logits[rows, filled - 1], jax.random.fold_in(rng, step),
+                                        sampling, done, stop_tokens, pad_id)
     outputs = tuple(o.at[:, step].set(p) for o, p in zip(outputs, picked))
-    stopped = done | jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32))
-    return (step + 1, buf.at[rows, filled].set(token), outputs, lengths + ~done, stopped)
+    return (step + 1, buf.at[rows, filled].set(picked[0]), outputs, lengths + ~done, stopped)
 
   zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
   state = (jnp.int32(0), buf, (jnp.full((batch, max_new_tokens), pad_id, jnp.int32), zeros, zeros),

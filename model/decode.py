@@ -33,6 +33,13 @@ class SamplingConfig:
     if not 0 < self.top_p <= 1:
       raise ValueError(f'sampling.top_p={self.top_p} must be in (0, 1] (1 disables it).')
 
+  @classmethod
+  def from_config(cls, cfg) -> 'SamplingConfig':
+    """From a config section with any of ``temperature, top_k, top_p, greedy``."""
+    defaults = cls()
+    return cls(**{f: cfg.get(f, getattr(defaults, f))
+                  for f in ('temperature', 'top_k', 'top_p', 'greedy')})
+
 
 class GenerateOutput(NamedTuple):
   """What ``generate`` returns; all [B, N] fields are 0 at padding.
@@ -75,8 +82,8 @@ def filter_logits(logits, sampling: SamplingConfig):
   return jnp.where(keep, logits, -jnp.inf)
 
 
-def _token_logprob(logits, tokens):
-  """log softmax(logits)[token] for logits [..., V] and tokens [...]."""
+def token_logprobs(logits, tokens):
+  """log softmax(logits)[token] in float32, for logits [..., V] and tokens [...]."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
 
@@ -94,8 +101,8 @@ def sample_with_logprobs(logits, rng, sampling: SamplingConfig):
   else:
     filtered = filter_logits(logits, sampling)
     tokens = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
-    sample_logprobs = _token_logprob(filtered, tokens)
-  return tokens, sample_logprobs, _token_logprob(logits, tokens)
+    sample_logprobs = token_logprobs(filtered, tokens)
+  return tokens, sample_logprobs, token_logprobs(logits, tokens)
 
 
 def sample_logits(logits, rng, sampling: SamplingConfig):
@@ -103,7 +110,7 @@ def sample_logits(logits, rng, sampling: SamplingConfig):
   return sample_with_logprobs(logits, rng, sampling)[0]
 
 
-def _pick(logits, rng, sampling, done, stop_tokens, pad_id):
+def pick_next(logits, rng, sampling, done, stop_tokens, pad_id):
   """One step for every row -> (tokens, sample_logprobs, policy_logprobs, done after it);
   done rows get pad_id and log-probs 0."""
   tokens, sample_lp, policy_lp = sample_with_logprobs(logits, rng, sampling)
@@ -135,7 +142,7 @@ def _generate(model, params, prompts, prompt_lengths, rng, max_new_tokens, sampl
   def body(state):
     step, cache, prev, outputs, lengths, done = state
     logits, aux = apply(prev[:, None], (prompt_lengths - 1 + step)[:, None], None, cache)
-    *picked, new_done = _pick(logits[:, 0], jax.random.fold_in(rng, step), sampling, done,
+    *picked, new_done = pick_next(logits[:, 0], jax.random.fold_in(rng, step), sampling, done,
                               stop_tokens, pad_id)
     outputs = tuple(out.at[:, step].set(new) for out, new in zip(outputs, picked))
     return step + 1, aux['cache'], picked[0], outputs, lengths + ~done, new_done

@@ -235,10 +235,10 @@ def epoch_batches(arrays: dict, batch_size: int, seed, start: int = 0):
   n = len(next(iter(arrays.values())))
   if n == 0:
     raise ValueError('No transcripts to train on (all were filtered out).')
+  seed = tuple(np.atleast_1d(seed).tolist())
   k = start
   while True:
     epoch, offset = divmod(k * batch_size, n)
-    seed = tuple(np.atleast_1d(seed).tolist())
     order = np.concatenate([np.random.default_rng([*seed, epoch + e]).permutation(n)
                             for e in range(2 + batch_size // n)])
     rows = order[offset:offset + batch_size]

@@ -22,19 +22,14 @@ gradients differ: k1's is 0, k2's is grad KL(pi || ref) and k3's is grad KL(ref 
 import jax
 import jax.numpy as jnp
 
+from model import decode
 from rl import value as value_lib
 from training import losses as train_losses
 
 nll_loss = train_losses.lm_loss  # ReST's improve step (Gulcehre et al. 2023, Sec. 2).
+token_logprobs = decode.token_logprobs  # log softmax(logits)[target], float32: [B, T]
 
 KL_ESTIMATORS = ('k1', 'k2', 'k3')
-
-
-def token_logprobs(logits, targets):
-  """log softmax(logits)[target] [B, T] for logits [B, T, V] and targets [B, T]."""
-  logits = logits.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
 def entropy(logits):

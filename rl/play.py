@@ -16,11 +16,6 @@ from training import sharding
 from training import workdir as workdir_lib
 
 
-def sampling_config(cfg) -> decode.SamplingConfig:
-  return decode.SamplingConfig(temperature=cfg.get('temperature', 1.0), top_k=cfg.get('top_k', 0),
-                               top_p=cfg.get('top_p', 1.0), greedy=cfg.get('greedy', False))
-
-
 def default_rollout_config() -> config_dict.ConfigDict:
   return config_dict.ConfigDict(dict(
       max_new_tokens=16,  # per turn
@@ -47,7 +42,7 @@ class Player:
 
   def actors(self, variables, sampling=None):
     """The policy plays the trained roles, and in self-play every other model role."""
-    actor = ep.Actor(self.trainer.model, variables, sampling or sampling_config(self.cfg),
+    actor = ep.Actor(self.trainer.model, variables, sampling or decode.SamplingConfig.from_config(self.cfg),
                      self.cfg.max_new_tokens)
     roles = [r for r in self.env.speakers if r in self.trained_roles or self.cfg.self_play]
     return {r: actor for r in roles}

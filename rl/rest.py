@@ -110,7 +110,7 @@ def evaluate(player, variables, config, seed, episodes_per_setting):
                                   f'{sorted(available)}.')
   for name, (which, mode) in eval_names(config).items():
     sampling = (decode.SamplingConfig(greedy=True) if mode == 'greedy'
-                else play_lib.sampling_config(config.rollout))
+                else decode.SamplingConfig.from_config(config.rollout))
     per_setting, episodes = player.evaluate(variables, available[which], episodes_per_setting,
                                             seed, sampling)
     details[name] = per_setting

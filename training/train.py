@@ -221,8 +221,7 @@ def sample_text(model, variables, tokenizer, sample_config, seed):
   """Continues ``sample_config.prompt`` with the trained model (``model.decode.generate``)."""
   from model import decode
   prompt = [tokenizer.bos_id] + tokenizer.encode(sample_config.prompt)
-  sampling = decode.SamplingConfig(temperature=sample_config.temperature,
-                                   top_k=sample_config.top_k, greedy=sample_config.greedy)
+  sampling = decode.SamplingConfig.from_config(sample_config)
   out = decode.generate(model, variables, np.asarray([prompt], np.int32),
                         sample_config.max_new_tokens, sampling, jax.random.PRNGKey(seed),
                         stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
