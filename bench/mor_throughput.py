@@ -67,7 +67,7 @@ def train_step_fn(model, batch, seq_len, steps=3):
   tx, schedule = optim.make_optimizer(tcfg)
   state = jax.jit(lambda r: jax.tree.map(
       lambda x: x.unbox() if hasattr(x, 'unbox') else x,
-      train.make_init_fn(model, tx, seq_len)(r),
+      trainer.make_init_fn(model, tx, seq_len)(r),
       is_leaf=lambda x: hasattr(x, 'unbox')))(jax.random.PRNGKey(0))
   step = jax.jit(trainer.make_train_step(model, tx, schedule, tcfg))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq_len + 1), 0, 259)

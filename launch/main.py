@@ -21,6 +21,7 @@ JOBS = {
     'uptrain': 'training.uptrain:uptrain',
     'repro_relaxed_recursive': 'training.repro_recursive:run',
     'repro_mor_isoflop': 'training.repro_mor:run',
+    'repro_block': 'training.repro_block:run',
     'ppi_eval': 'stats.jobs:ppi_eval',
     'repro_stratppi': 'stats.repro:stratppi',
     'repro_cost_optimal': 'stats.repro:cost_optimal',

@@ -1,0 +1,82 @@
+"""bench/block_decode.py's memory-capped batch search and training/repro_block.py's
+matched-loss interpolation, against analytic values."""
+import math
+
+from absl.testing import absltest
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bench import block_decode
+from model.layers import ModelConfig
+from model.llama import Llama
+from training.repro_block import throughput_at_loss
+
+
+class MaxBatchTest(absltest.TestCase):
+
+  def test_affine_bytes_match_brute_force(self):
+    bytes_of = lambda b: 1000 + 37 * b
+    for cap in (1037, 1073, 1074, 1500, 4700, 10_000):
+      best = max(b for b in range(1, 200) if bytes_of(b) <= cap)
+      self.assertEqual(block_decode.max_batch_under_cap(bytes_of, cap, 64), min(best, 64))
+
+  def test_cap_below_batch_one_or_bad_max_batch_raises(self):
+    with self.assertRaisesRegex(ValueError, 'cap'):
+      block_decode.max_batch_under_cap(lambda b: 100 * b, 99, 8)
+    with self.assertRaisesRegex(ValueError, 'max_batch'):
+      block_decode.max_batch_under_cap(lambda b: 100 * b, 1000, 0)
+
+  def test_llama_memory_is_params_plus_cache_and_search_is_tight(self):
+    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      mlp_dim=64)
+    model = Llama(cfg)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                          jnp.zeros((1, 4), jnp.int32)))['params']
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    max_len = 40
+    # k and v per layer [B, Hkv, S, D] float32, positions [B, S] int32, one int32 write index.
+    per_row = 4 * (2 * cfg.num_layers * cfg.num_kv_heads * max_len * cfg.dims_per_head + max_len)
+    bytes_of = lambda b: block_decode.memory_bytes(model, params, b, max_len)
+    self.assertEqual(bytes_of(3), 4 * n_params + 3 * per_row + 4)
+    self.assertEqual(block_decode.cache_bytes_per_sequence(model, max_len), per_row)
+    cap = bytes_of(7) + per_row // 2
+    batch = block_decode.max_batch_under_cap(bytes_of, cap, 1000)
+    self.assertEqual(batch, 7)
+    self.assertLessEqual(bytes_of(batch), cap)
+    self.assertLess(cap, bytes_of(batch + 1))
+
+
+class SettingsTest(absltest.TestCase):
+
+  def test_parse_and_errors(self):
+    self.assertEqual(block_decode.parse_settings('a=512/32,b=32/512'),
+                     {'a': (512, 32), 'b': (32, 512)})
+    for bad in ('a=512', 'a=0/4', 'a:1/2'):
+      with self.assertRaisesRegex(ValueError, 'settings'):
+        block_decode.parse_settings(bad)
+
+
+class ThroughputAtLossTest(absltest.TestCase):
+  # Throughput x4 per 0.5 nats: log-linear interpolation halves the factor at midpoints.
+  LOSSES, TPS = [3.0, 2.0, 2.5], [1600.0, 100.0, 400.0]
+
+  def test_log_linear_between_bracketing_models(self):
+    for loss, expected in ((2.0, 100), (2.25, 200), (2.5, 400), (2.75, 800), (3.0, 1600),
+                           (2.125, 100 * 2**0.5)):
+      self.assertAlmostEqual(throughput_at_loss(self.LOSSES, self.TPS, loss), expected,
+                             delta=1e-9 * expected)
+
+  def test_outside_the_curve_is_nan(self):
+    for loss in (1.99, 3.01):
+      self.assertTrue(math.isnan(throughput_at_loss(self.LOSSES, self.TPS, loss)))
+
+  def test_bad_input_raises(self):
+    with self.assertRaisesRegex(ValueError, 'losses'):
+      throughput_at_loss([2.0, 3.0], [1.0], 2.5)
+    with self.assertRaisesRegex(ValueError, 'throughputs'):
+      throughput_at_loss([2.0, 3.0], [1.0, 0.0], 2.5)
+
+
+if __name__ == '__main__':
+  absltest.main()
