@@ -19,7 +19,10 @@ Three parts (§2):
   r - 1 on predict ``t_0 .. t_{L_B-1}``. ``'summation'`` (MEGABYTE-style): the context
   (projected when the widths differ) is added to every input of
   ``[learned start token, emb(t_0) .. emb(t_{L_B-2})]``, whose outputs predict
-  ``t_0 .. t_{L_B-1}``. (``'cross_attention'`` is not built.)
+  ``t_0 .. t_{L_B-1}``. ``'cross_attention'`` (T5-style): the inputs are those of
+  ``'summation'`` without the added context; instead every token-decoder layer
+  (``CrossAttentionBlock``) cross-attends to the context expanded to ``expansion_ratio``
+  memory vectors.
 
 Alignment with the data pipeline (``tokens = x[:-1]``, ``targets = x[1:]``; ``logits[:, t]``
 is scored against ``x[t+1]``). Blocks are defined on the model's input ``x[0:T]``
@@ -58,12 +61,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import attention as attention_lib
 from model import kv_cache
-from model.layers import KVContext, Linear, ModelConfig, RMSNorm, _init, write_slots
+from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
+                          write_slots)
 from model.llama import Embedder, run_layers
 
-_TOKEN_DECODERS = ('prefix', 'summation')
-_NOT_BUILT = ('cross_attention',)
+_TOKEN_DECODERS = ('prefix', 'summation', 'cross_attention')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +89,6 @@ class BlockConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.token_decoder in _NOT_BUILT:
-      raise ValueError(f'model.token_decoder={self.token_decoder!r} is not built; '
-                       f'choose one of {_TOKEN_DECODERS}.')
     if self.token_decoder not in _TOKEN_DECODERS:
       raise ValueError(f'model.token_decoder={self.token_decoder!r}; expected one of '
                        f'{_TOKEN_DECODERS}.')
@@ -140,6 +141,35 @@ def predicted_targets(cfg: BlockConfig, positions):
     return jnp.ones(positions.shape, bool)
   target_pos = jnp.concatenate([positions[:, 1:], positions[:, -1:] + 1], axis=1)
   return target_pos >= cfg.block_len
+
+
+class CrossAttentionBlock(nn.Module):
+  """Token-decoder layer of the ``cross_attention`` decoder (§2.3, the T5-style option):
+  x + SelfAttn(norm x); x + CrossAttn(norm x, memory); x + MLP(norm x). ``ctx`` is the
+  DecoderBlock's ``(positions, segment_ids, kv_ctx)`` plus the memory [B', M, W] of the
+  tokens' block, which every token sees whole (no positions, no mask)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_kv, ctx):
+    positions, segment_ids, kv_ctx, memory = ctx
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, name=name)
+    attn_out, new_kv = Attention(cfg, name='attn')(norm('attn_norm')(x), positions, segment_ids,
+                                                   layer_kv, kv_ctx)
+    x = x + attn_out
+    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
+    xn = norm('cross_norm')(x)
+    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='cross_q')(xn)
+    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_k')(memory)
+    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_v')(memory)
+    zeros = lambda a: jnp.zeros(a.shape[:2], jnp.int32)
+    out = attention_lib.attention(q, k, v, q_pos=zeros(q), kv_pos=zeros(k), causal=False,
+                                  impl=cfg.attention_impl)
+    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                   name='cross_o')(out)
+    x = x + MLP(cfg, name='mlp')(norm('mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 
 
 class BlockTransformer(nn.Module):
@@ -225,18 +255,27 @@ class BlockTransformer(nn.Module):
       prefix = Linear((cfg.expansion_ratio, w), ('embed', 'prefix', 'token_embed'), cfg,
                       name='prefix_proj')(context)
       return jnp.concatenate([prefix.astype(y.dtype), y], axis=-2)
-    if w != cfg.embed_dim:
-      context = Linear((w,), ('embed', 'token_embed'), cfg, name='context_proj')(context)
     if head:
       start = self.param('start_token', _init(cfg, ('embed',)), (w,), jnp.float32)
       start = jnp.broadcast_to(start.astype(y.dtype), y.shape[:-2] + (1, w))
       y = jnp.concatenate([start, y], axis=-2)
+    if cfg.token_decoder == 'cross_attention':
+      return y
+    if w != cfg.embed_dim:
+      context = Linear((w,), ('embed', 'token_embed'), cfg, name='context_proj')(context)
     return y + context[..., None, :].astype(y.dtype)
 
-  def _token_decoder(self, y, ctx, caches=None):
-    """Token decoder layers -> (hidden states, new layer caches)."""
-    tcfg = self.cfg.token_config
-    return run_layers(tcfg, y, ctx, caches, tcfg.num_layers, name='token_layers')
+  def _token_decoder(self, y, ctx, context, caches=None):
+    """Token decoder layers on inputs [B', S, W] with block contexts [B', E] -> (hidden
+    states, new layer caches). ``cross_attention``: every layer also attends to the context
+    expanded to ``expansion_ratio`` memory vectors."""
+    cfg, tcfg = self.cfg, self.cfg.token_config
+    if cfg.token_decoder != 'cross_attention':
+      return run_layers(tcfg, y, ctx, caches, tcfg.num_layers, name='token_layers')
+    memory = Linear((cfg.expansion_ratio, tcfg.embed_dim), ('embed', 'prefix', 'token_embed'),
+                    cfg, name='memory_proj')(context)
+    return run_layers(tcfg, y, ctx + (memory,), caches, tcfg.num_layers, name='token_layers',
+                      block=CrossAttentionBlock)
 
   def _logits(self, embedder, y):
     cfg = self.cfg
@@ -277,7 +316,8 @@ class BlockTransformer(nn.Module):
       seg_head = jnp.concatenate([segment_ids[:, ::lb], segment_ids[:, -1:]], axis=1)
       local_seg = jnp.concatenate(
           [jnp.repeat(seg_head[:, :, None], head, axis=2), seg_tokens], axis=2).reshape(-1, s)
-    y, _ = self._token_decoder(y.reshape(b * (n + 1), s, w), (local_pos, local_seg, None))
+    y, _ = self._token_decoder(y.reshape(b * (n + 1), s, w), (local_pos, local_seg, None),
+                               ctx.reshape(b * (n + 1), cfg.embed_dim))
     # Outputs from slot head - 1 on predict x[iL_B .. iL_B + L_B - 1]; keep x[1 .. T].
     y = y.reshape(b, n + 1, s, w)[:, :, head - 1:].reshape(b, (n + 1) * lb, w)[:, 1:t + 1]
     return self._logits(embedder, y), {'losses': {}, 'predicted': predicted_targets(cfg, positions)}
@@ -313,7 +353,7 @@ class BlockTransformer(nn.Module):
     token = cache['token']
     first_slot = jnp.zeros((), jnp.int32)
     y, (tk, tv) = self._token_decoder(y, (local, None, KVContext(local_pos, first_slot)),
-                                      (token['k'], token['v']))
+                                      context, (token['k'], token['v']))
     y = jnp.take_along_axis(y, (head - 1 + offset)[:, None, None], axis=1)
     cache = {'block': {'k': k, 'v': v, 'pos': pos}, 'token': {'k': tk, 'v': tv, 'pos': local_pos},
              'tokens': jnp.where(real, current, 0), 'context': context}
@@ -343,7 +383,7 @@ class BlockTransformer(nn.Module):
       token = cache['token']
       y, (tk, tv) = mdl._token_decoder(y, (local[:, :head], None,
                                            KVContext(local_pos, jnp.zeros((), jnp.int32))),
-                                       (token['k'], token['v']))
+                                       x[:, 0], (token['k'], token['v']))
       return (mdl._logits(embedder, y[:, head - 1]), {'k': k, 'v': v, 'pos': pos},
               {'k': tk, 'v': tv, 'pos': local_pos}, x[:, 0])
 
@@ -356,7 +396,7 @@ class BlockTransformer(nn.Module):
       embedder = mdl._embedder()
       y = mdl._token_inputs(embedder, cache['context'], tokens, head=False)
       y, (tk, tv) = mdl._token_decoder(y, (slot[:, None], None, KVContext(pos, slot)),
-                                       (token['k'], token['v']))
+                                       cache['context'], (token['k'], token['v']))
       return mdl._logits(embedder, y[:, 0]), {'k': tk, 'v': tv, 'pos': pos}
 
     logits_new, block, token_new, context = nn.cond(

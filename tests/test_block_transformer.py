@@ -47,7 +47,7 @@ def _changed(logits):
 class BlockTransformerTest(parameterized.TestCase):
 
   @parameterized.parameters(('prefix', 0, True), ('prefix', 8, False), ('summation', 8, True),
-                            ('summation', 0, False))
+                            ('summation', 0, False), ('cross_attention', 8, True))
   def test_causality_and_block_locality(self, token_decoder, token_width, first):
     model, params, tokens = _model(token_decoder=token_decoder, token_embed_dim=token_width,
                                    predict_first_block=first)
@@ -103,7 +103,6 @@ class BlockTransformerTest(parameterized.TestCase):
     for overrides, field in [(dict(expansion_ratio=0), 'expansion_ratio'),
                              (dict(embed_dim=18), 'embed_dim'),
                              (dict(block_len=0), 'block_len'),
-                             (dict(token_decoder='cross_attention'), 'not built'),
                              (dict(token_decoder='sum'), 'token_decoder'),
                              (dict(token_embed_dim=7), 'token_embed_dim')]:
       with self.assertRaisesRegex(ValueError, field):
@@ -140,6 +139,7 @@ class CachedGenerationTest(parameterized.TestCase):
 
   @parameterized.parameters(dict(), dict(token_decoder='summation', token_embed_dim=8),
                             dict(predict_first_block=False, expansion_ratio=3),
+                            dict(token_decoder='cross_attention', expansion_ratio=3),
                             dict(scan_layers=True, num_layers=2))
   def test_generate_matches_forward(self, **overrides):
     model, params, _ = _model(**overrides)
