@@ -5,8 +5,6 @@ layers each, d=128, trained like `configs/vanilla_tiny.py` with block-aligned pa
 document starts at a block boundary). Run:
 
   python -m launch.main --config=configs/block_tiny.py --workdir=workdirs/block_tiny
-
-Cached generation for this family is not built yet, so there is no end-of-run sample.
 """
 from configs import base
 
@@ -25,5 +23,4 @@ def get_config():
   config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=40,
                                    eval_every=100, eval_batches=16, checkpoint_every=100,
                                    report_unigram_entropy=True)
-  config.sample.max_new_tokens = 0
   return config

@@ -19,7 +19,10 @@ Three parts (§2):
   r - 1 on predict ``t_0 .. t_{L_B-1}``. ``'summation'`` (MEGABYTE-style): the context
   (projected when the widths differ) is added to every input of
   ``[learned start token, emb(t_0) .. emb(t_{L_B-2})]``, whose outputs predict
-  ``t_0 .. t_{L_B-1}``. (``'cross_attention'`` is not built.)
+  ``t_0 .. t_{L_B-1}``. ``'cross_attention'`` (T5-style): the inputs are those of
+  ``'summation'`` without the added context; instead every token-decoder layer
+  (``CrossAttentionBlock``) cross-attends to the context expanded to ``expansion_ratio``
+  memory vectors.
 
 Alignment with the data pipeline (``tokens = x[:-1]``, ``targets = x[1:]``; ``logits[:, t]``
 is scored against ``x[t+1]``). Blocks are defined on the model's input ``x[0:T]``
@@ -36,19 +39,35 @@ trainer's cross-entropy of ``logits`` against ``targets`` under ``loss_mask`` is
 the paper's objective on x[1 : T+1] (x[0] is given, as a BOS). Causality: ``logits[:, t]``
 depends on ``tokens[:, :t+1]`` only.
 
-Scope: teacher-forced forward pass and training; cached generation is not built.
+Cached generation (``init_cache``; ``model.decode.generate`` and ``model.engine.BlockEngine``
+drive it). The cache holds the block decoder's KV over finished blocks (``ceil(max_len / L_B)``
+slots per row, written at the block's index), the token decoder's local KV of the current
+block (``head_slots + L_B - 1`` slots, the same local positions as the forward pass), the
+current block's tokens and its context. A cached call with several tokens or with
+``segment_ids`` is a *prefill* from an empty cache: each row's real tokens (segment id > 0, a
+prefix of the row, at positions 0, 1, ...) fill the cache: the block decoder runs once over
+the finished blocks, the token decoder over the head slots and the unfinished block's tokens;
+it returns the next-token logits [B, 1, V]. A call with one token and no ``segment_ids`` is a
+*decode step* at the row's position t: a token that finishes its block (t % L_B = L_B - 1)
+runs the block decoder once on that block and the token decoder on the new block's head slots
+(fresh local KV); any other token is one token-decoder step. Rows may be at different offsets
+in their blocks (prompts that end mid-block): each part runs under ``nn.cond`` only when some
+row needs it, so a batch whose rows are aligned runs the block decoder once per L_B steps.
+Logits [B, 1, V] of a decode step equal the forward pass's at that position.
 """
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from model.layers import Linear, ModelConfig, RMSNorm, _init
+from model import attention as attention_lib
+from model import kv_cache
+from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
+                          write_slots)
 from model.llama import Embedder, run_layers
 
-_TOKEN_DECODERS = ('prefix', 'summation')
-_NOT_BUILT = ('cross_attention',)
-_NO_CACHE = 'cached generation for the block family is not built yet'
+_TOKEN_DECODERS = ('prefix', 'summation', 'cross_attention')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +89,6 @@ class BlockConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.token_decoder in _NOT_BUILT:
-      raise ValueError(f'model.token_decoder={self.token_decoder!r} is not built; '
-                       f'choose one of {_TOKEN_DECODERS}.')
     if self.token_decoder not in _TOKEN_DECODERS:
       raise ValueError(f'model.token_decoder={self.token_decoder!r}; expected one of '
                        f'{_TOKEN_DECODERS}.')
@@ -99,6 +115,16 @@ class BlockConfig(ModelConfig):
     return self.block_layers or self.num_layers
 
   @property
+  def head_slots(self) -> int:
+    """Token-decoder slots before a block's token inputs: the prefix, or the start token."""
+    return self.expansion_ratio if self.token_decoder == 'prefix' else 1
+
+  @property
+  def local_len(self) -> int:
+    """Token-decoder inputs per block: the head slots and the block's first L_B - 1 tokens."""
+    return self.head_slots + self.block_len - 1
+
+  @property
   def token_config(self) -> ModelConfig:
     """The token decoder's ModelConfig: this config at width ``token_width``."""
     base = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
@@ -117,74 +143,171 @@ def predicted_targets(cfg: BlockConfig, positions):
   return target_pos >= cfg.block_len
 
 
+class CrossAttentionBlock(nn.Module):
+  """Token-decoder layer of the ``cross_attention`` decoder (§2.3, the T5-style option):
+  x + SelfAttn(norm x); x + CrossAttn(norm x, memory); x + MLP(norm x). ``ctx`` is the
+  DecoderBlock's ``(positions, segment_ids, kv_ctx)`` plus the memory [B', M, W] of the
+  tokens' block, which every token sees whole (no positions, no mask)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_kv, ctx):
+    positions, segment_ids, kv_ctx, memory = ctx
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, name=name)
+    attn_out, new_kv = Attention(cfg, name='attn')(norm('attn_norm')(x), positions, segment_ids,
+                                                   layer_kv, kv_ctx)
+    x = x + attn_out
+    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
+    xn = norm('cross_norm')(x)
+    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='cross_q')(xn)
+    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_k')(memory)
+    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_v')(memory)
+    zeros = lambda a: jnp.zeros(a.shape[:2], jnp.int32)
+    out = attention_lib.attention(q, k, v, q_pos=zeros(q), kv_pos=zeros(k), causal=False,
+                                  impl=cfg.attention_impl)
+    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                   name='cross_o')(out)
+    x = x + MLP(cfg, name='mlp')(norm('mlp_norm')(x))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+
+
 class BlockTransformer(nn.Module):
   """``apply(params, tokens, positions, segment_ids, cache, train) -> (logits, aux)``.
 
-  ``logits[:, t]`` predicts ``tokens[:, t+1]`` (module docstring); ``aux`` holds ``losses``
-  (none) and ``predicted`` (``predicted_targets``). ``targets``, ``loss_mask`` and ``step``
-  are accepted for the trainer's interface and ignored.
+  Without a cache, ``logits[:, t]`` predicts ``tokens[:, t+1]`` (module docstring) and ``aux``
+  holds ``losses`` (none) and ``predicted`` (``predicted_targets``). With a cache: a prefill
+  or a decode step (module docstring), ``aux['cache']`` the updated cache. ``targets``,
+  ``loss_mask`` and ``step`` are accepted for the trainer's interface and ignored.
   """
   cfg: BlockConfig
 
   def init_cache(self, batch, max_len):
-    raise NotImplementedError(_NO_CACHE)
+    """An empty cache for rows of up to ``max_len`` tokens (filled by a prefill call)."""
+    cfg, tcfg = self.cfg, self.cfg.token_config
+
+    def layers(c, num_layers, slots):
+      empty = kv_cache.init_cache(num_layers, batch, slots, c.num_kv_heads, c.dims_per_head,
+                                  c.compute_dtype)
+      return {k: empty[k] for k in ('k', 'v', 'pos')}  # rows write at their own slots
+
+    return {'block': layers(cfg, cfg.block_depth, -(-max_len // cfg.block_len)),
+            'token': layers(tcfg, tcfg.num_layers, cfg.local_len),
+            'tokens': jnp.zeros((batch, cfg.block_len), jnp.int32),
+            'context': jnp.zeros((batch, cfg.embed_dim), cfg.compute_dtype)}
+
+  def target_mask(self, positions):
+    """Which targets the trainer scores (``predicted_targets``)."""
+    return predicted_targets(self.cfg, positions)
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, cache=None, train=False,
                targets=None, loss_mask=None, step=None):
     del train, targets, loss_mask, step  # No dropout, target- or step-dependent behaviour.
-    if cache is not None:
-      raise NotImplementedError(_NO_CACHE)
-    cfg, tcfg = self.cfg, self.cfg.token_config
-    lb, (b, t) = cfg.block_len, tokens.shape
-    if t % lb:
-      raise ValueError(f'Sequence length {t} is not a multiple of model.block_len={lb}.')
-    n = t // lb
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+    if cache is None:
+      return self._forward(tokens, positions, segment_ids)
+    if tokens.shape[1] == 1 and segment_ids is None:
+      if positions is None:
+        raise ValueError('A cached decode step needs each row\'s position (positions [B, 1]).')
+      logits, cache = self._decode_step(tokens, positions[:, 0], cache)
+    else:
+      logits, cache = self._prefill(tokens, segment_ids, cache)
+    return logits[:, None], {'losses': {}, 'cache': cache}
 
-    # Embedder (§2.1): concatenated token embeddings; padding contributes zeros.
-    table = nn.Embed(cfg.vocab_size, cfg.embed_dim // lb, dtype=cfg.compute_dtype,
+  # Parts shared by the forward pass and cached generation. Each creates its own named
+  # submodules, so the same parameters serve every path.
+
+  def _embed_blocks(self, tokens, mask=None):
+    """Block embeddings [B, n, E] of tokens [B, n·L_B] (§2.1); masked tokens add zeros."""
+    cfg = self.cfg
+    table = nn.Embed(cfg.vocab_size, cfg.embed_dim // cfg.block_len, dtype=cfg.compute_dtype,
                      embedding_init=_init(cfg, ('vocab', 'embed')), name='block_embed')
     emb = table(tokens)
-    if segment_ids is not None:
-      emb = emb * (segment_ids > 0)[..., None].astype(emb.dtype)
-    x = nn.with_logical_constraint(emb.reshape(b, n, cfg.embed_dim), ('batch', 'length', 'embed'))
+    if mask is not None:
+      emb = emb * mask[..., None].astype(emb.dtype)
+    b, t = tokens.shape
+    return nn.with_logical_constraint(emb.reshape(b, t // cfg.block_len, cfg.embed_dim),
+                                      ('batch', 'length', 'embed'))
 
-    # Block decoder (§2.2) over blocks at their in-document block index.
-    block_pos = positions[:, ::lb] // lb
-    block_seg = None if segment_ids is None else segment_ids[:, ::lb]
-    x, _ = run_layers(cfg, x, (block_pos, block_seg, None), None, cfg.block_depth,
-                      name='block_layers')
-    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='block_norm')(x)
+  def _block_decoder(self, x, ctx, caches=None):
+    """Block decoder (§2.2) and its norm -> (outputs [B, n, E], new layer caches)."""
+    cfg = self.cfg
+    x, caches = run_layers(cfg, x, ctx, caches, cfg.block_depth, name='block_layers')
+    return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='block_norm')(x), caches
+
+  def _start(self, batch):
+    """Context [batch, E] of a document's first block: learned, or zeros (the reference)."""
+    cfg = self.cfg
     if cfg.predict_first_block:
       start = self.param('start_context', _init(cfg, ('embed',)), (cfg.embed_dim,), jnp.float32)
     else:
       start = jnp.zeros((cfg.embed_dim,), jnp.float32)
-    start = jnp.broadcast_to(start.astype(x.dtype), (b, 1, cfg.embed_dim))
+    return jnp.broadcast_to(start.astype(cfg.compute_dtype), (batch, cfg.embed_dim))
+
+  def _token_inputs(self, embedder, context, tokens, head=True):
+    """Token-decoder inputs (§2.3) for contexts [..., E] and local tokens [..., k]: the head
+    slots (when ``head``) and the token embeddings -> [..., head_slots + k, W]."""
+    cfg = self.cfg
+    y, w = embedder.encode(tokens), cfg.token_width
+    if cfg.token_decoder == 'prefix':
+      if not head:
+        return y
+      prefix = Linear((cfg.expansion_ratio, w), ('embed', 'prefix', 'token_embed'), cfg,
+                      name='prefix_proj')(context)
+      return jnp.concatenate([prefix.astype(y.dtype), y], axis=-2)
+    if head:
+      start = self.param('start_token', _init(cfg, ('embed',)), (w,), jnp.float32)
+      start = jnp.broadcast_to(start.astype(y.dtype), y.shape[:-2] + (1, w))
+      y = jnp.concatenate([start, y], axis=-2)
+    if cfg.token_decoder == 'cross_attention':
+      return y
+    if w != cfg.embed_dim:
+      context = Linear((w,), ('embed', 'token_embed'), cfg, name='context_proj')(context)
+    return y + context[..., None, :].astype(y.dtype)
+
+  def _token_decoder(self, y, ctx, context, caches=None):
+    """Token decoder layers on inputs [B', S, W] with block contexts [B', E] -> (hidden
+    states, new layer caches). ``cross_attention``: every layer also attends to the context
+    expanded to ``expansion_ratio`` memory vectors."""
+    cfg, tcfg = self.cfg, self.cfg.token_config
+    if cfg.token_decoder != 'cross_attention':
+      return run_layers(tcfg, y, ctx, caches, tcfg.num_layers, name='token_layers')
+    memory = Linear((cfg.expansion_ratio, tcfg.embed_dim), ('embed', 'prefix', 'token_embed'),
+                    cfg, name='memory_proj')(context)
+    return run_layers(tcfg, y, ctx + (memory,), caches, tcfg.num_layers, name='token_layers',
+                      block=CrossAttentionBlock)
+
+  def _logits(self, embedder, y):
+    cfg = self.cfg
+    return embedder.decode(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(y))
+
+  def _embedder(self):
+    return Embedder(self.cfg.token_config, name='embedder')
+
+  # The three paths.
+
+  def _forward(self, tokens, positions, segment_ids):
+    """Teacher-forced logits [B, T, V] (alignment: module docstring)."""
+    cfg = self.cfg
+    lb, head, w, (b, t) = cfg.block_len, cfg.head_slots, cfg.token_width, tokens.shape
+    if t % lb:
+      raise ValueError(f'Sequence length {t} is not a multiple of model.block_len={lb}.')
+    n, s = t // lb, cfg.local_len
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+    x = self._embed_blocks(tokens, None if segment_ids is None else segment_ids > 0)
+    block_pos = positions[:, ::lb] // lb
+    block_seg = None if segment_ids is None else segment_ids[:, ::lb]
+    x, _ = self._block_decoder(x, (block_pos, block_seg, None))
     # Context of token-decoder blocks 0..N: the output of the previous block, or the start
     # context for a document's first block (block N continues block N - 1's document).
+    start = self._start(b)[:, None]
     first = jnp.concatenate([block_pos == 0, jnp.zeros((b, 1), bool)], axis=1)
     ctx = jnp.where(first[..., None], start, jnp.concatenate([start, x], axis=1))
-
-    # Token decoder (§2.3) on each block: local inputs t_0 .. t_{L_B-2} (block N: padding).
-    embedder = Embedder(tcfg, name='embedder')
+    # Token decoder on each block: local inputs t_0 .. t_{L_B-2} (block N: padding).
+    embedder = self._embedder()
     local = jnp.pad(tokens, ((0, 0), (0, lb))).reshape(b, n + 1, lb)[:, :, :-1]
-    y = embedder.encode(local)  # [B, N+1, L_B-1, W]
-    w = tcfg.embed_dim
-    if cfg.token_decoder == 'prefix':
-      prefix = Linear((cfg.expansion_ratio, w), ('embed', 'prefix', 'token_embed'), cfg,
-                      name='prefix_proj')(ctx)
-      y = jnp.concatenate([prefix.astype(y.dtype), y], axis=2)
-      head = cfg.expansion_ratio  # slots before the token inputs
-    else:
-      if w != cfg.embed_dim:
-        ctx = Linear((w,), ('embed', 'token_embed'), cfg, name='context_proj')(ctx)
-      start_tok = self.param('start_token', _init(cfg, ('embed',)), (w,), jnp.float32)
-      y = jnp.concatenate([jnp.broadcast_to(start_tok.astype(y.dtype), (b, n + 1, 1, w)), y],
-                          axis=2) + ctx[:, :, None].astype(y.dtype)
-      head = 1
-    s = y.shape[2]
+    y = self._token_inputs(embedder, ctx, local)  # [B, N+1, S, W]
     local_pos = jnp.broadcast_to(jnp.arange(s), (b * (n + 1), s))
     local_seg = None
     if segment_ids is not None:
@@ -193,9 +316,95 @@ class BlockTransformer(nn.Module):
       seg_head = jnp.concatenate([segment_ids[:, ::lb], segment_ids[:, -1:]], axis=1)
       local_seg = jnp.concatenate(
           [jnp.repeat(seg_head[:, :, None], head, axis=2), seg_tokens], axis=2).reshape(-1, s)
-    y, _ = run_layers(tcfg, y.reshape(b * (n + 1), s, w), (local_pos, local_seg, None), None,
-                      tcfg.num_layers, name='token_layers')
+    y, _ = self._token_decoder(y.reshape(b * (n + 1), s, w), (local_pos, local_seg, None),
+                               ctx.reshape(b * (n + 1), cfg.embed_dim))
     # Outputs from slot head - 1 on predict x[iL_B .. iL_B + L_B - 1]; keep x[1 .. T].
     y = y.reshape(b, n + 1, s, w)[:, :, head - 1:].reshape(b, (n + 1) * lb, w)[:, 1:t + 1]
-    y = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(y)
-    return embedder.decode(y), {'losses': {}, 'predicted': predicted_targets(cfg, positions)}
+    return self._logits(embedder, y), {'losses': {}, 'predicted': predicted_targets(cfg, positions)}
+
+  def _prefill(self, tokens, segment_ids, cache):
+    """Fills an empty cache with each row's real tokens -> (next-token logits [B, V], cache)."""
+    cfg = self.cfg
+    lb, head, (b, t) = cfg.block_len, cfg.head_slots, tokens.shape
+    nb, slots = -(-t // lb), cache['block']['pos'].shape[1]
+    if nb > slots:
+      raise ValueError(f'A prompt of {t} tokens needs {nb} block slots; the cache has {slots} '
+                       f'(max_len <= {slots * lb}).')
+    count = (jnp.full((b,), t) if segment_ids is None else
+             jnp.sum(segment_ids > 0, axis=1)).astype(jnp.int32)
+    done, offset = count // lb, count % lb  # finished blocks; tokens of the unfinished one
+    tokens = jnp.pad(tokens, ((0, 0), (0, (nb + 1) * lb - t)))
+    # Block decoder over the finished blocks; unfinished ones are written as empty slots.
+    index = jnp.broadcast_to(jnp.arange(nb), (b, nb))
+    block = cache['block']
+    pos = write_slots(block['pos'], jnp.where(index < done[:, None], index, -1), 0)
+    x, (k, v) = self._block_decoder(self._embed_blocks(tokens[:, :nb * lb]),
+                                    (index, None, KVContext(pos, jnp.zeros((), jnp.int32))),
+                                    (block['k'], block['v']))
+    last = jnp.take_along_axis(x, jnp.maximum(done - 1, 0)[:, None, None], axis=1)[:, 0]
+    context = jnp.where((done > 0)[:, None], last, self._start(b))
+    # Token decoder over the head slots and the unfinished block's tokens.
+    current = jnp.take_along_axis(tokens, done[:, None] * lb + jnp.arange(lb), axis=1)
+    real = jnp.arange(lb) < offset[:, None]
+    embedder = self._embedder()
+    y = self._token_inputs(embedder, context, current[:, :-1])
+    local = jnp.broadcast_to(jnp.arange(cfg.local_len), (b, cfg.local_len))
+    local_pos = jnp.where(jnp.concatenate([jnp.ones((b, head), bool), real[:, :-1]], 1), local, -1)
+    token = cache['token']
+    first_slot = jnp.zeros((), jnp.int32)
+    y, (tk, tv) = self._token_decoder(y, (local, None, KVContext(local_pos, first_slot)),
+                                      context, (token['k'], token['v']))
+    y = jnp.take_along_axis(y, (head - 1 + offset)[:, None, None], axis=1)
+    cache = {'block': {'k': k, 'v': v, 'pos': pos}, 'token': {'k': tk, 'v': tv, 'pos': local_pos},
+             'tokens': jnp.where(real, current, 0), 'context': context}
+    return self._logits(embedder, y)[:, 0], cache
+
+  def _decode_step(self, tokens, positions, cache):
+    """One token per row at ``positions`` [B] -> (next-token logits [B, V], cache)."""
+    cfg = self.cfg
+    lb, head, b = cfg.block_len, cfg.head_slots, tokens.shape[0]
+    index, offset = positions // lb, positions % lb
+    ends = offset == lb - 1  # this token finishes its block
+    current = jnp.where(jnp.arange(lb) == offset[:, None], tokens, cache['tokens'])
+    no_logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+
+    def new_block(mdl, cache):
+      # Block decoder on the finished block (rows that did not finish one write an empty
+      # slot at their unfinished block's index), then the next block's head slots.
+      block = cache['block']
+      pos = write_slots(block['pos'], jnp.where(ends, index, -1)[:, None], index)
+      x, (k, v) = mdl._block_decoder(mdl._embed_blocks(current), (index[:, None], None,
+                                                                  KVContext(pos, index)),
+                                     (block['k'], block['v']))
+      embedder = mdl._embedder()
+      y = mdl._token_inputs(embedder, x[:, 0], jnp.zeros((b, 0), jnp.int32))
+      local = jnp.broadcast_to(jnp.arange(cfg.local_len), (b, cfg.local_len))
+      local_pos = jnp.where(local < head, local, -1)
+      token = cache['token']
+      y, (tk, tv) = mdl._token_decoder(y, (local[:, :head], None,
+                                           KVContext(local_pos, jnp.zeros((), jnp.int32))),
+                                       x[:, 0], (token['k'], token['v']))
+      return (mdl._logits(embedder, y[:, head - 1]), {'k': k, 'v': v, 'pos': pos},
+              {'k': tk, 'v': tv, 'pos': local_pos}, x[:, 0])
+
+    def token_step(mdl, cache):
+      # One token-decoder step at local slot head + offset (finishing rows: a dummy slot 0,
+      # their result is discarded).
+      slot = jnp.where(ends, 0, head + offset)
+      token = cache['token']
+      pos = write_slots(token['pos'], slot[:, None], slot)
+      embedder = mdl._embedder()
+      y = mdl._token_inputs(embedder, cache['context'], tokens, head=False)
+      y, (tk, tv) = mdl._token_decoder(y, (slot[:, None], None, KVContext(pos, slot)),
+                                       cache['context'], (token['k'], token['v']))
+      return mdl._logits(embedder, y[:, 0]), {'k': tk, 'v': tv, 'pos': pos}
+
+    logits_new, block, token_new, context = nn.cond(
+        jnp.any(ends), new_block,
+        lambda mdl, c: (no_logits, c['block'], c['token'], c['context']), self, cache)
+    logits_step, token_step_cache = nn.cond(
+        jnp.any(~ends), token_step, lambda mdl, c: (no_logits, c['token']), self, cache)
+    pick = lambda new, old: jnp.where(ends.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
+    cache = {'block': block, 'token': jax.tree.map(pick, token_new, token_step_cache),
+             'tokens': current, 'context': pick(context, cache['context'])}
+    return pick(logits_new, logits_step), cache

@@ -131,13 +131,16 @@ class SlotEngine:
     _, aux = self.model.apply(variables, tokens[None], positions=steps[None],
                               segment_ids=(steps < length)[None].astype(jnp.int32),
                               cache=self.model.init_cache(1, self.max_len))
-    return kv_cache.stack_layers(aux['cache'])
+    return self._engine_cache(aux['cache'])
+
+  def _engine_cache(self, cache):
+    """The model's cache as the engine keeps it: layers stacked, no shared write slot."""
+    return {k: v for k, v in kv_cache.stack_layers(cache).items() if k != 'end'}
 
   def _insert_fn(self, state, cache, row, slot, token, pos):
     """Puts a prefilled cache row into ``slot`` ([L, B, ...] buffers or [B, ...] ones)."""
-    cache = {name: (buf.at[:, slot].set(row[name][:, 0]) if buf.ndim == 5 else
-                    buf.at[slot].set(row[name][0]))
-             for name, buf in cache.items() if name != 'end'}
+    cache = jax.tree.map(lambda buf, new: (buf.at[:, slot].set(new[:, 0]) if buf.ndim == 5 else
+                                           buf.at[slot].set(new[0])), cache, row)
     fresh = dict(self.fresh_slot, token=token, pos=pos, active=True)
     return dict(state, **{k: state[k].at[slot].set(v) for k, v in fresh.items()}), cache
 
@@ -153,8 +156,7 @@ class SlotEngine:
         raise ValueError(f'A request needs {len(r.prompt) + r.max_new_tokens} positions; '
                          f'max_len={self.max_len}.')
     state = self._init_state(n)
-    cache = {k: v for k, v in kv_cache.stack_layers(self.model.init_cache(n, self.max_len)).items()
-             if k != 'end'}
+    cache = self._engine_cache(self.model.init_cache(n, self.max_len))
     queue, owner = list(range(len(requests)))[::-1], [None] * n
     outputs = [[] for _ in requests]
     exit_counts = np.zeros(self.num_depths, np.int64)
@@ -214,3 +216,33 @@ class DepthwiseEngine(SlotEngine):
     return {'h': jnp.zeros((n, 1, self.cfg.embed_dim), self.cfg.compute_dtype),
             'token': jnp.zeros((n,), jnp.int32), 'pos': jnp.zeros((n,), jnp.int32),
             'depth': jnp.zeros((n,), jnp.int32), 'active': jnp.zeros((n,), bool)}
+
+
+class BlockEngine(SlotEngine):
+  """Continuous batching for the Block Transformer (``model.block_transformer``): every
+  engine step is one cached decode step of all slots, each at its own position (the model
+  runs its block decoder only when some slot finishes a block); a finished request's slot is
+  refilled at once. Greedy outputs equal ``decode.generate``'s on each request alone."""
+
+  def __init__(self, model, params, num_slots: int, max_len: int, stop_tokens=(),
+               static_batching=False):
+    super().__init__(model, params, num_slots, max_len, stop_tokens, static_batching)
+    self.num_depths, self.fresh_slot = 1, {}
+
+    def step(variables, state, cache):
+      logits, aux = model.apply(variables, state['token'][:, None],
+                                positions=state['pos'][:, None], cache=cache)
+      active = state['active']
+      emitted = jnp.where(active, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), -1)
+      state = dict(state, token=jnp.where(active, emitted, state['token']),
+                   pos=state['pos'] + active)
+      return state, aux['cache'], emitted, jnp.zeros_like(emitted)
+
+    self._step = jax.jit(step, donate_argnums=(1, 2))
+
+  def _engine_cache(self, cache):
+    return cache  # per-row slots already; every buffer is batch-major
+
+  def _init_state(self, n):
+    return {'token': jnp.zeros((n,), jnp.int32), 'pos': jnp.zeros((n,), jnp.int32),
+            'active': jnp.zeros((n,), bool)}

@@ -31,15 +31,17 @@ class Embedder(nn.Module):
     return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 
-def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'):
-  """Applies ``num_layers`` DecoderBlocks (loop or scan) inside the calling module.
+def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers', block=None):
+  """Applies ``num_layers`` DecoderBlocks (or ``block``s, same interface; loop or scan)
+  inside the calling module.
 
   ``layer_caches`` is None or (k, v), each a tuple of per-layer buffers (``model.kv_cache``);
   returns (x, new caches in the same form). A cached call of scanned layers unrolls the scan
   (the parameters keep their stacked tree): XLA then reads each layer's buffer in place instead
   of copying its slice of the stacked scan input (the stacking and unstacking fold away).
   """
-  block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+  block = block or DecoderBlock
+  block = nn.remat(block) if cfg.remat else block
   if cfg.scan_layers:
     cached = layer_caches is not None
     scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},

@@ -1,5 +1,6 @@
 """Block Transformer: alignment and causality, block locality, document isolation, config
-errors, and training (overfitting, 8-device mesh = single device)."""
+errors, cached generation and serving against the forward pass, and training (overfitting,
+8-device mesh = single device, unpredicted targets out of the loss)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,11 +8,12 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from model import decode, engine
 from model.block_transformer import BlockConfig, BlockTransformer, predicted_targets
 from model.registry import build_model
 from tests.test_train import _one_step, _random_batch
 from tests.utils import FORWARD_RTOL, assert_update_close, mean_loss_tol, tiny_config
-from training import sharding, trainer
+from training import sharding, train, trainer
 
 V, T, LB = 32, 16, 4
 SMALL = dict(vocab_size=V, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32, num_layers=1,
@@ -45,7 +47,7 @@ def _changed(logits):
 class BlockTransformerTest(parameterized.TestCase):
 
   @parameterized.parameters(('prefix', 0, True), ('prefix', 8, False), ('summation', 8, True),
-                            ('summation', 0, False))
+                            ('summation', 0, False), ('cross_attention', 8, True))
   def test_causality_and_block_locality(self, token_decoder, token_width, first):
     model, params, tokens = _model(token_decoder=token_decoder, token_embed_dim=token_width,
                                    predict_first_block=first)
@@ -101,7 +103,6 @@ class BlockTransformerTest(parameterized.TestCase):
     for overrides, field in [(dict(expansion_ratio=0), 'expansion_ratio'),
                              (dict(embed_dim=18), 'embed_dim'),
                              (dict(block_len=0), 'block_len'),
-                             (dict(token_decoder='cross_attention'), 'not built'),
                              (dict(token_decoder='sum'), 'token_decoder'),
                              (dict(token_embed_dim=7), 'token_embed_dim')]:
       with self.assertRaisesRegex(ValueError, field):
@@ -111,10 +112,64 @@ class BlockTransformerTest(parameterized.TestCase):
     model, params, tokens = _model()
     with self.assertRaisesRegex(ValueError, 'block_len'):
       model.apply({'params': params}, tokens[:, :6])
-    with self.assertRaisesRegex(NotImplementedError, 'not built yet'):
-      model.init_cache(1, T)
-    with self.assertRaisesRegex(NotImplementedError, 'not built yet'):
-      model.apply({'params': params}, tokens, cache={})
+    with self.assertRaisesRegex(ValueError, 'needs 4 block slots; the cache has 2'):
+      model.apply({'params': params}, tokens[:, :13], cache=model.init_cache(1, 8))
+    with self.assertRaisesRegex(ValueError, 'positions'):
+      model.apply({'params': params}, tokens[:, :1], cache=model.init_cache(1, 8))
+
+
+class CachedGenerationTest(parameterized.TestCase):
+  """Cached generation (prompts ending anywhere in a block, rows at different offsets) and
+  the serving engine, against the teacher-forced forward pass."""
+
+  LENGTHS = (5, 8, 3, 1, 4, 6)  # every offset in a block, and a one-token prompt
+
+  def _prompts(self):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, V, (len(self.LENGTHS), 9)).astype(np.int32), np.array(self.LENGTHS)
+
+  def _forward_logprobs(self, model, params, prompt, generated):
+    """log-probs of ``generated`` after ``prompt`` under the forward pass."""
+    seq = np.concatenate([prompt, generated])
+    tokens = np.zeros((1, -(-len(seq) // LB) * LB), np.int32)
+    tokens[0, :len(seq)] = seq
+    log_probs = jax.nn.log_softmax(jax.jit(model.apply)({'params': params}, tokens)[0][0])
+    n = len(prompt)
+    return np.array([log_probs[n - 1 + k, seq[n + k]] for k in range(len(generated))])
+
+  @parameterized.parameters(dict(), dict(token_decoder='summation', token_embed_dim=8),
+                            dict(predict_first_block=False, expansion_ratio=3),
+                            dict(token_decoder='cross_attention', expansion_ratio=3),
+                            dict(scan_layers=True, num_layers=2))
+  def test_generate_matches_forward(self, **overrides):
+    model, params, _ = _model(**overrides)
+    prompts, lengths = self._prompts()
+    stop, steps = 5, 11
+    out = decode.generate(model, params, prompts, steps, decode.SamplingConfig(top_k=20),
+                          jax.random.PRNGKey(1), stop_tokens=(stop,), pad_id=0,
+                          prompt_lengths=lengths)
+    tokens, logprobs = np.asarray(out.tokens), np.asarray(out.policy_logprobs)
+    for r, n in enumerate(lengths):
+      m = int(out.lengths[r])
+      self.assertTrue(m == steps or tokens[r, m - 1] == stop)
+      np.testing.assert_array_equal(tokens[r, m:], 0)
+      ref = self._forward_logprobs(model, params, prompts[r, :n], tokens[r, :m])
+      np.testing.assert_allclose(logprobs[r, :m], ref, atol=2e-5, rtol=2e-5)
+
+  def test_engine_matches_generate_alone(self):
+    model, params, _ = _model()
+    prompts, lengths = self._prompts()
+    budgets = (7, 3, 9, 5, 6, 4)
+    requests = [engine.Request(list(p[:n]), m) for p, n, m in zip(prompts, lengths, budgets)]
+    stop = 7
+    outputs, stats = engine.BlockEngine(model, params, num_slots=2, max_len=24,
+                                        stop_tokens=(stop,)).run(requests)
+    for request, output in zip(requests, outputs):
+      alone = decode.generate(model, params, np.array([request.prompt]), request.max_new_tokens,
+                              decode.SamplingConfig(greedy=True), jax.random.PRNGKey(0),
+                              stop_tokens=(stop,), max_len=24)
+      self.assertEqual(output, np.asarray(alone.tokens[0, :int(alone.lengths[0])]).tolist())
+    self.assertEqual(stats['tokens'], sum(len(o) for o in outputs))
 
 
 class BlockTrainingTest(absltest.TestCase):
@@ -144,6 +199,19 @@ class BlockTrainingTest(absltest.TestCase):
     self.assertGreater(losses[0], 5.0)
     self.assertLess(losses[-1], losses[0] - 2.0)
 
+  def test_unpredicted_targets_are_not_scored(self):
+    # Without a first-block context, each document's first-block targets leave the loss
+    # (and its token count) in evaluation and in the train step alike.
+    model, params, tokens = _model(predict_first_block=False)
+    pos = jnp.asarray([list(range(8)) * 2])
+    loss_mask = np.ones((1, T), np.int32)
+    loss_mask[0, 7] = 0  # the packing's document boundary
+    batch = {'tokens': tokens, 'targets': jnp.roll(tokens, -1, 1), 'positions': pos,
+             'segment_ids': jnp.asarray([[1] * 8 + [2] * 8]), 'loss_mask': jnp.asarray(loss_mask)}
+    _, count = train.make_eval_step(model)({'params': params}, batch)['']
+    self.assertEqual(int(count), int(np.sum(loss_mask * predicted_targets(model.cfg, pos))))
+    self.assertEqual(int(count), 9)
+
   def test_mesh_matches_single_device(self):
     config = self._config()
     batch = _random_batch(config)  # two block-aligned documents per row
@@ -156,17 +224,12 @@ class BlockTrainingTest(absltest.TestCase):
 
 class BlockJobConfigTest(absltest.TestCase):
 
-  def test_block_tiny_needs_block_aligned_data_and_no_sample(self):
+  def test_block_tiny_needs_block_aligned_data(self):
     from configs import block_tiny  # pylint: disable=g-import-not-at-top
-    from training import train  # pylint: disable=g-import-not-at-top
     config = block_tiny.get_config()
     train.check_config(config)
     config.data.block_len = 0
     with self.assertRaisesRegex(ValueError, 'data.block_len=0 must equal config.model.block_len=4'):
-      train.check_config(config)
-    config.data.block_len = 4
-    config.sample.max_new_tokens = 8
-    with self.assertRaisesRegex(ValueError, 'sample.max_new_tokens must be 0'):
       train.check_config(config)
 
 

@@ -28,6 +28,16 @@ def cross_entropy_sums(logits, targets, mask, z_loss=0.0):
   return ce_sum, z_sum, jnp.sum(mask)
 
 
+def scored(model, batch):
+  """``batch`` with ``loss_mask`` limited to the targets the model predicts: a family with a
+  ``target_mask(positions)`` method (the Block Transformer without a first-block context)
+  leaves some targets unpredicted, and they must not count as tokens of the loss."""
+  if not hasattr(model, 'target_mask'):
+    return batch
+  mask = batch['loss_mask']
+  return dict(batch, loss_mask=mask * model.target_mask(batch['positions']).astype(mask.dtype))
+
+
 def apply_model(model, variables, batch, ctx):
   """Training-mode forward pass -> (logits, aux, updated non-parameter collections)."""
   model_state = {k: v for k, v in variables.items() if k != 'params'}

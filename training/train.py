@@ -53,10 +53,6 @@ def check_config(config, tokenizer=None):
     problems.append(f"config.data.block_len={data.get('block_len', 0)} must equal "
                     f"config.model.block_len={config.model.get('block_len', 4)}: the block "
                     'family needs block-aligned packing, so no block straddles two documents.')
-  if config.get('sample') and config.sample.max_new_tokens > 0 and config.model.get(
-      'name') == 'block':
-    problems.append('config.sample.max_new_tokens must be 0 for the block family: its cached '
-                    'generation is not built yet.')
   if tokenizer is not None and tokenizer.vocab_size > config.model.vocab_size:
     problems.append(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
                     f'tokenizer vocabulary ({tokenizer.vocab_size}).')
@@ -87,6 +83,7 @@ def make_eval_step(model):
 
   def eval_step(variables, batch):
     out = {}
+    batch = losses.scored(model, batch)
     for name, m in models.items():
       logits, _ = m.apply(variables, batch['tokens'], positions=batch['positions'],
                           segment_ids=batch['segment_ids'])

@@ -107,6 +107,7 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None):
     return grads, {'total_loss': loss, **metrics}, new_state
 
   def step(state, batch, args=None):
+    batch = losses.scored(model, batch)
     rng = jax.random.fold_in(state['rng'], state['step'])
     n_tokens = jnp.maximum(batch['loss_mask'].sum(), 1).astype(jnp.float32)
     params, model_state = state['params'], state.get('model_state', {})
