@@ -8,9 +8,17 @@ import jax
 import jax.numpy as jnp
 
 from bench import block_decode
+from model.block_transformer import BlockConfig, BlockTransformer
 from model.layers import ModelConfig
 from model.llama import Llama
 from training.repro_block import throughput_at_loss
+
+_SHAPE = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def _abstract_params(model):
+  return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                      jnp.zeros((1, 4), jnp.int32)))['params']
 
 
 class MaxBatchTest(absltest.TestCase):
@@ -27,24 +35,35 @@ class MaxBatchTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'max_batch'):
       block_decode.max_batch_under_cap(lambda b: 100 * b, 1000, 0)
 
-  def test_llama_memory_is_params_plus_cache_and_search_is_tight(self):
-    cfg = ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      mlp_dim=64)
-    model = Llama(cfg)
-    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                          jnp.zeros((1, 4), jnp.int32)))['params']
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    max_len = 40
-    # k and v per layer [B, Hkv, S, D] float32, positions [B, S] int32, one int32 write index.
-    per_row = 4 * (2 * cfg.num_layers * cfg.num_kv_heads * max_len * cfg.dims_per_head + max_len)
+  def _search_is_tight(self, model, params, max_len):
     bytes_of = lambda b: block_decode.memory_bytes(model, params, b, max_len)
-    self.assertEqual(bytes_of(3), 4 * n_params + 3 * per_row + 4)
-    self.assertEqual(block_decode.cache_bytes_per_sequence(model, max_len), per_row)
+    per_row = block_decode.cache_bytes_per_sequence(model, max_len)
     cap = bytes_of(7) + per_row // 2
     batch = block_decode.max_batch_under_cap(bytes_of, cap, 1000)
     self.assertEqual(batch, 7)
     self.assertLessEqual(bytes_of(batch), cap)
     self.assertLess(cap, bytes_of(batch + 1))
+
+  def test_llama_memory_is_params_plus_cache_and_search_is_tight(self):
+    model = Llama(ModelConfig(**_SHAPE))
+    params = _abstract_params(model)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    cfg, max_len = model.cfg, 40
+    # k and v per layer [B, Hkv, S, D] float32, positions [B, S] int32, one int32 write index.
+    per_row = 4 * (2 * cfg.num_layers * cfg.num_kv_heads * max_len * cfg.dims_per_head + max_len)
+    self.assertEqual(block_decode.memory_bytes(model, params, 3, max_len),
+                     4 * n_params + 3 * per_row + 4)
+    self.assertEqual(block_decode.cache_bytes_per_sequence(model, max_len), per_row)
+    self._search_is_tight(model, params, max_len)
+
+  def test_block_search_is_tight_and_its_cache_is_smaller(self):
+    model = BlockTransformer(BlockConfig(**_SHAPE, block_len=4))
+    max_len = 40
+    self._search_is_tight(model, _abstract_params(model), max_len)
+    # Block decoder: max_len / L_B slots per layer (plus a few local token-decoder slots).
+    self.assertLess(block_decode.cache_bytes_per_sequence(model, max_len),
+                    block_decode.cache_bytes_per_sequence(Llama(ModelConfig(**_SHAPE)),
+                                                          max_len) / 2)
 
 
 class SettingsTest(absltest.TestCase):
