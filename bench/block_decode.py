@@ -124,8 +124,11 @@ def throughput(models, prompt_len, new_tokens, cap, max_batch, rounds, seed=0):
   max_len = prompt_len + new_tokens
   runs, rows = {}, {}
   for name, (model, variables) in models.items():
-    batch = max_batch_under_cap(lambda b: memory_bytes(model, variables, b, max_len), cap,
-                                max_batch)
+    try:
+      batch = max_batch_under_cap(lambda b: memory_bytes(model, variables, b, max_len), cap,
+                                  max_batch)
+    except ValueError as e:
+      raise ValueError(f'{name}: {e}') from None
     prompts = np.random.default_rng(seed).integers(
         3, model.cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     runs[name] = (lambda m=model, v=variables, p=prompts: decode.generate(
