@@ -193,7 +193,7 @@ def main():
   parser.add_argument('--cap_mib', type=float, default=0,
                       help="Memory cap (MiB); 0: vanilla's bytes at --cap_batch rows of the "
                            'longest setting.')
-  parser.add_argument('--cap_batch', type=int, default=16)
+  parser.add_argument('--cap_batch', type=int, default=32)
   parser.add_argument('--max_batch', type=int, default=256)
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--out', default='', help='JSON output path.')

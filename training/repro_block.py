@@ -64,6 +64,7 @@ def run(config, workdir):
                  'params_non_embedding': int(non_emb), 'val_loss': float(result['eval/loss']),
                  'steps': int(result['step']), 'tokens': int(result['step']) * tokens_per_step,
                  'train_time_s': round(time.time() - start, 1)})
+  rows.sort(key=lambda r: (r['family'] != 'llama', r['params']))  # ConfigDicts sort their keys.
   t = config.throughput
   measured = block_decode.throughput(models, t.prompt_len, t.new_tokens,
                                      t.cap_mib * block_decode.MIB, t.max_batch, t.rounds)
