@@ -4,7 +4,7 @@ Four vanilla Llama models and three Block Transformers (prefix token decoder, L_
 block and token decoders of equal depth) trained on pycorpus with vanilla_tiny's recipe and
 the same token budget; each model's decode throughput (decode-heavy: 32-token prompts, 512
 new tokens) at its largest batch under one memory cap. Writes block_isoloss.{md,json,png}
-into the workdir (about 20 minutes on 2 CPU cores):
+into the workdir (8 minutes on 2 shared CPU cores):
 
   python -m launch.main --config=configs/repro/block_isoloss.py --workdir=workdirs/repro_block
 """
