@@ -1,6 +1,8 @@
 """bench/block_decode.py's memory-capped batch search and training/repro_block.py's
-matched-loss interpolation, against analytic values."""
+matched-loss interpolation, against analytic values; a tiny run of the repro_block job."""
+import json
 import math
+import os
 
 from absl.testing import absltest
 import flax.linen as nn
@@ -11,6 +13,8 @@ from bench import block_decode
 from model.block_transformer import BlockConfig, BlockTransformer
 from model.layers import ModelConfig
 from model.llama import Llama
+from configs.repro import block_isoloss
+from training import repro_block
 from training.repro_block import throughput_at_loss
 
 _SHAPE = dict(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -95,6 +99,33 @@ class ThroughputAtLossTest(absltest.TestCase):
       throughput_at_loss([2.0, 3.0], [1.0], 2.5)
     with self.assertRaisesRegex(ValueError, 'throughputs'):
       throughput_at_loss([2.0, 3.0], [1.0, 0.0], 2.5)
+
+
+class ReproTest(absltest.TestCase):
+
+  def test_tiny_run_writes_rows_table_and_plot(self):
+    config = block_isoloss.get_config()
+    config.base.data.update(seq_len=16, batch_size=8, max_docs=20, shuffle_buffer=4)
+    config.base.train.update(steps=2, warmup_steps=1, eval_every=2, checkpoint_every=2,
+                             eval_batches=1, log_every=1)
+    config.variants = {'vanilla': config.variants.vanilla_d32_L1,
+                       'block': config.variants.block_d96_B2_T2}
+    for model in config.variants.values():
+      model.update(embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    config.throughput.update(prompt_len=4, new_tokens=4, cap_mib=1.0, max_batch=3, rounds=1)
+    workdir = self.create_tempdir().full_path
+    rows = repro_block.run(config, workdir)
+    self.assertEqual([r['model'] for r in rows], ['vanilla', 'block'])  # vanilla first
+    for r in rows:
+      self.assertEqual(r['tokens'], 2 * 8 * 16)
+      self.assertEqual(r['batch'], 3)  # 1 MiB holds more than 3 rows of these tiny models
+      self.assertGreater(r['tokens_per_s'], 0)
+    # A one-model vanilla curve brackets no other loss: no match, no ratio.
+    self.assertIsNone(rows[1]['ratio_at_matched_loss'])
+    with open(os.path.join(workdir, 'block_isoloss.json')) as f:
+      self.assertEqual(len(json.load(f)['rows']), 2)
+    for name in ('block_isoloss.md', 'block_isoloss.png'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 
 
 if __name__ == '__main__':
