@@ -84,8 +84,12 @@ def test_bad_input_raises(change, match):
     decode_attention(args.pop('q'), args.pop('k_cache'), args.pop('v_cache'), **args)
 
 
-def test_attention_benchmark_runs_small():
-  """bench/attention.py --small: every row runs and gives a positive rate."""
-  from bench import attention as bench_attention
-  rows = bench_attention.main(['--small'])
-  assert rows and all(r['tflops'] > 0 for r in rows if r['tflops'] is not None)
+def test_attention_benchmark_runs_small(tmp_path):
+  """``python -m bench.attention --small``: every row runs, and the kernels agree with XLA."""
+  from bench import attention as bench_attention  # pylint: disable=g-import-not-at-top
+  result = bench_attention.main(['--small', f'--out={tmp_path / "bench.json"}'])
+  attn, decode = result['attention'], result['decode']
+  assert {r['impl'].split()[0] for r in attn} >= {'xla', 'dpa'}
+  assert all(r['error'] is None and r['tflops'] > 0 for r in attn), attn
+  assert all(r['max_err_vs_xla'] < 0.1 for r in attn if r['max_err_vs_xla'] is not None)
+  assert len(decode) == 2 and all(r['max_err'] < 0.05 and r['speedup'] > 0 for r in decode)
