@@ -76,7 +76,7 @@ def implementations():
   impls = {'xla': lambda q, k, v: xla_attention(q, k, v, q_pos=positions(q),
                                                  kv_pos=positions(k))}
   try:
-    from pallas_kernels.flash_attention import flash_attention  # pylint: disable=g-import-not-at-top
+    from pallas_kernels.flash_attention import flash_attention
     impls['flash'] = lambda q, k, v: flash_attention(q, k, v, q_pos=positions(q),
                                                      kv_pos=positions(k), causal=True)
   except ImportError as e:
@@ -88,7 +88,7 @@ def implementations():
       jax.block_until_ready(jax.nn.dot_product_attention(probe, probe, probe, is_causal=True,
                                                          implementation='cudnn'))
       dpa_impl = 'cudnn'
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       notes.append(f'dpa: cuDNN attention unavailable ({type(e).__name__}: {e}); using XLA.')
   impls[f'dpa ({dpa_impl})'] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation=dpa_impl)
@@ -127,7 +127,7 @@ def attention_rows(args, impls, matmul_rate):
             reference = out if name == 'xla' else reference
             if name != 'xla' and reference is not None:
               row['max_err_vs_xla'] = float(np.max(np.abs(out - reference)))
-        except Exception as e:  # pylint: disable=broad-except  (e.g. XLA out of memory at 16k)
+        except Exception as e:  # E.g. XLA out of memory at 16k.
           row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
           rows.append(row)
           continue

@@ -11,9 +11,10 @@ read in place. One program handles one (row, KV head, chunk) with all ``H / Hkv`
 heads of the group and all T tokens stacked as the rows of one matmul (grouped-query
 attention without repeating K/V). Visibility is ``model.attention``'s: slot s is visible to
 query t when kv_pos[s] >= 0, kv_pos[s] <= q_pos[t] and s < lengths[b]. Slots at or past a
-row's length are never read: the block loop of a chunk stops at the length, so chunks past
-it do no work (the ragged-batch speed-up), and on TPU their index map repeats the last
-valid block, so they are not even copied. A query with no visible key returns zeros.
+row's length are never used and chunks past it are never read: a chunk's block loop stops
+at the length (the ragged-batch speed-up; on GPU the loads are masked), and on TPU the index
+map of a chunk past it repeats the last valid chunk, so the pipeline skips its copy. A query
+with no visible key returns zeros.
 
 Kernels: one body, two loaders: Triton (GPU; masked loads, since Triton does not bound
 blocks at the array's edge) and Mosaic (TPU; lengths scalar-prefetched into SMEM, edge
@@ -152,23 +153,22 @@ def _kernel(lengths_ref, q_ref, qpos_ref, k_ref, v_ref, kvpos_ref, o_ref, m_ref,
 
 def _load_block(platform, block_k):
   """The loader for ``platform``: (k, v, kv_pos [1, n], valid [1, n]) of the block at ``off``."""
+  def in_range(off, limit, shape, axis):
+    return off + jax.lax.broadcasted_iota(jnp.int32, shape, axis) < limit
+
   def gpu(k_ref, v_ref, kvpos_ref, off, limit):
-    slot = off + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-    keys = pl.ds(off, block_k)
-    k = plgpu.load(k_ref.at[keys, :], mask=slot < limit, other=0.0)
-    v = plgpu.load(v_ref.at[keys, :], mask=slot < limit, other=0.0)
-    valid = (slot < limit).reshape(1, block_k)
-    kv_pos = plgpu.load(kvpos_ref.at[:, keys], mask=valid, other=-1)
-    return k, v, kv_pos, valid
+    keys, rows = pl.ds(off, block_k), in_range(off, limit, (block_k, 1), 0)
+    valid = in_range(off, limit, (1, block_k), 1)
+    return (plgpu.load(k_ref.at[keys, :], mask=rows, other=0.0),
+            plgpu.load(v_ref.at[keys, :], mask=rows, other=0.0),
+            plgpu.load(kvpos_ref.at[:, keys], mask=valid, other=-1), valid)
 
   def tpu(k_ref, v_ref, kvpos_ref, off, limit):
     keys = pl.ds(off, block_k)
-    # Blocks at the array's edge hold undefined values past S: zero v there (p = 0 would
+    # A block at the array's edge holds undefined values past S: zero v there (p = 0 would
     # not cancel a NaN); logits there are masked by ``valid``.
-    in_range = off + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0) < limit
-    v = jnp.where(in_range, v_ref[keys, :], 0).astype(v_ref.dtype)
-    valid = off + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1) < limit
-    return k_ref[keys, :], v, kvpos_ref[:, keys], valid
+    v = jnp.where(in_range(off, limit, (block_k, 1), 0), v_ref[keys, :], 0).astype(v_ref.dtype)
+    return (k_ref[keys, :], v, kvpos_ref[:, keys], in_range(off, limit, (1, block_k), 1))
 
   return gpu if platform == 'gpu' else tpu
 
@@ -192,7 +192,8 @@ def _decode(q, k_cache, v_cache, q_pos, kv_pos, lengths, *, scale, block_sizes, 
   qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, t * g, d)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, dp - d)))
   if dp != d:  # Odd head dims only: copies the cache.
-    k_cache, v_cache = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dp - d))) for x in (k_cache, v_cache))
+    pad = ((0, 0), (0, 0), (0, 0), (0, dp - d))
+    k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
   row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g, axis=1), ((0, 0), (0, rows - t * g)),
                     constant_values=-1)[:, :, None]
   kv_pos = kv_pos.astype(jnp.int32)[:, None, :]
@@ -208,8 +209,8 @@ def _decode(q, k_cache, v_cache, q_pos, kv_pos, lengths, *, scale, block_sizes, 
     # Chunks past a row's length map to its last valid chunk: the pipeline skips the copy.
     last = lambda bi, lens: jnp.maximum(pl.cdiv(lens[bi], chunk) - 1, 0)
     kv_index = lambda bi, hi, ji, lens: (bi, hi, jnp.minimum(ji, last(bi, lens)), 0)
-    out_specs = [pl.BlockSpec((None, None, None, rows, w), lambda bi, hi, ji, lens: (bi, hi, ji, 0, 0))
-                 for w in (dp, 1, 1)]
+    out_specs = [pl.BlockSpec((None, None, None, rows, w),
+                              lambda bi, hi, ji, lens: (bi, hi, ji, 0, 0)) for w in (dp, 1, 1)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, hkv, num_chunks),
         in_specs=[pl.BlockSpec((None, None, rows, dp), lambda bi, hi, ji, lens: (bi, hi, 0, 0)),

@@ -86,7 +86,7 @@ def test_bad_input_raises(change, match):
 
 def test_attention_benchmark_runs_small(tmp_path):
   """``python -m bench.attention --small``: every row runs, and the kernels agree with XLA."""
-  from bench import attention as bench_attention  # pylint: disable=g-import-not-at-top
+  from bench import attention as bench_attention
   result = bench_attention.main(['--small', f'--out={tmp_path / "bench.json"}'])
   attn, decode = result['attention'], result['decode']
   assert {r['impl'].split()[0] for r in attn} >= {'xla', 'dpa'}
