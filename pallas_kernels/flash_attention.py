@@ -285,25 +285,32 @@ def _side_inputs(pos, block_q, block_kv):
   return qcol(q_pos), qcol(q_seg), krow(kv_pos), krow(kv_seg)
 
 
+def _query_grid_specs(bq, bk, nk, d, groups):
+  """BlockSpecs on the grid (batch, query head, query block) of the forward and dQ kernels:
+  one query block (last dim ``w``), its positions, and all key blocks of the key head."""
+  q_spec = lambda w: pl.BlockSpec((None, None, None, bq, w),
+                                  lambda b, hh, i, *_: (b, hh, i, 0, 0))
+  qside = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, *_: (b, i, 0, 0))
+  kv_all = pl.BlockSpec((None, None, nk, bk, d),
+                        lambda b, hh, i, *_: (b, lax.div(hh, groups), 0, 0, 0))
+  kside_all = pl.BlockSpec((None, nk, 1, bk), lambda b, hh, i, *_: (b, 0, 0, 0))
+  return q_spec, qside, kv_all, kside_all
+
+
 def _forward(cfg, q, k, v, pos):
   """q [B, H, T, D], k/v [B, Hkv, S, D] (padded) -> out [B, H, T, D], lse [B, H, T, 1]."""
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
   bsz, h, t, d = q.shape
   hkv, s = k.shape[1], k.shape[2]
-  groups, nq, nk = h // hkv, t // bq, s // bk
+  nq, nk = t // bq, s // bk
   stats = _block_stats(*pos, bq, bk)
   qp, qs, kp, ks = _side_inputs(pos, bq, bk)
-  q_spec = pl.BlockSpec((None, None, None, bq, d), lambda b, hh, i, *_: (b, hh, i, 0, 0))
-  kv_spec = pl.BlockSpec((None, None, nk, bk, d),
-                         lambda b, hh, i, *_: (b, lax.div(hh, groups), 0, 0, 0))
-  qside_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, *_: (b, i, 0, 0))
-  kside_spec = pl.BlockSpec((None, nk, 1, bk), lambda b, hh, i, *_: (b, 0, 0, 0))
-  lse_spec = pl.BlockSpec((None, None, None, bq, 1), lambda b, hh, i, *_: (b, hh, i, 0, 0))
+  q_spec, qside, kv_all, kside_all = _query_grid_specs(bq, bk, nk, d, h // hkv)
   out, lse = _launch(
       _fwd_kernel, cfg, 'flash_fwd', (bsz, h, nq), stats,
-      [q_spec, qside_spec, qside_spec, kv_spec, kv_spec, kside_spec, kside_spec],
+      [q_spec(d), qside, qside, kv_all, kv_all, kside_all, kside_all],
       [_blocked(q, bq, 2), qp, qs, _blocked(k, bk, 2), _blocked(v, bk, 2), kp, ks],
-      [q_spec, lse_spec],
+      [q_spec(d), q_spec(1)],
       [jax.ShapeDtypeStruct((bsz, h, nq, bq, d), q.dtype),
        jax.ShapeDtypeStruct((bsz, h, nq, bq, 1), jnp.float32)])
   return out.reshape(q.shape), lse.reshape(bsz, h, t, 1)
@@ -322,14 +329,11 @@ def _backward(cfg, q, k, v, pos, out, lse, do):
   kv_blocks = [_blocked(k, bk, 2), _blocked(v, bk, 2)]
 
   # dQ: grid over (batch, query head, query block), all key blocks of the head's key head.
-  q_spec = lambda w: pl.BlockSpec((None, None, None, bq, w), lambda b, hh, i, *_: (b, hh, i, 0, 0))
-  qside_spec = pl.BlockSpec((None, None, bq, 1), lambda b, hh, i, *_: (b, i, 0, 0))
-  kv_all = pl.BlockSpec((None, None, nk, bk, d), lambda b, hh, i, *_: (b, lax.div(hh, groups), 0, 0, 0))
-  kside_all = pl.BlockSpec((None, nk, 1, bk), lambda b, hh, i, *_: (b, 0, 0, 0))
+  q_spec, qside, kv_all, kside_all = _query_grid_specs(bq, bk, nk, d, groups)
   dq = _launch(
       _dq_kernel, cfg, 'flash_dq', (bsz, h, nq), stats,
-      [q_spec(d), qside_spec, qside_spec, q_spec(d), q_spec(1), q_spec(1), kv_all, kv_all,
-       kside_all, kside_all],
+      [q_spec(d), qside, qside, q_spec(d), q_spec(1), q_spec(1), kv_all, kv_all, kside_all,
+       kside_all],
       [q_blocks[0], qp, qs, *q_blocks[1:], *kv_blocks, kp, ks],
       q_spec(d), jax.ShapeDtypeStruct(q_blocks[0].shape, q.dtype))
 
@@ -448,10 +452,10 @@ def flash_attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_id
                 blocks=blocks, platform='tpu' if platform == 'tpu' else 'gpu',
                 interpret=interpret, num_warps=4 if d_pad <= 64 else 8)
 
-  t_pad = pl.cdiv(t, max(blocks.block_q, blocks.block_q_bwd)) * max(blocks.block_q,
-                                                                      blocks.block_q_bwd)
-  s_pad = pl.cdiv(s, max(blocks.block_kv, blocks.block_kv_bwd)) * max(blocks.block_kv,
-                                                                       blocks.block_kv_bwd)
+  q_multiple = max(blocks.block_q, blocks.block_q_bwd)  # powers of two: a multiple of both
+  kv_multiple = max(blocks.block_kv, blocks.block_kv_bwd)
+  t_pad = pl.cdiv(t, q_multiple) * q_multiple
+  s_pad = pl.cdiv(s, kv_multiple) * kv_multiple
   kv_pos = kv_pos.astype(jnp.int32)
   if kv_valid is not None:
     kv_pos = jnp.where(kv_valid, kv_pos, -1)
