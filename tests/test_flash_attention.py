@@ -70,14 +70,20 @@ class FlashAttentionTest(parameterized.TestCase):
       ('full_f32_d32_padded', False, 32, jnp.float32),
       ('causal_bf16_d32', True, 32, jnp.bfloat16))
   def test_matches_reference(self, causal, head_dim, dtype):
-    """Output and dQ, dK, dV equal the reference's; nothing is NaN (empty queries included)."""
+    """Output and dQ, dK, dV equal the reference's; nothing is NaN (empty queries included).
+
+    Key blocks that no query can see are skipped, never read: NaN values there leave every
+    result equal to the reference's on the same values zeroed.
+    """
     batch = _mixed_batch()
     q, k, v, g = _qkvg(head_dim, dtype)
+    unseen = jnp.zeros(v.shape, bool).at[3, 16:32].set(True)  # row 3: kv_valid False
+    unseen = unseen.at[1, 32:48].set(True)  # row 1: unfilled cache slots (kv_pos -1)
     flash = jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, causal=causal,
                                                        block_sizes=_BLOCKS, **batch))
     # The reference runs in float32 on the same (rounded) inputs.
     ref = lambda q, k, v: fa.reference_attention(q, k, v, causal=causal, **batch)
-    got = _vjp(flash, q, k, v, g)
+    got = _vjp(flash, q, k, jnp.where(unseen, jnp.nan, v), g)
     want = _vjp(ref, *(x.astype(jnp.float32) for x in (q, k, v, g)))
     for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
       with self.subTest(name):
@@ -88,24 +94,13 @@ class FlashAttentionTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(got[0][2, :8], np.float32), 0.0)
     np.testing.assert_array_equal(np.asarray(got[1][2, :8], np.float32), 0.0)
 
-  def test_skipped_blocks_are_never_read(self):
-    """NaN values in key blocks that no query can see leave every result finite and equal to
-    the reference with those values zeroed; causal rows visit about half the blocks."""
-    batch = _mixed_batch()
-    q, k, v, g = _qkvg(64, jnp.float32, heads=2, kv_heads=1)
-    poisoned = jnp.zeros(v.shape, bool).at[3, 16:32].set(True)  # all invalid (kv_valid)
-    poisoned = poisoned.at[1, 32:48].set(True)  # unfilled cache slots (kv_pos -1)
-    v_nan = jnp.where(poisoned, jnp.nan, v)
-    flash = lambda q, k, v: fa.flash_attention(q, k, v, block_sizes=_BLOCKS, **batch)
-    ref = lambda q, k, v: fa.reference_attention(q, k, v, **batch)
-    got = _vjp(jax.jit(flash), q, k, v_nan, g)
-    want = _vjp(ref, q, k, v, g)
-    for a, b in zip(got, want):
-      assert_close(a, b, _RTOL[jnp.float32])
-
+  def test_visited_blocks(self):
+    """The skipping rule: causal rows visit the lower block triangle; blocks of invalid keys
+    and blocks of disjoint segments are skipped."""
     pos = jnp.broadcast_to(jnp.arange(64), (1, 64))
     visited = fa.visited_blocks(pos, pos, block_q=16, block_kv=16)
     np.testing.assert_array_equal(visited[0], np.tril(np.ones((4, 4), bool)))
+    batch = _mixed_batch()
     visited = fa.visited_blocks(batch['q_pos'][:, :32], batch['kv_pos'][:, :48],
                                 batch['q_segment_ids'][:, :32], batch['kv_segment_ids'][:, :48],
                                 kv_valid=batch['kv_valid'][:, :48], block_q=16, block_kv=16)
@@ -134,6 +129,24 @@ class FlashAttentionTest(parameterized.TestCase):
       assert_close(a, b, _RTOL[jnp.float32])
     with self.assertRaisesRegex(ValueError, 'k has 2 heads'):
       attend(q, k[:, :, :2], v[:, :, :2], **kw)
+
+  def test_tpu_launch_in_interpreter(self):
+    """The Mosaic launch (scalar-prefetched block statistics) in Pallas' TPU interpreter:
+    output and gradients of a packed causal GQA row equal the reference's."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    q = jax.random.normal(keys[0], (1, 32, 2, 64))
+    k, v = (jax.random.normal(key, (1, 32, 1, 64)) for key in keys[1:])
+    seg = (jnp.arange(32) >= 20).astype(jnp.int32)[None]
+    pos = jnp.arange(32)[None] - 20 * seg
+    kw = dict(q_pos=pos, kv_pos=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    flash = lambda q, k, v: fa.flash_attention(q, k, v, block_sizes=_BLOCKS, platform='tpu',
+                                               interpret=True, **kw)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    got = jax.jit(jax.value_and_grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    ref = lambda q, k, v: fa.reference_attention(q, k, v, **kw)
+    want = jax.value_and_grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_close(a, b, _RTOL[jnp.float32])
 
   @parameterized.parameters(('gpu', 'cuda'), ('tpu', 'tpu'))
   def test_lowers_for_accelerators(self, platform, lowering_platform):
