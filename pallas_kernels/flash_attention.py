@@ -16,9 +16,9 @@ returns zeros and gets zero gradients.
 Block skipping: per-block statistics (max query position, min visible key position, and
 the segment-id range of each block) are computed outside the kernels with ``jnp``; a
 (query block, key block) pair is skipped when no key of it can be visible to any query of
-it (``_block_visible``). Skipped blocks are never read, which gives the causal speed-up and
-also covers packed rows, caches with empty slots and gathered tokens at arbitrary
-positions.
+it (``_block_visible``). The kernels never touch a skipped block's values, which gives the
+causal speed-up and also covers packed rows, caches with empty slots and gathered tokens at
+arbitrary positions.
 
 Backends. One kernel body per pass serves every platform: a grid over (batch, head, block)
 whose step loops over the other sequence in-kernel with ``lax.fori_loop`` and skips blocks
@@ -33,10 +33,15 @@ the launch (``_launch``):
   runs the Mosaic launch in Pallas' TPU interpreter.
 
 Arrays are laid out [batch, head, blocks, block, head_dim] so every in-kernel access is a
-dynamic index on a leading dimension. Because a grid step holds one head's whole K/V (or,
-in the dK/dV kernel, one group's whole Q/dO) in fast memory, very long sequences on TPU are
-bounded by VMEM. GQA: the key/value BlockSpec maps query head ``h`` to key head
-``h // (H / Hkv)``; K/V are never repeated.
+dynamic index on a leading dimension. GQA: the key/value BlockSpec maps query head ``h`` to
+key head ``h // (H / Hkv)``; K/V are never repeated. Verified on CPU only: the GPU launch
+and the TPU launch run in interpret mode against the reference, and both lower to Triton
+and Mosaic (``tests/test_flash_attention.py``); neither has run on a device yet.
+
+Limits: on TPU a grid step holds one head's whole K/V (in the dK/dV kernel, one group's
+whole Q/dO) in VMEM, which bounds the sequence length, and skipping saves compute but not
+that copy (on GPU skipped blocks are never loaded); first-order gradients only; no dropout,
+bias or logit soft-capping.
 """
 import dataclasses
 import functools
