@@ -7,8 +7,11 @@ documents). This makes gathered token subsets (Mixture-of-Recursions) and KV cac
 with the same code. Grouped-query attention: ``k``/``v`` carry ``num_kv_heads`` heads and
 each serves ``num_heads // num_kv_heads`` query heads.
 
-Implementations: ``xla`` (the pure-``jnp`` reference below). Pallas kernels register
-themselves in ``IMPLEMENTATIONS`` under their own names.
+Implementations (``impl``, the models' ``attention_impl``): ``xla`` (the pure-``jnp``
+reference below), ``pallas`` (``pallas_kernels.flash_attention``: blockwise flash attention
+with a custom VJP; Triton on GPU, Mosaic on TPU, interpret mode on CPU, where it is slow and
+only for tests) and ``auto`` (``pallas`` on GPU and TPU, ``xla`` on CPU). Cached decoding
+with ``pallas`` uses the flash-decoding kernel (``decode``; ``model.layers.Attention``).
 """
 from typing import Callable, Optional
 
@@ -49,14 +52,38 @@ def xla_attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=
   return out.reshape(b, t, h, d)
 
 
-IMPLEMENTATIONS: dict[str, Callable] = {'xla': xla_attention}
+def pallas_attention(q, k, v, **kwargs):
+  """``pallas_kernels.flash_attention.flash_attention`` (imported on first use, so Pallas
+  loads only for models that ask for it)."""
+  from pallas_kernels import flash_attention  # pylint: disable=g-import-not-at-top
+  return flash_attention.flash_attention(q, k, v, **kwargs)
+
+
+def decode(q, k_cache, v_cache, *, q_pos, kv_pos, scale=None):
+  """A few new queries [B, T, H, D] against a head-major cache [B, Hkv, S, D] with the
+  flash-decoding kernel (``pallas_kernels.decode_attention``); same masking as ``attention``."""
+  from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
+  return decode_attention.decode_attention(q, k_cache, v_cache, q_pos=q_pos, kv_pos=kv_pos,
+                                           scale=scale)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {'xla': xla_attention, 'pallas': pallas_attention}
+IMPLS = ('xla', 'pallas', 'auto')
+
+
+def resolve(impl: str) -> str:
+  """``impl`` with ``auto`` resolved for the default backend."""
+  if impl not in IMPLS:
+    raise ValueError(f'attention impl={impl!r} unknown; available: {list(IMPLS)}.')
+  if impl == 'auto':
+    return 'pallas' if jax.default_backend() in ('gpu', 'tpu') else 'xla'
+  return impl
 
 
 def attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=None,
               causal=True, impl: str = 'xla', scale: Optional[float] = None):
   """Dispatches to the implementation named ``impl`` (see module docstring)."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'attention impl={impl!r} unknown; available: {sorted(IMPLEMENTATIONS)}.')
+  impl = resolve(impl)
   if q_segment_ids is not None and kv_segment_ids is None:
     kv_segment_ids = q_segment_ids
   return IMPLEMENTATIONS[impl](q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_segment_ids=q_segment_ids,
