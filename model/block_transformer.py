@@ -43,7 +43,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from model.layers import Linear, ModelConfig, RMSNorm, _init
+from model.layers import Linear, ModelConfig, _init, make_norm
 from model.llama import Embedder, run_layers
 
 _TOKEN_DECODERS = ('prefix', 'summation')
@@ -156,7 +156,7 @@ class BlockTransformer(nn.Module):
     block_seg = None if segment_ids is None else segment_ids[:, ::lb]
     x, _ = run_layers(cfg, x, (block_pos, block_seg, None), None, cfg.block_depth,
                       name='block_layers')
-    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='block_norm')(x)
+    x = make_norm(cfg, 'block_norm')(x)
     if cfg.predict_first_block:
       start = self.param('start_context', _init(cfg, ('embed',)), (cfg.embed_dim,), jnp.float32)
     else:
@@ -197,5 +197,5 @@ class BlockTransformer(nn.Module):
                       tcfg.num_layers, name='token_layers')
     # Outputs from slot head - 1 on predict x[iL_B .. iL_B + L_B - 1]; keep x[1 .. T].
     y = y.reshape(b, n + 1, s, w)[:, :, head - 1:].reshape(b, (n + 1) * lb, w)[:, 1:t + 1]
-    y = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(y)
+    y = make_norm(cfg, 'final_norm')(y)
     return embedder.decode(y), {'losses': {}, 'predicted': predicted_targets(cfg, positions)}

@@ -1,0 +1,62 @@
+"""The Block Transformer paper's main models (arXiv:2406.02657, §3.1 and Table 4): block
+length 4, lookup embedder, prefix token decoder with expansion ratio 2, GPT-NeoX layers.
+The config argument picks the size:
+
+  python -m launch.main --config=configs/block_paper.py:b4_85 --config.dry_run=True
+
+Sizes from the authors' ``conf/trainer/block_main_b4_*.yaml``: block and token decoders have
+the same depth and width; both start from pythia-410m-deduped's config with only depth and
+width changed, so every size has 16 heads, MLP width 4096 and rotary on 25% of each head's
+dims. Each sequence is 2048 tokens (512 blocks of 4 for the block decoder); the optimiser,
+batch and step counts are the yaml's (``configs/pythia.py: neox_pretraining``).
+
+Parameter counts from the dry run. ``non-embedding`` is every parameter outside
+``embedder`` (the token decoder's embedding and LM head), so it includes the block
+embedder's lookup table (50304 x d/4); ``block + token decoder layers`` excludes that table,
+the prefix projection and the start context as well. The paper names each model by
+12·d²·L over both decoders' L layers, i.e. layers with MLP width 4d:
+
+  | config  | L + L   | d    | non-embedding | total         | decoder layers | 12·d²·L (name) |
+  |---------|---------|------|---------------|---------------|----------------|----------------|
+  | b4_5    | 3 + 3   | 256  | 18,142,528    | 43,877,184    | 14,236,416     | 4.7M  (5)      |
+  | b4_19   | 3 + 3   | 512  | 38,103,168    | 89,614,464    | 30,291,456     | 18.9M (19)     |
+  | b4_85   | 6 + 6   | 768  | 89,946,048    | 167,215,296   | 78,225,408     | 84.9M (85)     |
+  | b4_300  | 12 + 12 | 1024 | 318,900,736   | 421,923,840   | 302,211,072    | 302M  (300)    |
+  | b4_800  | 8 + 8   | 2048 | 570,966,016   | 777,011,200   | 537,296,896    | 805M  (800)    |
+  | b4_1.2b | 12 + 12 | 2048 | 839,525,376   | 1,045,570,560 | 805,855,232    | 1.21B (1.2B)   |
+
+How they compare: at d = 1024 the MLP width 4096 is 4d and our decoder layers match the
+paper's name (302M vs 300M). Elsewhere the authors' configs keep pythia-410m's MLP width
+4096 instead of 4d, so the models they trained (and these) are larger than their names at
+d < 1024 (b4_5: 16x d; 14.2M vs 4.7M) and smaller at d = 2048 (2d; b4_800: 537M vs 805M).
+"""
+from configs import base
+from configs.pythia import neox_model_config, neox_pretraining
+
+# Per size: depth of each decoder, width, learning rate, global batch, steps, warm-up steps.
+SIZES = {
+    'b4_5': (3, 256, 1e-3, 256, 572_000, 3000),
+    'b4_19': (3, 512, 1e-3, 256, 572_000, 3000),
+    'b4_85': (6, 768, 6e-4, 256, 572_000, 3000),
+    'b4_300': (12, 1024, 3e-4, 256, 572_000, 3000),
+    'b4_800': (8, 2048, 3e-4, 512, 286_000, 1500),
+    'b4_1.2b': (12, 2048, 2e-4, 512, 286_000, 1500),
+}
+BLOCK_LEN = 4
+
+
+def get_config(size='b4_85'):
+  if size not in SIZES:
+    raise ValueError(f'configs/block_paper.py:{size}: the size must be one of {sorted(SIZES)}.')
+  layers, width, learning_rate, batch_size, steps, warmup_steps = SIZES[size]
+  config = base.base_config()
+  config.name = f'block_{size}'
+  config.model = neox_model_config(name='block', embed_dim=width, num_layers=layers,
+                                   num_heads=16, num_kv_heads=16, mlp_dim=4096)
+  config.model.update(dict(block_len=BLOCK_LEN, block_layers=layers, token_layers=layers,
+                           token_embed_dim=0, token_decoder='prefix', expansion_ratio=2,
+                           predict_first_block=True))
+  config = neox_pretraining(config, learning_rate, batch_size, steps, warmup_steps)
+  config.data.block_len = BLOCK_LEN
+  config.sample.max_new_tokens = 0  # cached generation of the block family is not built yet
+  return config
