@@ -1,4 +1,4 @@
-"""The Block Transformer paper's main models (arXiv:2406.02657, §3.1 and Table 4): block
+"""The Block Transformer paper's main models (arXiv:2406.02657, §3.1): block
 length 4, lookup embedder, prefix token decoder with expansion ratio 2, GPT-NeoX layers.
 The config argument picks the size:
 
@@ -12,23 +12,25 @@ batch and step counts are the yaml's (``configs/pythia.py: neox_pretraining``).
 
 Parameter counts from the dry run. ``non-embedding`` is every parameter outside
 ``embedder`` (the token decoder's embedding and LM head), so it includes the block
-embedder's lookup table (50304 x d/4); ``block + token decoder layers`` excludes that table,
+embedder's lookup table (50304 x d/4); ``decoder layers`` (both decoders) excludes that table,
 the prefix projection and the start context as well. The paper names each model by
 12·d²·L over both decoders' L layers, i.e. layers with MLP width 4d:
 
   | config  | L + L   | d    | non-embedding | total         | decoder layers | 12·d²·L (name) |
   |---------|---------|------|---------------|---------------|----------------|----------------|
-  | b4_5    | 3 + 3   | 256  | 18,142,528    | 43,877,184    | 14,236,416     | 4.7M  (5)      |
-  | b4_19   | 3 + 3   | 512  | 38,103,168    | 89,614,464    | 30,291,456     | 18.9M (19)     |
-  | b4_85   | 6 + 6   | 768  | 89,946,048    | 167,215,296   | 78,225,408     | 84.9M (85)     |
-  | b4_300  | 12 + 12 | 1024 | 318,900,736   | 421,923,840   | 302,211,072    | 302M  (300)    |
-  | b4_800  | 8 + 8   | 2048 | 570,966,016   | 777,011,200   | 537,296,896    | 805M  (800)    |
-  | b4_1.2b | 12 + 12 | 2048 | 839,525,376   | 1,045,570,560 | 805,855,232    | 1.21B (1.2B)   |
+  | b4_5    | 3 + 3   | 256  | 17,545,984    | 43,301,632    | 14,194,176     | 4.7M (5)       |
+  | b4_19   | 3 + 3   | 512  | 38,475,264    | 89,986,560    | 31,509,504     | 18.9M (19)     |
+  | b4_85   | 6 + 6   | 768  | 114,782,976   | 192,049,920   | 103,941,120    | 84.9M (85)     |
+  | b4_300  | 12 + 12 | 1024 | 317,289,472   | 420,312,064   | 302,309,376    | 302.0M (300)   |
+  | b4_800  | 8 + 8   | 2048 | 571,385,856   | 777,431,040   | 537,231,360    | 805.3M (800)   |
+  | b4_1.2b | 12 + 12 | 2048 | 840,001,536   | 1,046,046,720 | 805,847,040    | 1208.0M (1.2B) |
 
 How they compare: at d = 1024 the MLP width 4096 is 4d and our decoder layers match the
-paper's name (302M vs 300M). Elsewhere the authors' configs keep pythia-410m's MLP width
-4096 instead of 4d, so the models they trained (and these) are larger than their names at
-d < 1024 (b4_5: 16x d; 14.2M vs 4.7M) and smaller at d = 2048 (2d; b4_800: 537M vs 805M).
+paper's name (302.3M vs 300M). At the other widths the authors' configs keep pythia-410m's MLP
+width 4096 instead of 4d, so the models they instantiate (and these) are larger than their
+names below d = 1024 (b4_5: MLP 16d, 14.2M vs 4.7M; b4_85: 103.9M vs 85M) and smaller at
+d = 2048 (MLP 2d; b4_800: 537M vs 800M). ``--config.model.mlp_dim=`` 4d gives the layers the
+names describe.
 """
 from configs import base
 from configs.pythia import neox_model_config, neox_pretraining

@@ -15,7 +15,7 @@ token embedding and LM head; everything else is non-embedding, final LayerNorm i
   | 160m   | 12     | 768  | 12    | 3072 | 85,056,000    | 162,322,944 |
   | 410m   | 24     | 1024 | 16    | 4096 | 302,311,424   | 405,334,016 |
 
-Both columns equal Pythia's published counts (Biderman et al. 2023, Table 1) exactly.
+Both columns equal Pythia's published counts (Biderman et al. 2023, model table) exactly.
 
 Real runs point the tokenizer at Pythia's (GPT-NeoX-20B) ``tokenizer.json`` and the data at
 files, as ``configs/smollm_135m.py`` describes.

@@ -172,10 +172,11 @@ def _tensor_specs(cfg: ModelConfig):
       specs.append(('embed_out.weight', [('embedder', 'lm_head', 'kernel')], (e, v), 1))
     for i in range(cfg.num_layers):
       hf, ours = f'gpt_neox.layers.{i}.', f'layers_{i}'
-      qkv = lambda leaf: [(ours, 'attn', p, leaf) for p in 'qkv']  # pylint: disable=cell-var-from-loop
+      qkv_kernels = [(ours, 'attn', p, 'kernel') for p in 'qkv']
+      qkv_biases = [(ours, 'attn', p, 'bias') for p in 'qkv']
       specs += [
-          (hf + 'attention.query_key_value.weight', qkv('kernel'), (e, h, 3, d), 1),
-          (hf + 'attention.query_key_value.bias', qkv('bias'), (h, 3, d), 0),
+          (hf + 'attention.query_key_value.weight', qkv_kernels, (e, h, 3, d), 1),
+          (hf + 'attention.query_key_value.bias', qkv_biases, (h, 3, d), 0),
           (hf + 'attention.dense.weight', [(ours, 'attn', 'o', 'kernel')], (h, d, e), 2),
           (hf + 'attention.dense.bias', [(ours, 'attn', 'o', 'bias')], (e,), None),
           (hf + 'mlp.dense_h_to_4h.weight', [(ours, 'mlp', 'up', 'kernel')], (e, f), 1),

@@ -111,7 +111,7 @@ def decoder_block_params(cfg: ModelConfig) -> int:
   e, d, f = cfg.embed_dim, cfg.dims_per_head, cfg.mlp_dim
   attn = 2 * e * d * (cfg.num_heads + cfg.num_kv_heads)
   if cfg.layer_style == 'gpt_neox':
-    return attn + d * (cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * e * f + f + 5 * e
+    return attn + d * (cfg.num_heads + 2 * cfg.num_kv_heads) + 2 * e * f + f + 6 * e
   return attn + 3 * e * f + 2 * e
 
 
