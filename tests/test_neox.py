@@ -165,7 +165,7 @@ class NeoXHfIoTest(absltest.TestCase):
     ours = Llama(cfg).apply({'params': params}, jnp.asarray(TOKENS))[0]
     assert_close(ours, _hf_logits(hf_model, TOKENS), FORWARD_RTOL)
 
-  def test_unsupported_configs_raise(self):
+  def test_hf_configs(self):
     hf = {'model_type': 'gpt_neox', 'vocab_size': 96, 'hidden_size': 64,
           'intermediate_size': 96, 'num_hidden_layers': 2, 'num_attention_heads': 4}
     for change, message in [(dict(use_parallel_residual=False), 'use_parallel_residual'),
@@ -175,6 +175,8 @@ class NeoXHfIoTest(absltest.TestCase):
       with self.assertRaisesRegex(ValueError, message):
         hf_io.config_from_hf({**hf, **change})
     self.assertEqual(hf_io.config_from_hf(hf).rotary_pct, 0.25)  # transformers' default
+    legacy = hf_io.config_from_hf({**hf, 'rotary_pct': 0.5, 'rotary_emb_base': 123})  # Pythia's
+    self.assertEqual((legacy.rotary_pct, legacy.rope_theta), (0.5, 123.0))
     gqa = ModelConfig(embed_dim=32, num_heads=4, num_kv_heads=2, layer_style='gpt_neox')
     with self.assertRaisesRegex(ValueError, 'model.num_kv_heads'):
       hf_io.export_hf_checkpoint(gqa, {}, os.path.join(self.dir, 'gqa'))
