@@ -5,9 +5,10 @@ Three parts (§2):
 * Embedder (§2.1, ``lookup``): a token table of width ``embed_dim // block_len``; the
   ``L_B = block_len`` embeddings of a block are concatenated into one block embedding of
   width ``embed_dim`` (padding tokens, segment 0, contribute zeros).
-* Block decoder (§2.2): Llama DecoderBlocks with causal self-attention over the blocks
+* Block decoder (§2.2): blocks of ``layer_style`` (our Llama layers, or ``gpt_neox`` as the
+  paper's models; ``model.layers.BLOCKS``) with causal self-attention over the blocks
   (RoPE position = block index in its document, ``positions[first token] // L_B``; masked by
-  the segment id of the block's first token), then an RMSNorm. Its output for block i is the
+  the segment id of the block's first token), then a norm. Its output for block i is the
   context of block i + 1. The context of a document's first block is a learned start vector
   (``predict_first_block=True``) or zeros (``False``, the reference behaviour: that block's
   tokens get no real prediction; ``aux['predicted']`` / ``predicted_targets`` mark them).
@@ -64,7 +65,7 @@ import jax.numpy as jnp
 from model import attention as attention_lib
 from model import kv_cache
 from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
-                          write_slots)
+                          make_norm, write_slots)
 from model.llama import Embedder, run_layers
 
 _TOKEN_DECODERS = ('prefix', 'summation', 'cross_attention')
@@ -89,6 +90,9 @@ class BlockConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.token_decoder == 'cross_attention' and self.layer_style != 'llama':
+      raise ValueError(f'model.token_decoder=cross_attention is built for layer_style=llama '
+                       f'only (got model.layer_style={self.layer_style!r}).')
     if self.token_decoder not in _TOKEN_DECODERS:
       raise ValueError(f'model.token_decoder={self.token_decoder!r}; expected one of '
                        f'{_TOKEN_DECODERS}.')
@@ -233,7 +237,7 @@ class BlockTransformer(nn.Module):
     """Block decoder (§2.2) and its norm -> (outputs [B, n, E], new layer caches)."""
     cfg = self.cfg
     x, caches = run_layers(cfg, x, ctx, caches, cfg.block_depth, name='block_layers')
-    return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='block_norm')(x), caches
+    return make_norm(cfg, 'block_norm')(x), caches
 
   def _start(self, batch):
     """Context [batch, E] of a document's first block: learned, or zeros (the reference)."""
@@ -279,7 +283,7 @@ class BlockTransformer(nn.Module):
 
   def _logits(self, embedder, y):
     cfg = self.cfg
-    return embedder.decode(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(y))
+    return embedder.decode(make_norm(cfg, 'final_norm')(y))
 
   def _embedder(self):
     return Embedder(self.cfg.token_config, name='embedder')

@@ -67,7 +67,7 @@ import optax
 from model import attention as attention_lib
 from model import kv_cache
 from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope, kv_view,
-                          training_flops_per_token, write_kv, write_slots)
+                          require_llama_layers, training_flops_per_token, write_kv, write_slots)
 from model.llama import Embedder
 
 _SHARING = ('middle_cycle', 'cycle')
@@ -104,6 +104,7 @@ class MoRConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    require_llama_layers(self, 'mor')
     object.__setattr__(self, 'capacity', tuple(float(c) for c in self.capacity))
     checks = [('sharing', self.sharing, _SHARING), ('router', self.router, _ROUTERS),
               ('router_type', self.router_type, tuple(_ROUTER_WIDTH)),

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm, training_flops_per_token
+from model.layers import (DecoderBlock, Linear, ModelConfig, RMSNorm, require_llama_layers,
+                          training_flops_per_token)
 from model.llama import Embedder
 
 SHARING = ('cycle', 'sequence', 'middle_cycle', 'middle_sequence')
@@ -70,6 +71,7 @@ class RecursiveConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    require_llama_layers(self, 'recursive')
     ranks = self.lora_ranks.items() if isinstance(self.lora_ranks, dict) else self.lora_ranks
     object.__setattr__(self, 'lora_ranks', tuple(sorted((str(k), int(v)) for k, v in ranks)))
     unknown = sorted(set(dict(self.lora_ranks)) - set(PROJECTIONS))
