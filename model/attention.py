@@ -88,3 +88,20 @@ def attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=None
     kv_segment_ids = q_segment_ids
   return IMPLEMENTATIONS[impl](q, k, v, q_pos=q_pos, kv_pos=kv_pos, q_segment_ids=q_segment_ids,
                                kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
+
+
+DECODE_MAX_QUERIES = 8  # cached calls with at most this many new tokens use the decode kernel
+
+
+def cached_attention(q, k_cache, v_cache, *, q_pos, kv_pos, q_segment_ids=None,
+                     kv_segment_ids=None, impl: str = 'xla'):
+  """Attention of new queries [B, T, H, D] over a head-major cache [B, Hkv, S, D] (keys at
+  ``kv_pos``, -1 = empty). With ``pallas``, a decode step (T <= ``DECODE_MAX_QUERIES``, no
+  segment ids) runs the flash-decoding kernel on the cache as it is laid out; otherwise
+  ``attention`` reads the cache as [B, S, Hkv, D] (XLA folds the transpose into its matmul)."""
+  impl = resolve(impl)
+  if impl == 'pallas' and q.shape[1] <= DECODE_MAX_QUERIES and q_segment_ids is None:
+    return decode(q, k_cache, v_cache, q_pos=q_pos, kv_pos=kv_pos)
+  return attention(q, jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2), q_pos=q_pos,
+                   kv_pos=kv_pos, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                   impl=impl)

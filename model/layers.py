@@ -52,6 +52,9 @@ class ModelConfig:
   rotary_pct: float = 1.0
 
   def __post_init__(self):
+    if self.attention_impl not in attention_lib.IMPLS:
+      raise ValueError(f'model.attention_impl={self.attention_impl!r}; expected one of '
+                       f'{attention_lib.IMPLS}.')
     if self.dtype not in _DTYPES:
       raise ValueError(f'model.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}.')
     if self.layer_style not in LAYER_STYLES:
@@ -220,14 +223,18 @@ def apply_rope(x, positions, theta, rotary_dims=None):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVContext:
-  """What every layer needs to read/write its slice of a KV cache.
+  """Where a layer's attention reads (and writes) keys and values: the K/V policy.
 
-  ``kv_pos`` [B, S] are the positions of all cache slots *after* this call's tokens are
-  written (-1 = empty); ``write_idx`` is the slot where this call's first token goes: a
-  scalar (every row writes at the same slot, as ``model.kv_cache`` does) or per row [B].
+  ``kv_pos`` [B, S] are the positions of the keys attended, after this call's write (-1: a
+  hidden key: an empty cache slot, padding, a token that did not reach this recursion).
+  ``write_idx`` is the slot where this call's first token goes: a scalar (every row writes
+  at the same slot, as ``model.kv_cache`` does) or per row [B]; None: the given keys are
+  only read (keys shared from an earlier recursion). ``kv_segment_ids`` [B, S] (optional)
+  masks keys of other documents. See ``Attention`` for the policies.
   """
   kv_pos: jax.Array
-  write_idx: jax.Array
+  write_idx: Optional[jax.Array] = None
+  kv_segment_ids: Optional[jax.Array] = None
 
 
 def write_slots(buffer, update, start, axis=1):
@@ -262,37 +269,68 @@ def kv_view(buffer):
 
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE at the tokens' positions (on ``cfg.rotary_dims``
-  of each head); q, k, v, o have biases when ``cfg.biases`` (gpt_neox).
+  of each head); q, k, v, o have biases when ``cfg.biases`` (gpt_neox). The one attention
+  module of every family and engine; ``cfg.attention_impl`` picks the kernel.
 
-  With a cache (``layer_kv``: this layer's head-major buffers (k, v) [B, Hkv, S, D]) the call
-  writes its keys/values at ``kv_ctx.write_idx``, attends over the written buffers and returns
-  them; without, it attends among its own tokens and returns None.
+  K/V policy, from ``layer_kv`` (head-major buffers (k, v) [B, Hkv, S, D]) and ``kv_ctx``:
+
+  * fresh (both None): attend among ``x``'s own tokens (visibility from positions and
+    segment ids); returns None;
+  * fresh with explicit visibility (``kv_ctx`` only: its ``kv_pos``/``kv_segment_ids`` for
+    ``x``'s tokens, e.g. MoR's inactive tokens hidden): returns ``x``'s head-major (k, v) for
+    later recursions to share;
+  * cached (``kv_ctx.write_idx`` set): write ``x``'s keys/values into the buffers, attend over
+    them, return the written buffers;
+  * shared (``kv_ctx.write_idx`` None): attend over the given buffers, return None;
+  * projection only: ``kv(x, positions)`` (an exited token's keys/values for deeper loops).
   """
   cfg: ModelConfig
 
-  @nn.compact
+  def setup(self):
+    cfg = self.cfg
+    h, hkv, d, bias = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head, cfg.biases
+    self.q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, bias=bias)
+    self.k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, bias=bias)
+    self.v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, bias=bias)
+    self.o = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
+                    bias=bias)
+
+  def kv(self, x, positions):
+    """Keys (with RoPE) and values [B, T, Hkv, D] of ``x`` at ``positions``."""
+    return apply_rope(self.k(x), positions, self.cfg.rope_theta, self.cfg.rotary_dims), self.v(x)
+
   def __call__(self, x, positions, segment_ids, layer_kv=None, kv_ctx: Optional[KVContext] = None):
     cfg = self.cfg
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    bias = cfg.biases
-    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, bias=bias, name='q')(x)
-    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, bias=bias, name='k')(x)
-    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, bias=bias, name='v')(x)
-    q = apply_rope(q, positions, cfg.rope_theta, cfg.rotary_dims)
-    k = apply_rope(k, positions, cfg.rope_theta, cfg.rotary_dims)
-    if layer_kv is None:
+    q = apply_rope(self.q(x), positions, cfg.rope_theta, cfg.rotary_dims)
+    if kv_ctx is None:  # fresh
+      k, v = self.kv(x, positions)
       kv_pos = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
-      keys, values, new_kv = k, v, None
-    else:
-      new_kv = (write_kv(layer_kv[0], k, kv_ctx.write_idx),
-                write_kv(layer_kv[1], v, kv_ctx.write_idx))
-      keys, values = kv_view(new_kv[0]), kv_view(new_kv[1])
-      kv_pos, segment_ids = kv_ctx.kv_pos, None
-    out = attention_lib.attention(q, keys, values, q_pos=positions, kv_pos=kv_pos,
-                                  q_segment_ids=segment_ids, impl=cfg.attention_impl)
-    out = Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                 bias=bias, name='o')(out)
-    return out, new_kv
+      out = attention_lib.attention(q, k, v, q_pos=positions, kv_pos=kv_pos,
+                                    q_segment_ids=segment_ids, impl=cfg.attention_impl)
+      return self.o(out), None
+    # Segment ids matter only where the keys carry them; caches mark padding by position.
+    q_seg = segment_ids if kv_ctx.kv_segment_ids is not None else None
+    if layer_kv is None:  # fresh, explicit visibility
+      layer_kv = tuple(jnp.swapaxes(t, 1, 2) for t in self.kv(x, positions))
+      new_kv = layer_kv
+    elif kv_ctx.write_idx is not None:  # cached
+      layer_kv = tuple(write_kv(buf, new, kv_ctx.write_idx)
+                       for buf, new in zip(layer_kv, self.kv(x, positions)))
+      new_kv = layer_kv
+    else:  # shared
+      new_kv = None
+    out = attention_lib.cached_attention(q, *layer_kv, q_pos=positions, kv_pos=kv_ctx.kv_pos,
+                                         q_segment_ids=q_seg,
+                                         kv_segment_ids=kv_ctx.kv_segment_ids,
+                                         impl=cfg.attention_impl)
+    return self.o(out), new_kv
+
+
+def project_kv(cfg: ModelConfig, layer, h, positions):
+  """K/V [B, T, Hkv, D] of hidden states ``h`` through one block's ``attn_norm`` and k/v
+  projections (``layer``: the block's parameters), as if the block ran on them."""
+  xn = make_norm(cfg, 'attn_norm').apply({'params': layer['attn_norm']}, h)
+  return Attention(cfg).apply({'params': layer['attn']}, xn, positions, method=Attention.kv)
 
 
 class MLP(nn.Module):

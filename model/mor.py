@@ -57,17 +57,15 @@ and masks the ones that left, so its cost per token is that of the full recursiv
 recursions it takes (continuous depth-wise batching), with identical greedy outputs.
 """
 import dataclasses
-from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from model import attention as attention_lib
 from model import kv_cache
-from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope, kv_view,
-                          require_llama_layers, training_flops_per_token, write_kv, write_slots)
+from model.layers import (DecoderBlock, KVContext, Linear, ModelConfig, RMSNorm,
+                          require_llama_layers, training_flops_per_token, write_slots)
 from model.llama import Embedder
 
 _SHARING = ('middle_cycle', 'cycle')
@@ -199,66 +197,6 @@ class Router(nn.Module):
     return Linear((self.features,), names, cfg, name='proj')(x).astype(jnp.float32)
 
 
-class LayerCtx(NamedTuple):
-  """Where a shared layer's attention reads keys/values (see ``RecursionLayer``)."""
-  positions: jax.Array
-  segment_ids: Optional[jax.Array]
-  kv_pos: jax.Array
-  kv_segment_ids: Optional[jax.Array]
-  write_idx: Optional[jax.Array]
-
-
-class SharedKVAttention(nn.Module):
-  """``layers.Attention`` (same parameters) whose keys/values are chosen by the call:
-
-  * ``layer_kv is None``: attend among ``x``'s own tokens; returns their (k, v);
-  * ``ctx.write_idx`` set: write ``x``'s (k, v) into the cache buffers ``layer_kv`` at
-    ``write_idx`` and attend over the buffers; returns the updated buffers;
-  * otherwise: attend over the given ``layer_kv`` (recursive KV sharing); returns None.
-  Keys/values, given or returned, are in the cache's head-major layout [B, Hkv, S, D]
-  (``model.kv_cache``). Visibility is ``ctx.kv_pos`` (-1 hides a key) and the segment ids.
-  """
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, layer_kv, ctx: LayerCtx):
-    cfg = self.cfg
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(x),
-                   ctx.positions, cfg.rope_theta)
-    new_kv = None
-    if layer_kv is None or ctx.write_idx is not None:
-      k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(x),
-                     ctx.positions, cfg.rope_theta)
-      v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(x)
-      if layer_kv is None:
-        layer_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-      else:
-        layer_kv = tuple(write_kv(buf, new, ctx.write_idx) for buf, new in zip(layer_kv, (k, v)))
-      new_kv = layer_kv
-    out = attention_lib.attention(q, kv_view(layer_kv[0]), kv_view(layer_kv[1]),
-                                  q_pos=ctx.positions, kv_pos=ctx.kv_pos,
-                                  q_segment_ids=ctx.segment_ids,
-                                  kv_segment_ids=ctx.kv_segment_ids, impl=cfg.attention_impl)
-    return Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                  name='o')(out), new_kv
-
-
-class RecursionLayer(nn.Module):
-  """A shared layer: ``layers.DecoderBlock`` (same parameter tree) with ``SharedKVAttention``;
-  one module serves every recursion, so its weights are tied across recursions."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, layer_kv, ctx: LayerCtx):
-    cfg = self.cfg
-    out, new_kv = SharedKVAttention(cfg, name='attn')(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x), layer_kv, ctx)
-    x = x + out
-    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
-
-
 class _Block:
   """Applies the shared layers at recursion r with that recursion's keys/values.
 
@@ -303,7 +241,7 @@ class _Block:
         layer_kv = self.cache_kv[slot]
       else:
         layer_kv = self.shared_kv[j] if reuse else None
-      h, kv = layer(h, layer_kv, LayerCtx(positions, segment_ids, kv_pos, kv_seg, write_idx))
+      h, kv = layer(h, layer_kv, (positions, segment_ids, KVContext(kv_pos, write_idx, kv_seg)))
       if cached and not reuse:
         self.cache_kv[slot] = kv
       elif r == 0:
@@ -492,7 +430,6 @@ class MoR(nn.Module):
     if cache is not None:
       kv_ctx, new_cache = kv_cache.advance(cache, positions, segment_ids)
     block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
-    layer_cls = nn.remat(RecursionLayer) if cfg.remat else RecursionLayer
     ends_kv = []
 
     def end_layer(x, name, i):
@@ -503,7 +440,7 @@ class MoR(nn.Module):
 
     if cfg.num_ends:
       x = end_layer(x, 'first', 0)
-    block = _Block(cfg, [layer_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
+    block = _Block(cfg, [block_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
                    cache, kv_ctx)
     if cfg.router == 'token_choice':
       bias = None

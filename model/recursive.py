@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from model import kv_cache
+from model.decode import token_logprobs
 from model.layers import (DecoderBlock, Linear, ModelConfig, RMSNorm, require_llama_layers,
                           training_flops_per_token)
 from model.llama import Embedder
@@ -229,13 +230,6 @@ def apply_layer(cfg: ModelConfig, params, lora, x, layer_kv, ctx):
   return (jax.checkpoint(run) if cfg.remat else run)(params, x, layer_kv)
 
 
-def token_ce(logits, targets):
-  """Per-token cross-entropy in float32."""
-  logits = logits.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
-
-
 def early_exit_losses(cfg: RecursiveConfig, exit_logits, targets, loss_mask):
   """Scaled auxiliary losses of the intermediate exits (the last exit's CE, weight 1, is the
   trainer's LM loss): ``exit_ce`` = sum_i w_i CE_i and, with ``exit_distill``, ``exit_kd`` =
@@ -245,7 +239,7 @@ def early_exit_losses(cfg: RecursiveConfig, exit_logits, targets, loss_mask):
   count = jnp.maximum(mask.sum(), 1.0)
   weights = exit_weights(cfg)
   mean = lambda v: jnp.sum(v * mask) / count
-  losses = {'exit_ce': sum(w * mean(token_ce(lg, targets))
+  losses = {'exit_ce': sum(w * mean(-token_logprobs(lg, targets))
                            for w, lg in zip(weights[:-1], exit_logits[:-1]))}
   if cfg.exit_distill:
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(exit_logits[-1]).astype(jnp.float32))

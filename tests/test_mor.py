@@ -269,14 +269,15 @@ class TokenChoiceTest(absltest.TestCase):
 
 
 class _SpyLayer:
-  """Stands in for a RecursionLayer: records (layer_kv, ctx), returns (h, a fresh kv tag)."""
+  """Stands in for a shared DecoderBlock: records (layer_kv, its KVContext), returns (h, a
+  fresh kv tag)."""
 
   def __init__(self, log):
     self.log = log
 
   def __call__(self, h, layer_kv, ctx):
     tag = ('kv', len(self.log))
-    self.log.append((layer_kv, ctx, tag))
+    self.log.append((layer_kv, ctx[2], tag))
     return h, tag
 
 
