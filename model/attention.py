@@ -13,10 +13,13 @@ with a custom VJP; Triton on GPU, Mosaic on TPU, interpret mode on CPU, where it
 only for tests) and ``auto`` (``pallas`` on GPU and TPU, ``xla`` on CPU). Cached decoding
 with ``pallas`` uses the flash-decoding kernel (``decode``; ``model.layers.Attention``).
 """
+import math
 from typing import Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _NEG_INF = -1e30
 
@@ -52,19 +55,45 @@ def xla_attention(q, k, v, *, q_pos, kv_pos, q_segment_ids=None, kv_segment_ids=
   return out.reshape(b, t, h, d)
 
 
+def _mesh_axes(batch_size, kv_heads):
+  """(mesh, batch axes, head axis) of the mesh set around the caller (``jax.set_mesh``, as the
+  trainer does) under the current logical-axis rules, or None without a mesh. A Pallas
+  kernel is one opaque call that XLA cannot partition, so it runs per shard (``shard_map``);
+  an axis that does not divide its dimension (e.g. the batch of 1 of an init) is not split."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  size = lambda axes: math.prod(mesh.shape[a] for a in (
+      () if axes is None else (axes,) if isinstance(axes, str) else axes))
+  batch, heads = nn.logical_to_mesh_axes(('batch', 'heads'))
+  return (mesh, batch if batch_size % size(batch) == 0 else None,
+          heads if kv_heads % size(heads) == 0 else None)
+
+
 def pallas_attention(q, k, v, **kwargs):
-  """``pallas_kernels.flash_attention.flash_attention`` (imported on first use, so Pallas
-  loads only for models that ask for it)."""
+  """``pallas_kernels.flash_attention.flash_attention``, per shard of batch and heads under a
+  mesh (imported on first use, so Pallas loads only for models that ask for it)."""
   from pallas_kernels import flash_attention  # pylint: disable=g-import-not-at-top
-  return flash_attention.flash_attention(q, k, v, **kwargs)
+  axes = _mesh_axes(q.shape[0], k.shape[2])
+  if axes is None:
+    return flash_attention.flash_attention(q, k, v, **kwargs)
+  return flash_attention.sharded_flash_attention(*axes)(q, k, v, **kwargs)
 
 
-def decode(q, k_cache, v_cache, *, q_pos, kv_pos, scale=None):
+def decode(q, k_cache, v_cache, *, q_pos, kv_pos):
   """A few new queries [B, T, H, D] against a head-major cache [B, Hkv, S, D] with the
-  flash-decoding kernel (``pallas_kernels.decode_attention``); same masking as ``attention``."""
+  flash-decoding kernel (``pallas_kernels.decode_attention``), per shard of batch and heads
+  under a mesh; same masking as ``attention``."""
   from pallas_kernels import decode_attention  # pylint: disable=g-import-not-at-top
-  return decode_attention.decode_attention(q, k_cache, v_cache, q_pos=q_pos, kv_pos=kv_pos,
-                                           scale=scale)
+  kernel = decode_attention.decode_attention
+  axes = _mesh_axes(q.shape[0], k_cache.shape[1])
+  if axes is None:
+    return kernel(q, k_cache, v_cache, q_pos=q_pos, kv_pos=kv_pos)
+  mesh, batch, heads = axes
+  tokens, queries, cache = P(batch, None), P(batch, None, heads, None), P(batch, heads, None, None)
+  local = lambda q, k, v, qp, kp: kernel(q, k, v, q_pos=qp, kv_pos=kp)
+  return jax.shard_map(local, mesh=mesh, in_specs=(queries, cache, cache, tokens, tokens),
+                       out_specs=queries, check_vma=False)(q, k_cache, v_cache, q_pos, kv_pos)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {'xla': xla_attention, 'pallas': pallas_attention}
