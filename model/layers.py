@@ -25,6 +25,29 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 LAYER_STYLES = ('llama', 'gpt_neox')
 
 
+# Rematerialisation policies (``model.remat_policy``, with ``model.remat=True``): what each
+# layer application keeps for the backward pass; everything else is recomputed.
+#   full           nothing inside the layer: only its input, the residual stream, is kept
+#   dots           every matmul output (attention scores included)
+#   dots_no_batch  the weight matmuls' outputs; attention scores and softmax are recomputed
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(fn_or_module, cfg):
+  """``fn_or_module`` rematerialised by ``cfg.remat_policy`` when ``cfg.remat`` (a Linen module
+  class through ``nn.remat``, a function through ``jax.checkpoint``), else as it is."""
+  if not cfg.remat:
+    return fn_or_module
+  policy = REMAT_POLICIES[cfg.remat_policy]
+  if isinstance(fn_or_module, type) and issubclass(fn_or_module, nn.Module):
+    return nn.remat(fn_or_module, policy=policy)
+  return jax.checkpoint(fn_or_module, policy=policy)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and options of the decoder (built from ``config.model``).
@@ -45,6 +68,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   scan_layers: bool = False
   remat: bool = False
+  remat_policy: str = 'full'  # with remat: what a layer keeps for the backward (REMAT_POLICIES)
   dtype: str = 'float32'
   attention_impl: str = 'xla'
   init_std: float = 0.02
@@ -52,6 +76,9 @@ class ModelConfig:
   rotary_pct: float = 1.0
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'model.remat_policy={self.remat_policy!r}; expected one of '
+                       f'{sorted(REMAT_POLICIES)}.')
     if self.attention_impl not in attention_lib.IMPLS:
       raise ValueError(f'model.attention_impl={self.attention_impl!r}; expected one of '
                        f'{attention_lib.IMPLS}.')

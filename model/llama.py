@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import BLOCKS, Linear, ModelConfig, _init, make_norm
+from model.layers import BLOCKS, Linear, ModelConfig, _init, make_norm, remat
 
 
 class Embedder(nn.Module):
@@ -42,7 +42,7 @@ def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'
   of copying its slice of the stacked scan input (the stacking and unstacking fold away).
   """
   block = block or BLOCKS[cfg.layer_style]
-  block = nn.remat(block) if cfg.remat else block
+  block = remat(block, cfg)
   if cfg.scan_layers:
     cached = layer_caches is not None
     scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},

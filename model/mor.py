@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import optax
 
 from model import kv_cache
-from model.layers import (DecoderBlock, KVContext, Linear, ModelConfig, RMSNorm,
+from model.layers import (DecoderBlock, KVContext, Linear, ModelConfig, RMSNorm, remat,
                           require_llama_layers, training_flops_per_token, write_slots)
 from model.llama import Embedder
 
@@ -429,7 +429,7 @@ class MoR(nn.Module):
     kv_ctx, new_cache = None, None
     if cache is not None:
       kv_ctx, new_cache = kv_cache.advance(cache, positions, segment_ids)
-    block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+    block_cls = remat(DecoderBlock, cfg)
     ends_kv = []
 
     def end_layer(x, name, i):

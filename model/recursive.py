@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from model import kv_cache
 from model.decode import token_logprobs
-from model.layers import (DecoderBlock, Linear, ModelConfig, RMSNorm, require_llama_layers,
+from model.layers import (DecoderBlock, Linear, ModelConfig, RMSNorm, remat, require_llama_layers,
                           training_flops_per_token)
 from model.llama import Embedder
 
@@ -227,7 +227,7 @@ def apply_layer(cfg: ModelConfig, params, lora, x, layer_kv, ctx):
     with nn.intercept_methods(add_lora):
       return block.apply({'params': params}, x, layer_kv, ctx)
 
-  return (jax.checkpoint(run) if cfg.remat else run)(params, x, layer_kv)
+  return remat(run, cfg)(params, x, layer_kv)
 
 
 def early_exit_losses(cfg: RecursiveConfig, exit_logits, targets, loss_mask):
