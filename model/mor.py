@@ -3,8 +3,10 @@
 A recursive backbone (``sharing='middle_cycle'``: first and last layers unique, a block of
 ``base_depth = (L-2)//N_r`` shared layers applied ``N_r`` times; ``cycle``: no unique ends,
 ``L//N_r`` shared layers) whose lightweight routers decide how many recursions each token
-takes. Shared layers are one set of parameters (``shared_j``) applied at every recursion, so
-the attention projections are tied across recursions.
+takes. Shared layers are one set of parameters (``shared_j``; with ``scan_layers``, stacked
+under ``shared`` and applied by one ``nn.scan`` at every recursion, so a 360M model compiles
+one shared layer instead of ``base_depth * N_r``) applied at every recursion, so the
+attention projections are tied across recursions.
 
 Routers (option names as in the authors' code):
 
@@ -197,6 +199,13 @@ class Router(nn.Module):
     return Linear((self.features,), names, cfg, name='proj')(x).astype(jnp.float32)
 
 
+def shared_layer(params, j):
+  """Shared layer j's parameters, in the loop (``shared_j``) or scanned (``shared``) layout."""
+  if f'shared_{j}' in params:
+    return params[f'shared_{j}']
+  return jax.tree.map(lambda x: x[j], params['shared'])
+
+
 class _Block:
   """Applies the shared layers at recursion r with that recursion's keys/values.
 
@@ -208,8 +217,10 @@ class _Block:
   """
 
   def __init__(self, cfg, layers, cache=None, kv_ctx=None):
-    self.cfg, self.layers = cfg, layers
-    self.shared_kv, self.shared_vis = [None] * len(layers), None
+    """``layers``: the shared layers as a list of modules, or one ``nn.scan`` over them
+    (``scan_layers``: parameters stacked under ``shared``), called with stacked keys/values."""
+    self.cfg, self.layers, self.depth = cfg, layers, cfg.base_depth
+    self.shared_kv, self.shared_vis = [None] * self.depth, None
     self.cache_kv = None
     if cache is not None:
       first = cfg.num_ends
@@ -235,18 +246,33 @@ class _Block:
     if r == 0:
       self.shared_vis = (kv_pos, kv_seg)
     write_idx = self.kv_ctx.write_idx if cached and not reuse else None
-    for j, layer in enumerate(self.layers):
-      slot = j if cfg.kv_sharing else r * len(self.layers) + j
-      if cached:
-        layer_kv = self.cache_kv[slot]
-      else:
-        layer_kv = self.shared_kv[j] if reuse else None
-      h, kv = layer(h, layer_kv, (positions, segment_ids, KVContext(kv_pos, write_idx, kv_seg)))
+    slots = [j if cfg.kv_sharing else r * self.depth + j for j in range(self.depth)]
+    if cached:
+      layer_kvs = [self.cache_kv[slot] for slot in slots]
+    else:
+      layer_kvs = self.shared_kv if reuse else [None] * self.depth
+    h, kvs = self._layers(h, layer_kvs, (positions, segment_ids,
+                                         KVContext(kv_pos, write_idx, kv_seg)))
+    for j, (slot, kv) in enumerate(zip(slots, kvs)):
       if cached and not reuse:
         self.cache_kv[slot] = kv
       elif r == 0:
         self.shared_kv[j] = kv
     return h
+
+  def _layers(self, h, layer_kvs, ctx):
+    """The shared layers on ``h`` with per-layer keys/values (or Nones) -> (h, their new
+    keys/values, a list)."""
+    if isinstance(self.layers, list):
+      kvs = []
+      for layer, layer_kv in zip(self.layers, layer_kvs):
+        h, kv = layer(h, layer_kv, ctx)
+        kvs.append(kv)
+      return h, kvs
+    stacked = None if layer_kvs[0] is None else tuple(
+        jnp.stack([kv[i] for kv in layer_kvs]) for i in range(2))
+    h, new = self.layers(h, stacked, ctx)
+    return h, [None if new is None else (new[0][j], new[1][j]) for j in range(self.depth)]
 
 
 def _take(x, idx):
@@ -440,8 +466,14 @@ class MoR(nn.Module):
 
     if cfg.num_ends:
       x = end_layer(x, 'first', 0)
-    block = _Block(cfg, [block_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
-                   cache, kv_ctx)
+    if cfg.scan_layers:  # one compiled layer, applied by a scan at every recursion
+      shared = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=(0, nn.broadcast), length=cfg.base_depth,
+                       unroll=cfg.base_depth if cache is not None else 1,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='shared')
+    else:
+      shared = [block_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)]
+    block = _Block(cfg, shared, cache, kv_ctx)
     if cfg.router == 'token_choice':
       bias = None
       if cfg.balancing == 'loss_free':
