@@ -62,7 +62,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import attention as attention_lib
 from model import kv_cache
 from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
                           make_norm, write_slots)
@@ -162,16 +161,7 @@ class CrossAttentionBlock(nn.Module):
     attn_out, new_kv = Attention(cfg, name='attn')(norm('attn_norm')(x), positions, segment_ids,
                                                    layer_kv, kv_ctx)
     x = x + attn_out
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    xn = norm('cross_norm')(x)
-    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='cross_q')(xn)
-    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_k')(memory)
-    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_v')(memory)
-    zeros = lambda a: jnp.zeros(a.shape[:2], jnp.int32)
-    out = attention_lib.attention(q, k, v, q_pos=zeros(q), kv_pos=zeros(k), causal=False,
-                                  impl=cfg.attention_impl)
-    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                   name='cross_o')(out)
+    x = x + Attention(cfg, name='cross')(norm('cross_norm')(x), None, None, memory=memory)[0]
     x = x + MLP(cfg, name='mlp')(norm('mlp_norm')(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 

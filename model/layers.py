@@ -309,6 +309,8 @@ class Attention(nn.Module):
   * cached (``kv_ctx.write_idx`` set): write ``x``'s keys/values into the buffers, attend over
     them, return the written buffers;
   * shared (``kv_ctx.write_idx`` None): attend over the given buffers, return None;
+  * memory (``memory`` [B, M, E]): cross-attention to keys/values projected from ``memory``,
+    all visible, no rotary embedding (the Block Transformer's ``cross_attention`` decoder);
   * projection only: ``kv(x, positions)`` (an exited token's keys/values for deeper loops).
   """
   cfg: ModelConfig
@@ -326,8 +328,14 @@ class Attention(nn.Module):
     """Keys (with RoPE) and values [B, T, Hkv, D] of ``x`` at ``positions``."""
     return apply_rope(self.k(x), positions, self.cfg.rope_theta, self.cfg.rotary_dims), self.v(x)
 
-  def __call__(self, x, positions, segment_ids, layer_kv=None, kv_ctx: Optional[KVContext] = None):
+  def __call__(self, x, positions, segment_ids, layer_kv=None, kv_ctx: Optional[KVContext] = None,
+               memory=None):
     cfg = self.cfg
+    if memory is not None:  # memory
+      zeros = lambda a: jnp.zeros(a.shape[:2], jnp.int32)
+      out = attention_lib.attention(self.q(x), self.k(memory), self.v(memory), q_pos=zeros(x),
+                                    kv_pos=zeros(memory), causal=False, impl=cfg.attention_impl)
+      return self.o(out), None
     q = apply_rope(self.q(x), positions, cfg.rope_theta, cfg.rotary_dims)
     if kv_ctx is None:  # fresh
       k, v = self.kv(x, positions)
