@@ -150,7 +150,7 @@ class CrossAttentionBlock(nn.Module):
   """Token-decoder layer of the ``cross_attention`` decoder (§2.3, the T5-style option):
   x + SelfAttn(norm x); x + CrossAttn(norm x, memory); x + MLP(norm x). ``ctx`` is the
   DecoderBlock's ``(positions, segment_ids, kv_ctx)`` plus the memory [B', M, W] of the
-  tokens' block, which every token sees whole (no positions, no mask)."""
+  tokens' block, which every token sees whole (``layers.Attention``'s memory policy)."""
   cfg: ModelConfig
 
   @nn.compact
