@@ -24,9 +24,9 @@ _OUT = flags.DEFINE_string('out', 'bench_train_throughput.json', 'JSON output pa
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps per config.')
 
 
-def matmul_peak(n=2048, reps=10):
-  """FLOP/s of an n x n x n float32 matmul (best of ``reps``)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak(n=2048, reps=10, dtype=jnp.float32):
+  """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``reps``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))

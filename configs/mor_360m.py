@@ -23,8 +23,7 @@ from configs.smollm_135m import smollm_config
 def mor_smollm_config(name, shapes, data_path=None, **mor_options):
   """A SmolLM-shaped MoR pretraining config with the MoR paper's recipe."""
   config = smollm_config(name, **shapes)
-  config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'scan_layers': False,
-                                       **mor_options})
+  config.model = mor_tiny.mor_model(**{**config.model.to_dict(), **mor_options})
   config.data.batch_size = 1024
   if data_path:
     config.data.source = 'parquet' if data_path.endswith('.parquet') else 'arrayrecord'

@@ -5,9 +5,10 @@ Three parts (§2):
 * Embedder (§2.1, ``lookup``): a token table of width ``embed_dim // block_len``; the
   ``L_B = block_len`` embeddings of a block are concatenated into one block embedding of
   width ``embed_dim`` (padding tokens, segment 0, contribute zeros).
-* Block decoder (§2.2): Llama DecoderBlocks with causal self-attention over the blocks
+* Block decoder (§2.2): blocks of ``layer_style`` (our Llama layers, or ``gpt_neox`` as the
+  paper's models; ``model.layers.BLOCKS``) with causal self-attention over the blocks
   (RoPE position = block index in its document, ``positions[first token] // L_B``; masked by
-  the segment id of the block's first token), then an RMSNorm. Its output for block i is the
+  the segment id of the block's first token), then a norm. Its output for block i is the
   context of block i + 1. The context of a document's first block is a learned start vector
   (``predict_first_block=True``) or zeros (``False``, the reference behaviour: that block's
   tokens get no real prediction; ``aux['predicted']`` / ``predicted_targets`` mark them).
@@ -61,10 +62,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import attention as attention_lib
 from model import kv_cache
 from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
-                          write_slots)
+                          make_norm, write_slots)
 from model.llama import Embedder, run_layers
 
 _TOKEN_DECODERS = ('prefix', 'summation', 'cross_attention')
@@ -89,6 +89,9 @@ class BlockConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    if self.token_decoder == 'cross_attention' and self.layer_style != 'llama':
+      raise ValueError(f'model.token_decoder=cross_attention is built for layer_style=llama '
+                       f'only (got model.layer_style={self.layer_style!r}).')
     if self.token_decoder not in _TOKEN_DECODERS:
       raise ValueError(f'model.token_decoder={self.token_decoder!r}; expected one of '
                        f'{_TOKEN_DECODERS}.')
@@ -147,7 +150,7 @@ class CrossAttentionBlock(nn.Module):
   """Token-decoder layer of the ``cross_attention`` decoder (§2.3, the T5-style option):
   x + SelfAttn(norm x); x + CrossAttn(norm x, memory); x + MLP(norm x). ``ctx`` is the
   DecoderBlock's ``(positions, segment_ids, kv_ctx)`` plus the memory [B', M, W] of the
-  tokens' block, which every token sees whole (no positions, no mask)."""
+  tokens' block, which every token sees whole (``layers.Attention``'s memory policy)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -158,16 +161,7 @@ class CrossAttentionBlock(nn.Module):
     attn_out, new_kv = Attention(cfg, name='attn')(norm('attn_norm')(x), positions, segment_ids,
                                                    layer_kv, kv_ctx)
     x = x + attn_out
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    xn = norm('cross_norm')(x)
-    q = Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='cross_q')(xn)
-    k = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_k')(memory)
-    v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='cross_v')(memory)
-    zeros = lambda a: jnp.zeros(a.shape[:2], jnp.int32)
-    out = attention_lib.attention(q, k, v, q_pos=zeros(q), kv_pos=zeros(k), causal=False,
-                                  impl=cfg.attention_impl)
-    x = x + Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                   name='cross_o')(out)
+    x = x + Attention(cfg, name='cross')(norm('cross_norm')(x), None, None, memory=memory)[0]
     x = x + MLP(cfg, name='mlp')(norm('mlp_norm')(x))
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 
@@ -233,7 +227,7 @@ class BlockTransformer(nn.Module):
     """Block decoder (§2.2) and its norm -> (outputs [B, n, E], new layer caches)."""
     cfg = self.cfg
     x, caches = run_layers(cfg, x, ctx, caches, cfg.block_depth, name='block_layers')
-    return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='block_norm')(x), caches
+    return make_norm(cfg, 'block_norm')(x), caches
 
   def _start(self, batch):
     """Context [batch, E] of a document's first block: learned, or zeros (the reference)."""
@@ -279,7 +273,7 @@ class BlockTransformer(nn.Module):
 
   def _logits(self, embedder, y):
     cfg = self.cfg
-    return embedder.decode(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(y))
+    return embedder.decode(make_norm(cfg, 'final_norm')(y))
 
   def _embedder(self):
     return Embedder(self.cfg.token_config, name='embedder')

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import kv_cache
-from model.layers import KVContext, Linear, ModelConfig, RMSNorm, apply_rope
+from model.layers import KVContext, ModelConfig, RMSNorm, project_kv
 from model.llama import Embedder
 from model.recursive import PROJECTIONS, Recursive, RecursiveConfig, apply_layer
 
@@ -43,15 +43,6 @@ def single_loop(vanilla_cfg: ModelConfig) -> RecursiveConfig:
 class Request:
   prompt: list
   max_new_tokens: int
-
-
-def kv_projection(cfg, layer, h, positions):
-  """K/V of hidden states h [S, 1, E] through ``layer``'s attn_norm and k/v projections."""
-  xn = RMSNorm(cfg.norm_eps, cfg.compute_dtype).apply({'params': layer['attn_norm']}, h)
-  names = ('embed', 'kv_heads', 'head_dim')
-  proj = lambda w: Linear((cfg.num_kv_heads, cfg.dims_per_head), names, cfg).apply(
-      {'params': w}, xn)
-  return apply_rope(proj(layer['attn']['k']), positions, cfg.rope_theta), proj(layer['attn']['v'])
 
 
 def make_step(cfg: RecursiveConfig, exit_threshold):
@@ -88,7 +79,7 @@ def make_step(cfg: RecursiveConfig, exit_threshold):
     exits &= state['active']
     # Early exits: K/V of every deeper layer from the exit hidden state (module docstring).
     for layer in range(size, size * loops):
-      k, v = kv_projection(cfg, params[f'layers_{layer % size}'], x, pos[:, None])
+      k, v = project_kv(cfg, params[f'layers_{layer % size}'], x, pos[:, None])
       fill = exits & (layer >= (depth + 1) * size)
       k_cache = k_cache.at[layer, slots, :, pos].set(
           jnp.where(fill[:, None, None], k[:, 0], k_cache[layer, slots, :, pos]))

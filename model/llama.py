@@ -1,6 +1,7 @@
 """Llama-style decoder: the "vanilla" baseline every other family builds on.
 
-token embedding (tied or untied) -> L x DecoderBlock -> RMSNorm -> LM head. Layers are a
+token embedding (tied or untied) -> L x block -> norm -> LM head, the block and norm of
+``cfg.layer_style`` (``layers.BLOCKS``, ``layers.make_norm``). Layers are a
 Python loop of distinct modules (``layers_0`` ...) or, with ``scan_layers``, one
 ``nn.scan`` (parameters stacked under ``layers`` with a leading 'layers' axis; compile
 time flat in depth).
@@ -9,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm, _init
+from model.layers import BLOCKS, Linear, ModelConfig, _init, make_norm, remat
 
 
 class Embedder(nn.Module):
@@ -32,16 +33,16 @@ class Embedder(nn.Module):
 
 
 def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers', block=None):
-  """Applies ``num_layers`` DecoderBlocks (or ``block``s, same interface; loop or scan)
-  inside the calling module.
+  """Applies ``num_layers`` blocks of ``cfg.layer_style`` (or ``block``s, same interface; loop
+  or scan) inside the calling module.
 
   ``layer_caches`` is None or (k, v), each a tuple of per-layer buffers (``model.kv_cache``);
   returns (x, new caches in the same form). A cached call of scanned layers unrolls the scan
   (the parameters keep their stacked tree): XLA then reads each layer's buffer in place instead
   of copying its slice of the stacked scan input (the stacking and unstacking fold away).
   """
-  block = block or DecoderBlock
-  block = nn.remat(block) if cfg.remat else block
+  block = block or BLOCKS[cfg.layer_style]
+  block = remat(block, cfg)
   if cfg.scan_layers:
     cached = layer_caches is not None
     scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
@@ -89,7 +90,7 @@ class Llama(nn.Module):
       layer_caches = (cache['k'], cache['v'])
     x, new_layer_caches = run_layers(cfg, x, (positions, segment_ids, kv_ctx), layer_caches,
                                      cfg.num_layers)
-    x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')(x)
+    x = make_norm(cfg, 'final_norm')(x)
     aux = {'losses': {}}
     if cache is not None:
       aux['cache'] = dict(new_cache, k=new_layer_caches[0], v=new_layer_caches[1])

@@ -3,8 +3,10 @@
 A recursive backbone (``sharing='middle_cycle'``: first and last layers unique, a block of
 ``base_depth = (L-2)//N_r`` shared layers applied ``N_r`` times; ``cycle``: no unique ends,
 ``L//N_r`` shared layers) whose lightweight routers decide how many recursions each token
-takes. Shared layers are one set of parameters (``shared_j``) applied at every recursion, so
-the attention projections are tied across recursions.
+takes. Shared layers are one set of parameters (``shared_j``; with ``scan_layers``, stacked
+under ``shared`` and applied by one ``nn.scan`` at every recursion, so a 360M model compiles
+one shared layer instead of ``base_depth * N_r``) applied at every recursion, so the
+attention projections are tied across recursions.
 
 Routers (option names as in the authors' code):
 
@@ -57,17 +59,15 @@ and masks the ones that left, so its cost per token is that of the full recursiv
 recursions it takes (continuous depth-wise batching), with identical greedy outputs.
 """
 import dataclasses
-from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from model import attention as attention_lib
 from model import kv_cache
-from model.layers import (DecoderBlock, Linear, MLP, ModelConfig, RMSNorm, apply_rope, kv_view,
-                          training_flops_per_token, write_kv, write_slots)
+from model.layers import (DecoderBlock, KVContext, Linear, ModelConfig, RMSNorm, remat,
+                          require_llama_layers, training_flops_per_token, write_slots)
 from model.llama import Embedder
 
 _SHARING = ('middle_cycle', 'cycle')
@@ -104,6 +104,7 @@ class MoRConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    require_llama_layers(self, 'mor')
     object.__setattr__(self, 'capacity', tuple(float(c) for c in self.capacity))
     checks = [('sharing', self.sharing, _SHARING), ('router', self.router, _ROUTERS),
               ('router_type', self.router_type, tuple(_ROUTER_WIDTH)),
@@ -198,64 +199,11 @@ class Router(nn.Module):
     return Linear((self.features,), names, cfg, name='proj')(x).astype(jnp.float32)
 
 
-class LayerCtx(NamedTuple):
-  """Where a shared layer's attention reads keys/values (see ``RecursionLayer``)."""
-  positions: jax.Array
-  segment_ids: Optional[jax.Array]
-  kv_pos: jax.Array
-  kv_segment_ids: Optional[jax.Array]
-  write_idx: Optional[jax.Array]
-
-
-class SharedKVAttention(nn.Module):
-  """``layers.Attention`` (same parameters) whose keys/values are chosen by the call:
-
-  * ``layer_kv is None``: attend among ``x``'s own tokens; returns their (k, v);
-  * ``ctx.write_idx`` set: write ``x``'s (k, v) into the cache buffers ``layer_kv`` at
-    ``write_idx`` and attend over the buffers; returns the updated buffers;
-  * otherwise: attend over the given ``layer_kv`` (recursive KV sharing); returns None.
-  Keys/values, given or returned, are in the cache's head-major layout [B, Hkv, S, D]
-  (``model.kv_cache``). Visibility is ``ctx.kv_pos`` (-1 hides a key) and the segment ids.
-  """
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, layer_kv, ctx: LayerCtx):
-    cfg = self.cfg
-    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.dims_per_head
-    q = apply_rope(Linear((h, d), ('embed', 'heads', 'head_dim'), cfg, name='q')(x),
-                   ctx.positions, cfg.rope_theta)
-    new_kv = None
-    if layer_kv is None or ctx.write_idx is not None:
-      k = apply_rope(Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='k')(x),
-                     ctx.positions, cfg.rope_theta)
-      v = Linear((hkv, d), ('embed', 'kv_heads', 'head_dim'), cfg, name='v')(x)
-      if layer_kv is None:
-        layer_kv = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
-      else:
-        layer_kv = tuple(write_kv(buf, new, ctx.write_idx) for buf, new in zip(layer_kv, (k, v)))
-      new_kv = layer_kv
-    out = attention_lib.attention(q, kv_view(layer_kv[0]), kv_view(layer_kv[1]),
-                                  q_pos=ctx.positions, kv_pos=ctx.kv_pos,
-                                  q_segment_ids=ctx.segment_ids,
-                                  kv_segment_ids=ctx.kv_segment_ids, impl=cfg.attention_impl)
-    return Linear((cfg.embed_dim,), ('heads', 'head_dim', 'embed'), cfg, axis=(-2, -1),
-                  name='o')(out), new_kv
-
-
-class RecursionLayer(nn.Module):
-  """A shared layer: ``layers.DecoderBlock`` (same parameter tree) with ``SharedKVAttention``;
-  one module serves every recursion, so its weights are tied across recursions."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, layer_kv, ctx: LayerCtx):
-    cfg = self.cfg
-    out, new_kv = SharedKVAttention(cfg, name='attn')(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x), layer_kv, ctx)
-    x = x + out
-    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
-    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+def shared_layer(params, j):
+  """Shared layer j's parameters, in the loop (``shared_j``) or scanned (``shared``) layout."""
+  if f'shared_{j}' in params:
+    return params[f'shared_{j}']
+  return jax.tree.map(lambda x: x[j], params['shared'])
 
 
 class _Block:
@@ -269,8 +217,10 @@ class _Block:
   """
 
   def __init__(self, cfg, layers, cache=None, kv_ctx=None):
-    self.cfg, self.layers = cfg, layers
-    self.shared_kv, self.shared_vis = [None] * len(layers), None
+    """``layers``: the shared layers as a list of modules, or one ``nn.scan`` over them
+    (``scan_layers``: parameters stacked under ``shared``), called with stacked keys/values."""
+    self.cfg, self.layers, self.depth = cfg, layers, cfg.base_depth
+    self.shared_kv, self.shared_vis = [None] * self.depth, None
     self.cache_kv = None
     if cache is not None:
       first = cfg.num_ends
@@ -296,18 +246,33 @@ class _Block:
     if r == 0:
       self.shared_vis = (kv_pos, kv_seg)
     write_idx = self.kv_ctx.write_idx if cached and not reuse else None
-    for j, layer in enumerate(self.layers):
-      slot = j if cfg.kv_sharing else r * len(self.layers) + j
-      if cached:
-        layer_kv = self.cache_kv[slot]
-      else:
-        layer_kv = self.shared_kv[j] if reuse else None
-      h, kv = layer(h, layer_kv, LayerCtx(positions, segment_ids, kv_pos, kv_seg, write_idx))
+    slots = [j if cfg.kv_sharing else r * self.depth + j for j in range(self.depth)]
+    if cached:
+      layer_kvs = [self.cache_kv[slot] for slot in slots]
+    else:
+      layer_kvs = self.shared_kv if reuse else [None] * self.depth
+    h, kvs = self._layers(h, layer_kvs, (positions, segment_ids,
+                                         KVContext(kv_pos, write_idx, kv_seg)))
+    for j, (slot, kv) in enumerate(zip(slots, kvs)):
       if cached and not reuse:
         self.cache_kv[slot] = kv
       elif r == 0:
         self.shared_kv[j] = kv
     return h
+
+  def _layers(self, h, layer_kvs, ctx):
+    """The shared layers on ``h`` with per-layer keys/values (or Nones) -> (h, their new
+    keys/values, a list)."""
+    if isinstance(self.layers, list):
+      kvs = []
+      for layer, layer_kv in zip(self.layers, layer_kvs):
+        h, kv = layer(h, layer_kv, ctx)
+        kvs.append(kv)
+      return h, kvs
+    stacked = None if layer_kvs[0] is None else tuple(
+        jnp.stack([kv[i] for kv in layer_kvs]) for i in range(2))
+    h, new = self.layers(h, stacked, ctx)
+    return h, [None if new is None else (new[0][j], new[1][j]) for j in range(self.depth)]
 
 
 def _take(x, idx):
@@ -490,8 +455,7 @@ class MoR(nn.Module):
     kv_ctx, new_cache = None, None
     if cache is not None:
       kv_ctx, new_cache = kv_cache.advance(cache, positions, segment_ids)
-    block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
-    layer_cls = nn.remat(RecursionLayer) if cfg.remat else RecursionLayer
+    block_cls = remat(DecoderBlock, cfg)
     ends_kv = []
 
     def end_layer(x, name, i):
@@ -502,8 +466,14 @@ class MoR(nn.Module):
 
     if cfg.num_ends:
       x = end_layer(x, 'first', 0)
-    block = _Block(cfg, [layer_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)],
-                   cache, kv_ctx)
+    if cfg.scan_layers:  # one compiled layer, applied by a scan at every recursion
+      shared = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                       in_axes=(0, nn.broadcast), length=cfg.base_depth,
+                       unroll=cfg.base_depth if cache is not None else 1,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='shared')
+    else:
+      shared = [block_cls(cfg, name=f'shared_{j}') for j in range(cfg.base_depth)]
+    block = _Block(cfg, shared, cache, kv_ctx)
     if cfg.router == 'token_choice':
       bias = None
       if cfg.balancing == 'loss_free':

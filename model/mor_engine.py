@@ -29,10 +29,10 @@ Cache slots stay full-size per layer (static shapes), as in ``MoR.init_cache``.
 import jax
 import jax.numpy as jnp
 
-from model.engine import SlotEngine, kv_projection
-from model.layers import KVContext, RMSNorm
+from model.engine import SlotEngine
+from model.layers import DecoderBlock, KVContext, RMSNorm, project_kv
 from model.llama import Embedder
-from model.mor import (LayerCtx, MoR, MoRConfig, RecursionLayer, Router, _delta,
+from model.mor import (MoR, MoRConfig, Router, _delta, shared_layer,
                        _router_probs, causal_keep, choose_depth)
 from model.recursive import apply_layer
 
@@ -140,17 +140,16 @@ def make_step(cfg: MoRConfig, exit_lanes: int):
     depth_rows = cache['depth'].at[slots, pos].set(jnp.where(run, rec + 1, cache['depth'][
         slots, pos]))
     seen = 0 if cfg.kv_sharing else rec[:, None]
-    ctx = LayerCtx(pos[:, None], None, jnp.where(depth_rows > seen, cache['pos'], -1), None,
-                   None)
+    ctx = (pos[:, None], None, KVContext(jnp.where(depth_rows > seen, cache['pos'], -1)))
     write = run & (rec == 0) if cfg.kv_sharing else run
     x = state['h']
     k_cache, v_cache = cache['k'], cache['v']
     for j in range(cfg.base_depth):
       layer = cfg.num_ends + (j if cfg.kv_sharing else rec * cfg.base_depth + j)
-      k, v = kv_projection(cfg, params[f'shared_{j}'], x, pos[:, None])
+      k, v = project_kv(cfg, shared_layer(params, j), x, pos[:, None])
       k_cache = _set_rows(k_cache, (layer, slots, slice(None), pos), k[:, 0], write)
       v_cache = _set_rows(v_cache, (layer, slots, slice(None), pos), v[:, 0], write)
-      x, _ = RecursionLayer(cfg).apply({'params': params[f'shared_{j}']}, x,
+      x, _ = DecoderBlock(cfg).apply({'params': shared_layer(params, j)}, x,
                                        (k_cache[layer, slots], v_cache[layer, slots]), ctx)
     h = state['h']
     if cfg.router == 'token_choice':

@@ -27,6 +27,11 @@ exit from the detached final exit, ``exit_distill * w_i * KL(p_final || p_i)``.
 
 The KV cache has ``num_layers`` layers: every unrolled layer application has its own slot,
 so ``model.decode.generate`` works unchanged.
+
+``scan_layers``: the loops over the shared layers compile as one ``lax.scan`` per run of
+shared layers (``scan_segments``), the per-loop norms and LoRA factors stacked as the scanned
+input, so compile time and program size no longer grow with the number of loops; the
+parameter tree is unchanged. Cached calls unroll (as ``model.llama.run_layers``).
 """
 import dataclasses
 import math
@@ -36,7 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import DecoderBlock, Linear, ModelConfig, RMSNorm, training_flops_per_token
+from model.decode import token_logprobs
+from model.layers import (DecoderBlock, Linear, ModelConfig, RMSNorm, remat, require_llama_layers,
+                          training_flops_per_token)
 from model.llama import Embedder
 
 SHARING = ('cycle', 'sequence', 'middle_cycle', 'middle_sequence')
@@ -65,6 +72,7 @@ class RecursiveConfig(ModelConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    require_llama_layers(self, 'recursive')
     ranks = self.lora_ranks.items() if isinstance(self.lora_ranks, dict) else self.lora_ranks
     object.__setattr__(self, 'lora_ranks', tuple(sorted((str(k), int(v)) for k, v in ranks)))
     unknown = sorted(set(dict(self.lora_ranks)) - set(PROJECTIONS))
@@ -77,8 +85,6 @@ class RecursiveConfig(ModelConfig):
       raise ValueError(f'model.early_exit={self.early_exit!r}; expected one of {EARLY_EXIT}.')
     if self.num_loops < 1:
       raise ValueError(f'model.num_loops={self.num_loops} must be >= 1.')
-    if self.scan_layers:
-      raise ValueError('model.scan_layers is not supported by the recursive family.')
     middle = self.num_layers - 2 if self.sharing.startswith('middle') else self.num_layers
     if middle < self.num_loops or middle % self.num_loops:
       raise ValueError(
@@ -124,6 +130,17 @@ def layer_plan(cfg: RecursiveConfig):
   if offset:
     plan.append((size + 1, None))
   return plan
+
+
+def scan_segments(cfg: RecursiveConfig):
+  """Runs of the shared layers that ``scan_layers`` compiles as one ``lax.scan`` over the
+  loops: (unique layers of one scan step, steps, first unrolled layer). ``cycle``: one run,
+  a step applies the whole block; ``sequence``: one run per shared layer, a step applies
+  it once. The middle strategies' unique first and last layers stay outside."""
+  offset, size, loops = int(cfg.sharing.startswith('middle')), cfg.block_size, cfg.num_loops
+  if cfg.sharing.endswith('cycle'):
+    return [(tuple(range(offset, offset + size)), loops, offset)]
+  return [((offset + k,), loops, offset + k * loops) for k in range(size)]
 
 
 def exit_layers(cfg: RecursiveConfig):
@@ -210,14 +227,7 @@ def apply_layer(cfg: ModelConfig, params, lora, x, layer_kv, ctx):
     with nn.intercept_methods(add_lora):
       return block.apply({'params': params}, x, layer_kv, ctx)
 
-  return (jax.checkpoint(run) if cfg.remat else run)(params, x, layer_kv)
-
-
-def token_ce(logits, targets):
-  """Per-token cross-entropy in float32."""
-  logits = logits.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  return remat(run, cfg)(params, x, layer_kv)
 
 
 def early_exit_losses(cfg: RecursiveConfig, exit_logits, targets, loss_mask):
@@ -229,7 +239,7 @@ def early_exit_losses(cfg: RecursiveConfig, exit_logits, targets, loss_mask):
   count = jnp.maximum(mask.sum(), 1.0)
   weights = exit_weights(cfg)
   mean = lambda v: jnp.sum(v * mask) / count
-  losses = {'exit_ce': sum(w * mean(token_ce(lg, targets))
+  losses = {'exit_ce': sum(w * mean(-token_logprobs(lg, targets))
                            for w, lg in zip(weights[:-1], exit_logits[:-1]))}
   if cfg.exit_distill:
     teacher = jax.nn.log_softmax(jax.lax.stop_gradient(exit_logits[-1]).astype(jnp.float32))
@@ -289,25 +299,50 @@ class Recursive(nn.Module):
     unique = [self.param(f'layers_{j}', _block_init(cfg, cfg.ln_share or
                                                     all(p[1] is None for p in plan if p[0] == j)))
               for j in range(cfg.num_unique_layers)]
-    exits_at, hidden, new_k, new_v = exit_layers(cfg), [], [], []
+    per_layer = []  # unrolled layer l's own parameters: per-loop norms, LoRA
     for l, (j, loop) in enumerate(plan):
-      params, lora = unique[j], {}
+      own = {'norms': {}, 'lora': {}}
       if loop is not None and not cfg.ln_share:
-        params = {**params, **self.param(f'norms_{l}', _norms_init(cfg))}
+        own['norms'] = self.param(f'norms_{l}', _norms_init(cfg))
       if loop is not None and relaxed:
-        lora = self.param(f'lora_{l}', _lora_init(cfg))
+        own['lora'] = self.param(f'lora_{l}', _lora_init(cfg))
+      per_layer.append(own)
+    training_exits = cfg.early_exit != 'none' and targets is not None and cfg.num_loops > 1
+    exits_at, hidden, new_k, new_v = exit_layers(cfg), {}, [], []
+    segments = scan_segments(cfg) if cfg.scan_layers and cache is None else []
+    scanned = {first: (js, steps) for js, steps, first in segments}
+    l = 0
+    while l < len(plan):
+      if l in scanned:  # one lax.scan over the loops of this run of shared layers
+        js, steps = scanned[l]
+        own = jax.tree.map(lambda *v: jnp.stack(v), *[
+            [per_layer[l + s * len(js) + i] for i in range(len(js))] for s in range(steps)])
+
+        def body(x, own_s, js=js):
+          for i, j in enumerate(js):
+            x, _ = apply_layer(cfg, {**unique[j], **own_s[i]['norms']}, own_s[i]['lora'], x,
+                               None, ctx)
+          return x, x if (return_exits or training_exits) else None
+
+        x, ys = jax.lax.scan(body, x, own, length=steps)
+        ends = range(l + len(js) - 1, l + steps * len(js), len(js))
+        hidden.update({e: ys[s] for s, e in enumerate(ends) if e in exits_at and ys is not None})
+        l += steps * len(js)
+        continue
+      own = per_layer[l]
       layer_kv = None if cache is None else (cache['k'][l], cache['v'][l])
-      x, kv = apply_layer(cfg, params, lora, x, layer_kv, ctx)
+      x, kv = apply_layer(cfg, {**unique[plan[l][0]], **own['norms']}, own['lora'], x, layer_kv,
+                          ctx)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-      if l in exits_at:
-        hidden.append(x)
+      hidden[l] = x
+      l += 1
+    hidden = [hidden[e] for e in exits_at[:-1] if e in hidden] + [x]
 
     final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='final_norm')
     logits = embedder.decode(final_norm(x))
     aux = {'losses': {}}
-    training_exits = cfg.early_exit != 'none' and targets is not None and cfg.num_loops > 1
     if return_exits or training_exits:
       exit_logits = [embedder.decode(final_norm(h)) for h in hidden[:-1]] + [logits]
       if training_exits:

@@ -1,7 +1,7 @@
 """A learned value baseline: any model family plus a scalar head on its final hidden state.
 
 ``WithValueHead(base)`` applies ``base`` (llama, recursive, mor: anything whose last
-hidden state goes through an RMSNorm named ``final_norm`` before the LM head) unchanged
+hidden state goes through a norm named ``final_norm`` before the LM head) unchanged
 and reads that normalised hidden state with ``nn.intercept_methods``: a trace-time hook, so
 it works under ``jax.jit``, with or without a KV cache, and needs no change to the
 families. A ``Dense(1)`` on it gives ``values`` [B, T]: the value of the state at each

@@ -13,7 +13,7 @@ from absl.testing import absltest, parameterized
 
 from configs import mor_360m, mor_tiny
 from configs.repro import mor_isoflop
-from model import decode, layers, mor, mor_engine, recursive
+from model import decode, layers, mor, mor_engine, param_layout, recursive
 from model.engine import Request
 from model.registry import build_model
 from tests import test_train
@@ -72,7 +72,7 @@ def _first_feature(h):
   return h[..., :1].astype(jnp.float32)
 
 
-class ConfigTest(absltest.TestCase):
+class ConfigTest(parameterized.TestCase):
 
   def test_default_capacity_and_top_k(self):
     cfg = _cfg(num_recursions=3)
@@ -94,6 +94,31 @@ class ConfigTest(absltest.TestCase):
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     _, non_emb = count_params(params['params'])
     self.assertAlmostEqual(non_emb / 1e6, 118.0, delta=0.5)  # paper: 118M
+
+  @parameterized.parameters(dict(), dict(kv_sharing=True), mor_tiny.token_choice())
+  def test_scanned_shared_layers_equal_the_loop(self, **kw):
+    """scan_layers: the same function of the same parameters (stacked under ``shared``) in
+    training (top-k routing: outputs, losses, gradients) and in cached decoding."""
+    model, params = _model_and_params(**kw)
+    scanned = mor.MoR(dataclasses.replace(model.cfg, scan_layers=True))
+    stacked = param_layout.stack_layers(params, 'shared')
+    self.assertEqual(jax.tree.structure(nn.meta.unbox(jax.eval_shape(
+        scanned.init, jax.random.PRNGKey(0), _tokens())['params'])), jax.tree.structure(stacked))
+    tokens = _tokens()
+
+    def loss(m, p):
+      logits, aux = m.apply({'params': p}, tokens, train=True)
+      return jnp.mean(logits ** 2) + sum(aux['losses'].values(), 0.0), logits
+
+    (l0, out0), g0 = jax.jit(jax.value_and_grad(lambda p: loss(model, p), has_aux=True))(params)
+    (l1, out1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True))(stacked)
+    assert_close(out1, out0, FORWARD_RTOL)
+    assert_close(l1, l0, FORWARD_RTOL)
+    g1 = param_layout.unstack_layers(g1, model.cfg.base_depth, 'shared')
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+    assert_close(flat(g1), flat(g0), FORWARD_RTOL)
+    assert_close(_cached_logits(scanned, stacked, tokens)[0],
+                 _cached_logits(model, params, tokens)[0], FORWARD_RTOL)
 
   def test_one_parameter_set_per_shared_layer(self):
     model, params = _model_and_params(num_layers=6, num_recursions=2)  # 1 + 2 + 1 layers
@@ -269,14 +294,15 @@ class TokenChoiceTest(absltest.TestCase):
 
 
 class _SpyLayer:
-  """Stands in for a RecursionLayer: records (layer_kv, ctx), returns (h, a fresh kv tag)."""
+  """Stands in for a shared DecoderBlock: records (layer_kv, its KVContext), returns (h, a
+  fresh kv tag)."""
 
   def __init__(self, log):
     self.log = log
 
   def __call__(self, h, layer_kv, ctx):
     tag = ('kv', len(self.log))
-    self.log.append((layer_kv, ctx, tag))
+    self.log.append((layer_kv, ctx[2], tag))
     return h, tag
 
 

@@ -53,6 +53,7 @@ class MoREngineTest(parameterized.TestCase):
       ('expert_kv_sharing', dict(kv_sharing=True), 3, None),
       ('expert_aux_router_tanh', dict(sampling='aux_router', router_func='tanh'), 3, None),
       ('expert_cycle', dict(sharing='cycle', num_layers=4, num_recursions=2), 3, None),
+      ('expert_scanned', dict(scan_layers=True), 3, None),
       ('token_choice', mor_tiny.token_choice(), 3, 2),
       ('token_choice_kv_sharing', mor_tiny.token_choice(kv_sharing=True), 2, None),
   )

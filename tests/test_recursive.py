@@ -1,4 +1,5 @@
 """Recursive / Relaxed Recursive Transformers: sharing, conversion, LoRA, cache, early exit."""
+import dataclasses
 import json
 import os
 
@@ -73,6 +74,32 @@ class SharingTest(parameterized.TestCase):
       _rec_cfg(sharing='zigzag')
     with self.assertRaisesRegex(ValueError, 'lora_ranks'):
       _rec_cfg(lora_ranks={'qq': 2})
+
+  @parameterized.parameters(
+      dict(sharing='middle_cycle', num_layers=8, lora_rank=2, ln_share=False,
+           early_exit='weighted', exit_distill=0.5),
+      dict(sharing='sequence', num_layers=6, early_exit='aggressive'))
+  def test_scanned_loops_equal_unrolled(self, **fields):
+    """scan_layers compiles the loops as one lax.scan: same parameters, outputs, exits,
+    losses and gradients as the unrolled layers."""
+    cfg = _rec_cfg(num_loops=3, init_std=0.2, **fields)
+    tokens = _tokens()
+
+    def run(scan):
+      model = recursive.Recursive(dataclasses.replace(cfg, scan_layers=scan))
+      def f(p):
+        logits, aux = model.apply(p, tokens, targets=tokens, loss_mask=jnp.ones_like(tokens),
+                                  return_exits=True)
+        return sum(aux['losses'].values()) + 1e-2 * jnp.sum(aux['exit_logits'] ** 2), aux
+      return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    params = recursive.Recursive(cfg).init(jax.random.PRNGKey(0), tokens)
+    (loss0, aux0), grads0 = run(False)
+    (loss1, aux1), grads1 = run(True)
+    assert_close(aux1['exit_logits'], aux0['exit_logits'], FORWARD_RTOL)
+    assert_close(loss1, loss0, FORWARD_RTOL)
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    assert_close(flat(grads1), flat(grads0), FORWARD_RTOL)
 
   def test_unique_parameters_only(self):
     """Params, optimizer state (checkpointed state) hold L/B layers, not L."""

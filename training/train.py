@@ -12,6 +12,7 @@ expert choice under causal routing, as decoding routes), logged as ``eval/loss_<
 """
 import json
 import math
+import time
 
 import flax.linen as nn
 import jax
@@ -124,8 +125,12 @@ def dry_run(config):
                     for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
   step = trainer_lib.make_train_step(model, tx, schedule, config.train)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(
-        abstract, abstract_batch).compile()
+    start = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(
+        abstract, abstract_batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
   total, non_emb = count_params(abstract['params'])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -138,6 +143,10 @@ def dry_run(config):
       # accumulation this is a lower bound. The analytic count is 6N + 12·L·H·D·T (PaLM).
       'flops_per_token_xla_cost_analysis': flops * mesh.size / (b * t),
       'flops_per_token_analytic': analytic_flops_per_token(model.cfg, non_emb, t),
+      'trace_and_lower_seconds': round(lowered_at - start, 2),
+      'compile_seconds': round(compiled_at - lowered_at, 2),
+      # Program size: lines of the StableHLO handed to XLA (grows with unrolled layers).
+      'stablehlo_lines': lowered.as_text().count('\n'),
       'memory_per_device_bytes': {
           'arguments': getattr(mem, 'argument_size_in_bytes', None),
           'outputs': getattr(mem, 'output_size_in_bytes', None),
