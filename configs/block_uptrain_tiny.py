@@ -13,23 +13,16 @@ The model's shapes come from the source; ``config.model`` sets the block options
 """
 from ml_collections import config_dict
 
-from configs import base
+from configs import base, block_tiny
 
 
 def get_config():
-  config = base.base_config()
+  config = block_tiny.get_config()  # the block options and block-aligned data
   config.job = 'uptrain'
   config.name = 'block_uptrain_tiny'
-  config.model = base.model_config(name='block', embed_dim=128, num_layers=4, num_heads=4,
-                                   num_kv_heads=2, mlp_dim=384)
-  config.model.update(dict(block_len=4, block_layers=2, token_layers=2, token_embed_dim=0,
-                           token_decoder='prefix', expansion_ratio=2,
-                           predict_first_block=True))
+  config.model.update(dict(num_layers=4))
   config.uptrain = config_dict.ConfigDict(dict(
       source='workdirs/vanilla_tiny', layer_split='partition', distill=1.0))
-  config.data.seq_len = 128
-  config.data.batch_size = 16
-  config.data.block_len = 4
   config.train = base.train_config(steps=200, learning_rate=1e-3, warmup_steps=20,
                                    eval_every=100, eval_batches=16, checkpoint_every=100,
                                    report_unigram_entropy=True)

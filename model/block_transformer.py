@@ -6,7 +6,7 @@ Three parts (§2):
   ``L_B = block_len`` embeddings of a block are concatenated into one block embedding of
   width ``embed_dim`` (padding tokens, segment 0, contribute zeros).
 * Block decoder (§2.2): blocks of ``layer_style`` (our Llama layers, or ``gpt_neox`` as the
-  paper's models; ``model.layers.BLOCKS``) with causal self-attention over the blocks
+  paper's models; ``model.layers.DecoderBlock``) with causal self-attention over the blocks
   (RoPE position = block index in its document, ``positions[first token] // L_B``; masked by
   the segment id of the block's first token), then a norm. Its output for block i is the
   context of block i + 1. The context of a document's first block is a learned start vector

@@ -4,8 +4,8 @@
 pre-norm block (``DecoderBlock``). ``'gpt_neox'`` (GPT-NeoX / Pythia, Black et al. 2022, the
 layers of the Block Transformer paper, arXiv:2406.02657 §3.1): LayerNorm with bias, attention
 and MLP projections with biases, rotary embeddings on the first ``rotary_pct`` of each head's
-dims, exact-GELU MLP, parallel residual ``x + Attn(LN1 x) + MLP(LN2 x)`` (``GPTNeoXBlock``).
-Both share ``Attention``, ``MLP`` and ``Linear``; ``BLOCKS`` maps a style to its block.
+dims, exact-GELU MLP, parallel residual ``x + Attn(LN1 x) + MLP(LN2 x)``. One
+``DecoderBlock``, ``Attention``, ``MLP`` and ``Linear`` serve both.
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mesh
 mapping lives in the config's rules, never here. Parameters are float32; compute runs in
@@ -386,7 +386,9 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm Llama block: x + Attn(norm(x)); x + MLP(norm(x)).
+  """One decoder layer of ``cfg.layer_style``: llama, pre-norm x + Attn(norm x), then
+  x + MLP(norm x); gpt_neox, the parallel residual x + Attn(LN1 x) + MLP(LN2 x). Parameters
+  ``attn_norm``, ``attn``, ``mlp_norm``, ``mlp`` in both (``make_norm``, ``MLP``).
 
   Called as ``block(x, layer_kv, (positions, segment_ids, kv_ctx))`` so that ``nn.scan``
   can scan over layers with the per-layer cache as the scanned input; returns
@@ -399,31 +401,13 @@ class DecoderBlock(nn.Module):
     positions, segment_ids, kv_ctx = ctx
     cfg = self.cfg
     attn_out, new_kv = Attention(cfg, name='attn')(
-        RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='attn_norm')(x), positions, segment_ids,
-        layer_kv, kv_ctx)
-    x = x + attn_out
-    x = x + MLP(cfg, name='mlp')(RMSNorm(cfg.norm_eps, cfg.compute_dtype, name='mlp_norm')(x))
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
-    return x, new_kv
-
-
-class GPTNeoXBlock(nn.Module):
-  """GPT-NeoX block with parallel residual: x + Attn(LN1 x) + MLP(LN2 x).
-
-  Same call and cache path as ``DecoderBlock``; parameters ``attn_norm``, ``attn``,
-  ``mlp_norm``, ``mlp`` as there (norms are LayerNorms, projections have biases).
-  """
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x, layer_kv, ctx):
-    positions, segment_ids, kv_ctx = ctx
-    cfg = self.cfg
-    attn_out, new_kv = Attention(cfg, name='attn')(
         make_norm(cfg, 'attn_norm')(x), positions, segment_ids, layer_kv, kv_ctx)
-    mlp_out = MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(x))
-    x = nn.with_logical_constraint(x + attn_out + mlp_out, ('batch', 'length', 'embed'))
-    return x, new_kv
+    mlp = lambda h: MLP(cfg, name='mlp')(make_norm(cfg, 'mlp_norm')(h))
+    if cfg.layer_style == 'gpt_neox':
+      x = x + attn_out + mlp(x)
+    else:
+      x = x + attn_out
+      x = x + mlp(x)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 
 
-BLOCKS = {'llama': DecoderBlock, 'gpt_neox': GPTNeoXBlock}  # by ModelConfig.layer_style

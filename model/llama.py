@@ -1,7 +1,7 @@
 """Llama-style decoder: the "vanilla" baseline every other family builds on.
 
 token embedding (tied or untied) -> L x block -> norm -> LM head, the block and norm of
-``cfg.layer_style`` (``layers.BLOCKS``, ``layers.make_norm``). Layers are a
+``cfg.layer_style`` (``layers.DecoderBlock``, ``layers.make_norm``). Layers are a
 Python loop of distinct modules (``layers_0`` ...) or, with ``scan_layers``, one
 ``nn.scan`` (parameters stacked under ``layers`` with a leading 'layers' axis; compile
 time flat in depth).
@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from model import kv_cache
-from model.layers import BLOCKS, Linear, ModelConfig, _init, make_norm, remat
+from model.layers import DecoderBlock, Linear, ModelConfig, _init, make_norm, remat
 
 
 class Embedder(nn.Module):
@@ -41,7 +41,7 @@ def run_layers(cfg: ModelConfig, x, ctx, layer_caches, num_layers, name='layers'
   (the parameters keep their stacked tree): XLA then reads each layer's buffer in place instead
   of copying its slice of the stacked scan input (the stacking and unstacking fold away).
   """
-  block = block or BLOCKS[cfg.layer_style]
+  block = block or DecoderBlock
   block = remat(block, cfg)
   if cfg.scan_layers:
     cached = layer_caches is not None

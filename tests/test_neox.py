@@ -16,7 +16,7 @@ from transformers.models.gpt_neox import modeling_gpt_neox
 
 from configs import block_paper, pythia
 from model import decode, hf_io
-from model.layers import GPTNeoXBlock, ModelConfig, decoder_block_params
+from model.layers import DecoderBlock, ModelConfig, decoder_block_params
 from model.llama import Llama
 from model.mor import MoRConfig
 from model.recursive import RecursiveConfig
@@ -78,7 +78,7 @@ class NeoXLayerTest(absltest.TestCase):
     b, t = 2, 7
     x = np.random.default_rng(1).normal(size=(b, t, 32)).astype(np.float32)
     positions = np.arange(t)[None] + np.array([[0], [5]])  # the second row continues a prefix
-    ours, kv = GPTNeoXBlock(cfg).apply({'params': params}, jnp.asarray(x), None,
+    ours, kv = DecoderBlock(cfg).apply({'params': params}, jnp.asarray(x), None,
                                        (jnp.asarray(positions), None, None))
     self.assertIsNone(kv)
     pos_t = torch.as_tensor(positions)
