@@ -259,42 +259,63 @@ def report(results) -> str:
 
 
 def plot(results, curves, path, final_path):
-  """Success against sampled responses (mean ± std over seeds) per variant, and final
-  success against gamma."""
+  """Success against sampled responses (mean ± std over seeds) per variant; final success
+  and samples to success 0.5 against gamma."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   batch = results['batch']
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   colors = plt.cm.viridis(np.linspace(0, 0.95, len(curves) - 1))
-  for i, (name, curve) in enumerate(curves.items()):
-    x = np.arange(1, curve.shape[1] + 1) * batch
-    mean, std = curve.mean(0), curve.std(0)
-    style = dict(color='k', ls='--') if name == 'outcome' else dict(color=colors[i - 1])
-    label = 'outcome only' if name == 'outcome' else f"γ = {results['variants'][name]['gamma']:g}"
-    ax.plot(x, mean, label=label, **style)
-    ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=style['color'])
-  ax.set(xscale='log', xlabel='sampled responses (log)', ylabel='exact success probability',
-         ylim=(-0.02, 1.02), title=f"planted y*: outcome RL vs effective reward "
-         f"Q + {results['alpha']:g}·A^μγ (mean ± std, {len(results['seeds'])} seeds)")
-  ax.title.set_fontsize(9)
-  ax.legend(fontsize=8)
+  for ax, yscale in zip(axes, ('linear', 'log')):
+    for i, (name, curve) in enumerate(curves.items()):
+      x = np.arange(1, curve.shape[1] + 1) * batch
+      mean, std = curve.mean(0), curve.std(0)
+      style = dict(color='k', ls='--') if name == 'outcome' else dict(color=colors[i - 1])
+      label = ('outcome only' if name == 'outcome'
+               else f"γ = {results['variants'][name]['gamma']:g}")
+      ax.plot(x, mean, label=label, **style)
+      ax.fill_between(x, np.maximum(mean - std, 1e-6), mean + std, alpha=0.2,
+                      color=style['color'])
+    ax.set(xscale='log', yscale=yscale, xlabel='sampled responses',
+           ylabel='exact success probability',
+           ylim=(-0.02, 1.02) if yscale == 'linear' else (1e-6, 1.5))
+    ax.legend(fontsize=8)
+  fig.suptitle(f"planted y*: outcome-only REINFORCE vs effective reward Q^π + "
+               f"{results['alpha']:g}·A^μ_γ ({results['optimizer']}; mean ± std over "
+               f"{len(results['seeds'])} seeds)", fontsize=10)
   fig.tight_layout()
   with path.open('wb') as f:
     fig.savefig(f, dpi=110)
   plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  provers = {n: v for n, v in results['variants'].items() if v['gamma'] is not None}
-  gammas = [v['gamma'] for v in provers.values()]
-  ax.errorbar(gammas, [v['final']['mean'] for v in provers.values()],
-              yerr=[v['final']['std'] for v in provers.values()], marker='o', capsize=3,
-              label='effective reward')
-  ax.axhline(results['variants']['outcome']['final']['mean'], color='k', ls='--',
-             label='outcome only')
-  ax.set(xscale='log', xlabel='prover γ', ylabel='final success probability',
-         ylim=(-0.02, 1.02), title=f"after {results['budget_samples']:,} sampled responses")
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  provers = [v for v in results['variants'].values() if v['gamma'] is not None]
+  gammas = [v['gamma'] for v in provers]
+  outcome = results['variants']['outcome']
+  axes[0].errorbar(gammas, [v['final']['mean'] for v in provers],
+                   yerr=[v['final']['std'] for v in provers], marker='o', capsize=3,
+                   label='effective reward')
+  axes[0].axhline(outcome['final']['mean'], color='k', ls='--', label='outcome only')
+  axes[0].set(ylim=(-0.02, 1.02), ylabel='final success probability',
+              title=f"after {results['budget_samples']:,} sampled responses")
+  key = '0.5' if '0.5' in results['thresholds'] else 'outcome_final'
+  reached = lambda v: [np.nan if n is None else n for n in v['samples_to'][key]['per_seed']]
+  for i in range(len(results['seeds'])):
+    axes[1].plot(gammas, [reached(v)[i] for v in provers], 'o', color='C0', alpha=0.4,
+                 label='seeds' if i == 0 else None)
+  axes[1].plot(gammas, [np.nanmean(reached(v)) for v in provers], '-', color='C0',
+               label='mean over seeds')
+  for n in reached(outcome):
+    if not np.isnan(n):
+      axes[1].axhline(n, color='k', ls='--', lw=0.8)
+  axes[1].axhline(results['budget_samples'], color='r', ls=':', lw=0.8, label='budget')
+  axes[1].plot([], [], 'k--', lw=0.8, label='outcome only (per seed that got there)')
+  axes[1].set(yscale='log', ylabel=f'sampled responses to success {key}',
+              title='sample cost against the prover')
+  for ax in axes:
+    ax.set(xscale='log', xlabel='prover γ')
+    ax.legend(fontsize=7)
   fig.tight_layout()
   with final_path.open('wb') as f:
     fig.savefig(f, dpi=110)
