@@ -304,8 +304,8 @@ def plot(results, curves, path, final_path):
   for i in range(len(results['seeds'])):
     axes[1].plot(gammas, [reached(v)[i] for v in provers], 'o', color='C0', alpha=0.4,
                  label='seeds' if i == 0 else None)
-  axes[1].plot(gammas, [np.nanmean(reached(v)) for v in provers], '-', color='C0',
-               label='mean over seeds')
+  means = [np.mean([n for n in reached(v) if not np.isnan(n)] or [np.nan]) for v in provers]
+  axes[1].plot(gammas, means, '-', color='C0', label='mean over the seeds that got there')
   for n in reached(outcome):
     if not np.isnan(n):
       axes[1].axhline(n, color='k', ls='--', lw=0.8)
