@@ -38,6 +38,7 @@ OPTIMIZERS = {'adam': optax.adam, 'sgd': optax.sgd}
 
 
 def task_from_config(config) -> planted.PlantedTask:
+  """The task named by ``config``'s vocab_size, length, target_len and task_seed."""
   return planted.make_task(config.vocab_size, config.length, config.target_len,
                            config.task_seed)
 
