@@ -164,11 +164,13 @@ class CachedGenerationTest(parameterized.TestCase):
     stop = 7
     outputs, stats = engine.BlockEngine(model, params, num_slots=2, max_len=24,
                                         stop_tokens=(stop,)).run(requests)
-    for request, output in zip(requests, outputs):
-      alone = decode.generate(model, params, np.array([request.prompt]), request.max_new_tokens,
-                              decode.SamplingConfig(greedy=True), jax.random.PRNGKey(0),
-                              stop_tokens=(stop,), max_len=24)
-      self.assertEqual(output, np.asarray(alone.tokens[0, :int(alone.lengths[0])]).tolist())
+    # Each request alone: one row of a generate batch (rows are independent), cut at its budget.
+    alone = decode.generate(model, params, prompts, max(budgets),
+                            decode.SamplingConfig(greedy=True), jax.random.PRNGKey(0),
+                            stop_tokens=(stop,), prompt_lengths=lengths, max_len=24)
+    for row, (budget, output) in enumerate(zip(budgets, outputs)):
+      expected = np.asarray(alone.tokens[row, :min(budget, int(alone.lengths[row]))]).tolist()
+      self.assertEqual(output, expected)
     self.assertEqual(stats['tokens'], sum(len(o) for o in outputs))
 
 

@@ -95,7 +95,7 @@ class ConfigTest(parameterized.TestCase):
     _, non_emb = count_params(params['params'])
     self.assertAlmostEqual(non_emb / 1e6, 118.0, delta=0.5)  # paper: 118M
 
-  @parameterized.parameters(dict(), dict(kv_sharing=True), mor_tiny.token_choice())
+  @parameterized.parameters(dict(), dict(kv_sharing=True))  # token choice: same _Block path
   def test_scanned_shared_layers_equal_the_loop(self, **kw):
     """scan_layers: the same function of the same parameters (stacked under ``shared``) in
     training (top-k routing: outputs, losses, gradients) and in cached decoding."""
