@@ -15,7 +15,8 @@ import transformers
 from transformers.models.gpt_neox import modeling_gpt_neox
 
 from configs import block_paper, pythia
-from model import decode, hf_io
+from model import block_conversion, decode, hf_io
+from model.block_transformer import BlockTransformer
 from model.layers import DecoderBlock, ModelConfig, decoder_block_params
 from model.llama import Llama
 from model.mor import MoRConfig
@@ -154,6 +155,15 @@ class NeoXHfIoTest(absltest.TestCase):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     reloaded = transformers.GPTNeoXForCausalLM.from_pretrained(out, attn_implementation='eager')
     assert_close(_hf_logits(reloaded.eval(), TOKENS), expected, FORWARD_RTOL)
+    # Uptraining a Block Transformer from the Pythia-style checkpoint: its layers as they are.
+    block_cfg = block_conversion.block_config(cfg, block_len=4, block_layers=1, token_layers=1)
+    block_params = block_conversion.convert_params(params, cfg, block_cfg)
+    for name, source in (('block_layers', 0), ('token_layers', 1)):
+      jax.tree.map(lambda got, src, i=source: np.testing.assert_array_equal(got[0], src[i]),
+                   block_params[name], params['layers'])
+    logits, _ = BlockTransformer(block_cfg).apply({'params': block_params},
+                                                  jnp.asarray(TOKENS[:, :8]))
+    self.assertTrue(np.all(np.isfinite(logits)))
 
   def test_tied_checkpoint_imports(self):
     hf_model = _randomise(transformers.GPTNeoXForCausalLM(
