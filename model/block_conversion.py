@@ -127,7 +127,8 @@ def convert_params(vanilla_params, vanilla_cfg: ModelConfig, cfg: BlockConfig, r
       out[f'{prefix}_{i}'] = params[f'layers_{s}']
   if cfg.token_decoder == 'prefix':
     eye = np.eye(cfg.embed_dim, dtype=np.float32)
-    out['prefix_proj'] = {'kernel': np.repeat(eye[:, None, :], cfg.expansion_ratio, axis=1)}
+    out['prefix_proj'] = dict(fresh['prefix_proj'],  # a bias (gpt_neox) stays zero
+                              kernel=np.repeat(eye[:, None, :], cfg.expansion_ratio, axis=1))
   else:
     out['start_token'] = np.zeros_like(fresh['start_token'])
   _check_tree(out, fresh)

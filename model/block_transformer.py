@@ -15,7 +15,8 @@ Three parts (§2):
 * Token decoder (§2.3): its own DecoderBlocks of width ``token_embed_dim``, its own token
   embedding and LM head (tied when ``tie_embeddings``), run on every block independently
   (reshaped to [B * blocks, length, width]; local positions 0, 1, ... restart per block).
-  ``'prefix'``: the context is projected to ``expansion_ratio`` (r) prefix vectors; the input
+  ``'prefix'``: the context is projected (with a bias for gpt_neox layers, as the authors'
+  1x1-convolution expansion layer) to ``expansion_ratio`` (r) prefix vectors; the input
   is ``[prefix_0 .. prefix_{r-1}, emb(t_0) .. emb(t_{L_B-2})]`` and the outputs from position
   r - 1 on predict ``t_0 .. t_{L_B-1}``. ``'summation'`` (MEGABYTE-style): the context
   (projected when the widths differ) is added to every input of
@@ -247,7 +248,7 @@ class BlockTransformer(nn.Module):
       if not head:
         return y
       prefix = Linear((cfg.expansion_ratio, w), ('embed', 'prefix', 'token_embed'), cfg,
-                      name='prefix_proj')(context)
+                      bias=cfg.biases, name='prefix_proj')(context)
       return jnp.concatenate([prefix.astype(y.dtype), y], axis=-2)
     if head:
       start = self.param('start_token', _init(cfg, ('embed',)), (w,), jnp.float32)

@@ -208,7 +208,7 @@ class PaperConfigTest(absltest.TestCase):
     fake devices. Pythia-70M's counts are Pythia's published ones (Biderman et al. 2023);
     b4_5's are the dry run's (configs/block_paper.py)."""
     for config, counts in [(pythia.get_config('70m'), (70426624, 18915328)),
-                           (block_paper.get_config('b4_5'), (43301632, 17545984))]:
+                           (block_paper.get_config('b4_5'), (43302144, 17546496))]:
       config.data.update(seq_len=256, batch_size=8)
       config.train.grad_accum = 1
       config.dry_run = True
