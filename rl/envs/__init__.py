@@ -4,8 +4,9 @@ from ml_collections import config_dict
 from model.config_errors import ConfigError
 from rl.envs import base
 from rl.envs import clarify
+from rl.envs import collab
 
-ENVS = {'clarify': clarify.ClarifyEnv}
+ENVS = {'clarify': clarify.ClarifyEnv, 'collab': collab.CollabEnv}
 
 
 def make_env(env_config: config_dict.ConfigDict) -> base.Env:

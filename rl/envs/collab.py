@@ -1,0 +1,280 @@
+"""Tool use and selective prediction by collaborative self-play: the environment of a
+miniature of arXiv:2503.14481 (PAPERS.md §6).
+
+World (deterministic from ``config.seed``): two disjoint synthetic fact corpora, ``people``
+(invented person names with a ``job`` and a ``pet``) and ``places`` (invented place names
+with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``kavo job
+baker``. A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
+pretraining text (``memorised_facts``): those questions are answerable from memory, the rest
+need retrieval. Questions ask one relation: ``what is the job of kavo ?``. The ``train`` and
+``test`` splits ask the relations ``train_relations`` (job, river); ``ood`` asks the others
+(pet, dish), whose facts the policy memorised in the same proportion but was never asked.
+
+Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
+turn ``result kavo job baker`` (or ``result none`` for an unknown key or the wrong corpus).
+
+Modes (``config.mode``):
+  ``single``   roles user, assistant, tool. The assistant may ``search people|places
+               SUBJECT RELATION`` (a tool turn follows) and ends with ``answer WORDS``,
+               ``hedge WORDS`` (an answer marked uncertain) or ``hedge`` (I don't know).
+  ``society``  roles user, asker, people, places, tool: the asker has no tool; it may
+               ``delegate people|places SUBJECT RELATION`` to the helper of that corpus, who
+               may ``search SUBJECT RELATION`` over its own corpus and replies ``answer ...``
+               / ``hedge ...``; the reply goes back to the asker, who ends the episode with
+               ``answer``, ``hedge WORDS`` or ``hedge``. Every role is the same policy with its
+               own system turn (``view``).
+
+Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
+against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
+
+  answer   F1 - c * searches
+  hedge    (1 - h) * F1 + h * (1 - F1) - c * searches,    h = hedge_credit (0.3 by default)
+
+so hedging earns h exactly when the answer would be wrong and costs h when it would be
+right: with answer-correctness probability p, answering is better iff p > 1/2 (calibrated
+selective prediction). An action that does not parse, a tool call beyond ``max_calls``
+(searches and delegations), a role speaking out of turn or a turn cut at the token limit is
+invalid: reward ``-c * searches`` (F1 0, no hedge credit). ``oracle_turn`` is the action
+supervision of the baseline: search exactly when the fact is not memorised.
+"""
+import dataclasses
+from typing import Optional
+
+from ml_collections import config_dict
+import numpy as np
+
+from rl.envs import base
+
+CORPORA = {'people': ('job', 'pet'), 'places': ('river', 'dish')}
+VALUES = {
+    'job': ('baker', 'pilot', 'nurse', 'judge', 'farmer', 'singer', 'doctor', 'writer'),
+    'pet': ('cat', 'dog', 'owl', 'fox', 'hare', 'goat', 'frog', 'crow'),
+    'river': ('amber', 'silver', 'stone', 'willow', 'cedar', 'ember', 'misty', 'copper'),
+    'dish': ('soup', 'stew', 'bread', 'rice', 'pie', 'curry', 'salad', 'noodles'),
+}
+_SYLLABLES = ('ka', 'vo', 'li', 'ru', 'me', 'no', 'ta', 'si', 'be', 'do', 'fa', 'gu', 'ho',
+              'ji', 'pe', 'zu')
+SEARCH, DELEGATE, ANSWER, HEDGE = 'search', 'delegate', 'answer', 'hedge'
+
+
+def default_config() -> config_dict.ConfigDict:
+  """Env config (``make_env`` dispatches on ``name``)."""
+  return config_dict.ConfigDict(dict(
+      name='collab',
+      seed=0,
+      mode='society',  # or 'single'
+      subjects_per_corpus=40,
+      memorised_fraction=0.5,
+      search_cost=0.1,
+      hedge_credit=0.3,
+      max_calls=2,
+      train_relations=('job', 'river'),
+      test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
+  ))
+
+
+@dataclasses.dataclass
+class CollabEpisode(base.Episode):
+  """Hidden state: the question's corpus, subject, relation and value; call counts."""
+  corpus: str = ''
+  subject: str = ''
+  relation: str = ''
+  value: str = ''
+  memorised: bool = False
+  searches: int = 0
+  calls: int = 0
+  helper: Optional[str] = None  # the helper working on a delegation (society)
+  first_action: Optional[str] = None
+
+
+def f1(prediction: str, target: str) -> float:
+  """Word-level F1 of two texts (bags of words)."""
+  pred, gold = prediction.split(), target.split()
+  common = sum(min(pred.count(w), gold.count(w)) for w in set(gold))
+  if not common:
+    return 0.0
+  precision, recall = common / len(pred), common / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def parse(text: str, role: str, mode: str) -> Optional[tuple]:
+  """(action, arguments) of a model turn, or None when it does not parse for that role.
+
+  single assistant: search CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
+  society asker: delegate CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
+  society helper (role = its corpus): search SUBJECT RELATION | answer WORDS | hedge [WORDS].
+  """
+  words = text.split()
+  if not words:
+    return None
+  action, rest = words[0], words[1:]
+  if action == ANSWER:
+    return (ANSWER, ' '.join(rest)) if rest else None
+  if action == HEDGE:
+    return (HEDGE, ' '.join(rest))
+  tool = SEARCH if role in ('assistant',) + tuple(CORPORA) else DELEGATE
+  if action != tool:
+    return None
+  if role in CORPORA:  # a helper searches its own corpus
+    rest = [role] + rest
+  if len(rest) != 3 or rest[0] not in CORPORA:
+    return None
+  return (action, tuple(rest))
+
+
+class CollabEnv(base.Env):
+  """Questions answered from memory, by retrieval or by delegation (module docstring)."""
+
+  def __init__(self, config: Optional[config_dict.ConfigDict] = None):
+    config = default_config() if config is None else config
+    if config.mode not in ('single', 'society'):
+      raise ValueError(f"mode must be 'single' or 'society', got {config.mode!r}.")
+    if not 1 <= config.subjects_per_corpus <= len(_SYLLABLES) ** 2 // 2:
+      raise ValueError(f'subjects_per_corpus must be in [1, {len(_SYLLABLES) ** 2 // 2}], got '
+                       f'{config.subjects_per_corpus}.')
+    for field in ('memorised_fraction', 'hedge_credit', 'test_fraction'):
+      if not 0 <= config[field] <= 1:
+        raise ValueError(f'{field} must be in [0, 1], got {config[field]}.')
+    if config.search_cost < 0:
+      raise ValueError(f'search_cost must be >= 0, got {config.search_cost}.')
+    if config.max_calls < 1:
+      raise ValueError(f'max_calls must be >= 1, got {config.max_calls}.')
+    relations = [r for rels in CORPORA.values() for r in rels]
+    unknown = sorted(set(config.train_relations) - set(relations))
+    if unknown or not config.train_relations:
+      raise ValueError(f'train_relations must be some of {relations}, got '
+                       f'{tuple(config.train_relations)}.')
+    self.config, self.mode = config, config.mode
+    self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
+                  ('system', 'user', 'asker') + tuple(CORPORA) + ('tool',))
+    rng = np.random.default_rng(config.seed)
+    names = [a + b for a in _SYLLABLES for b in _SYLLABLES if a != b]
+    names = [names[i] for i in rng.permutation(len(names))]
+    n = config.subjects_per_corpus
+    self.subjects = {'people': names[:n], 'places': names[n:2 * n]}  # disjoint
+    self.facts = {}  # (corpus, subject, relation) -> value
+    for corpus, rels in CORPORA.items():
+      for subject in self.subjects[corpus]:
+        for relation in rels:
+          self.facts[(corpus, subject, relation)] = str(rng.choice(VALUES[relation]))
+    keys = sorted(self.facts)
+    chosen = rng.permutation(len(keys))[:round(config.memorised_fraction * len(keys))]
+    self.memorised = {keys[i] for i in chosen}
+    questions = [k for k in keys if k[2] in config.train_relations]
+    order = rng.permutation(len(questions))
+    n_test = round(config.test_fraction * len(questions))
+    self.splits = {'test': [questions[i] for i in order[:n_test]],
+                   'train': [questions[i] for i in order[n_test:]],
+                   'ood': [k for k in keys if k[2] not in config.train_relations]}
+
+  @property
+  def first_role(self) -> str:
+    return 'assistant' if self.mode == 'single' else 'asker'
+
+  def memorised_facts(self) -> list:
+    """The pretraining texts: one ``subject relation value`` line per memorised fact."""
+    return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
+
+  def search(self, corpus: str, subject: str, relation: str) -> str:
+    """The tool: exact-match retrieval over one corpus."""
+    value = self.facts.get((corpus, subject, relation))
+    return f'result {subject} {relation} {value}' if value else 'result none'
+
+  def reset(self, rng: np.random.Generator, split: str = 'train', **overrides) -> CollabEpisode:
+    if split not in self.splits:
+      raise ValueError(f'split={split!r}; expected one of {sorted(self.splits)}.')
+    key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
+    corpus, subject, relation = key
+    question = f'what is the {relation} of {subject} ?'
+    return CollabEpisode(turns=[base.Turn('user', question)], next_role=self.first_role,
+                         corpus=corpus, subject=subject, relation=relation,
+                         value=self.facts[key], memorised=key in self.memorised)
+
+  def view(self, episode: CollabEpisode, role: str) -> list:
+    """The role's own system turn, then the shared conversation."""
+    if role in CORPORA:
+      prompt = f'you are the {role} helper . you can search {role} facts .'
+    elif self.mode == 'single':
+      prompt = 'you are the assistant . you can search people or places facts .'
+    else:
+      prompt = 'you are the asker . you can delegate to people or places .'
+    return [base.Turn('system', prompt)] + list(episode.turns)
+
+  def scripted(self, episode: CollabEpisode, role: str) -> str:
+    """The tool's turn: the result of the last search."""
+    if role != 'tool':
+      raise NotImplementedError(f'CollabEnv has no scripted {role!r}.')
+    words = episode.turns[-1].text.split()
+    corpus = words[1] if episode.turns[-1].role == 'assistant' else episode.turns[-1].role
+    subject, relation = words[-2:]
+    return self.search(corpus, subject, relation)
+
+  def step(self, episode: CollabEpisode) -> None:
+    turn = episode.turns[-1]
+    if turn.role == 'tool':  # back to whoever searched
+      episode.next_role = episode.helper or self.first_role
+      return
+    parsed = parse(turn.text, turn.role, self.mode) if turn.ended else None
+    if turn.role == self.first_role and episode.first_action is None:
+      episode.first_action = parsed[0] if parsed else 'invalid'
+    if parsed is None:
+      return self._end(episode, None)
+    action, argument = parsed
+    if action in (SEARCH, DELEGATE):
+      episode.calls += 1
+      if episode.calls > self.config.max_calls:
+        return self._end(episode, None)
+      if action == SEARCH:
+        episode.searches += 1
+        episode.next_role = 'tool'
+      else:
+        episode.helper = episode.next_role = argument[0]
+      return
+    if turn.role in CORPORA:  # a helper's reply goes back to the asker
+      episode.helper, episode.next_role = None, 'asker'
+      return
+    self._end(episode, parsed)
+
+  def _end(self, episode: CollabEpisode, parsed: Optional[tuple]) -> None:
+    """Ends the episode with the group reward (module docstring); None: invalid."""
+    cost = self.config.search_cost * episode.searches
+    h = self.config.hedge_credit
+    if parsed is None:
+      reward, correct, hedged = -cost, 0.0, False
+    else:
+      action, answer = parsed
+      correct = f1(answer, episode.value)
+      hedged = action == HEDGE
+      reward = ((1 - h) * correct + h * (1 - correct) if hedged else correct) - cost
+    episode.done, episode.reward, episode.next_role = True, reward, None
+    episode.info = {'f1': correct, 'hedged': hedged, 'searches': episode.searches,
+                    'memorised': episode.memorised, 'invalid': parsed is None,
+                    'first_action': episode.first_action}
+
+  def oracle_turn(self, episode: CollabEpisode, role: str) -> str:
+    """The action-supervised baseline's turn: retrieve exactly when the fact is not
+    memorised, then answer with the value (a helper always searches)."""
+    if episode.turns[-1].role == 'tool' or (role == 'asker' and episode.turns[-1].role in CORPORA):
+      return f'{ANSWER} {episode.value}'
+    if role in CORPORA:
+      return f'{SEARCH} {episode.subject} {episode.relation}'
+    if episode.memorised:
+      return f'{ANSWER} {episode.value}'
+    tool = SEARCH if role == 'assistant' else DELEGATE
+    return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
+
+  def summary(self, episodes: list) -> dict:
+    """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate."""
+    def rate(eps, key):
+      return float(np.mean([e.info[key] > 0 for e in eps])) if eps else float('nan')
+    seen = [e for e in episodes if e.info['memorised']]
+    unseen = [e for e in episodes if not e.info['memorised']]
+    return {'f1': float(np.mean([e.info['f1'] for e in episodes])),
+            'searches': float(np.mean([e.info['searches'] for e in episodes])),
+            'search_rate_memorised': rate(seen, 'searches'),
+            'search_rate_unmemorised': rate(unseen, 'searches'),
+            'hedge_rate': rate(episodes, 'hedged'),
+            'invalid_rate': rate(episodes, 'invalid')}
+
+  def eval_settings(self) -> dict:
+    return {name: [{'split': name}] for name in ('train', 'test', 'ood')}

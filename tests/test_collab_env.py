@@ -1,0 +1,124 @@
+"""The collaborative tool-use environment (rl/envs/collab.py): the world, the tool, the
+group reward and hedging credit, the oracle's episodes in both modes, invalid turns."""
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from model.config_errors import ConfigError
+from rl.envs import base, collab, make_env
+
+
+def _env(**overrides):
+  config = collab.default_config()
+  config.update(overrides)
+  return collab.CollabEnv(config)
+
+
+def _question(env, memorised, split='train'):
+  return next(k for k in env.splits[split] if (k in env.memorised) == memorised)
+
+
+def _play(env, episode, turns):
+  """Plays model turns in order (the tool is scripted); returns the finished episode."""
+  turns = list(turns)
+  while not episode.done:
+    role = episode.next_role
+    text = env.scripted(episode, role) if role == 'tool' else turns.pop(0)
+    episode.turns.append(base.Turn(role, text))
+    env.step(episode)
+  assert not turns, turns
+  return episode
+
+
+def _oracle(env, episode):
+  while not episode.done:
+    role = episode.next_role
+    text = (env.scripted(episode, role) if role == 'tool' else
+            env.oracle_turn(episode, role))
+    episode.turns.append(base.Turn(role, text))
+    env.step(episode)
+  return episode
+
+
+class WorldTest(absltest.TestCase):
+
+  def test_corpora_splits_and_memory(self):
+    env = _env()
+    self.assertFalse(set(env.subjects['people']) & set(env.subjects['places']))
+    self.assertLen(env.facts, 2 * 40 * 2)
+    self.assertLen(env.memorised, 80)
+    self.assertLen(env.memorised_facts(), 80)
+    train, test, ood = (set(env.splits[s]) for s in ('train', 'test', 'ood'))
+    self.assertFalse(train & test)
+    self.assertEqual({k[2] for k in train | test}, {'job', 'river'})
+    self.assertEqual({k[2] for k in ood}, {'pet', 'dish'})
+    self.assertEqual(_env().facts, env.facts)  # deterministic from the seed
+    corpus, subject, relation = next(iter(env.facts))
+    self.assertEqual(env.search(corpus, subject, relation),
+                     f'result {subject} {relation} {env.facts[(corpus, subject, relation)]}')
+    other = 'places' if corpus == 'people' else 'people'
+    self.assertEqual(env.search(other, subject, relation), 'result none')
+
+  def test_f1(self):
+    self.assertEqual(collab.f1('baker', 'baker'), 1.0)
+    self.assertEqual(collab.f1('', 'baker'), 0.0)
+    self.assertAlmostEqual(collab.f1('the baker', 'baker'), 2 / 3)
+
+  def test_bad_configs(self):
+    for field, value in [('mode', 'team'), ('memorised_fraction', 1.5), ('max_calls', 0),
+                         ('train_relations', ('age',)), ('search_cost', -0.1)]:
+      with self.assertRaisesRegex(ConfigError, field):
+        config = collab.default_config()
+        config[field] = value
+        make_env(config)
+
+
+class EpisodeTest(parameterized.TestCase):
+
+  @parameterized.parameters('single', 'society')
+  def test_oracle_searches_exactly_when_not_memorised(self, mode):
+    env = _env(mode=mode)
+    rng = np.random.default_rng(0)
+    for memorised in (True, False):
+      episode = _oracle(env, env.reset(rng, question=_question(env, memorised)))
+      self.assertEqual(episode.info['searches'], 0 if memorised else 1)
+      self.assertAlmostEqual(episode.reward, 1.0 if memorised else 0.9)
+      self.assertEqual(episode.info['f1'], 1.0)
+    summary = env.summary([_oracle(env, env.reset(rng)) for _ in range(40)])
+    self.assertEqual(summary['search_rate_memorised'], 0.0)
+    self.assertEqual(summary['search_rate_unmemorised'], 1.0)
+
+  def test_society_turn_order(self):
+    env = _env(mode='society')
+    key = _question(env, False)
+    corpus, subject, relation = key
+    episode = _play(env, env.reset(np.random.default_rng(0), question=key), [
+        f'delegate {corpus} {subject} {relation}', f'search {subject} {relation}',
+        'hedge ' + env.facts[key], 'answer ' + env.facts[key]])
+    self.assertEqual([t.role for t in episode.turns],
+                     ['user', 'asker', corpus, 'tool', corpus, 'asker'])
+    self.assertAlmostEqual(episode.reward, 0.9)
+
+  def test_hedging_and_invalid_rewards(self):
+    env = _env(mode='single')
+    key = _question(env, True)
+    value = env.facts[key]
+    rng = np.random.default_rng(0)
+    play = lambda *turns: _play(env, env.reset(rng, question=key), turns)
+    self.assertAlmostEqual(play('hedge ' + value).reward, 0.7)  # right: costs h
+    self.assertAlmostEqual(play('hedge wrongword').reward, 0.3)  # wrong: earns h
+    self.assertAlmostEqual(play('hedge').reward, 0.3)  # I don't know
+    self.assertAlmostEqual(play('answer wrongword').reward, 0.0)
+    corpus, subject, relation = key
+    search = f'search {corpus} {subject} {relation}'
+    self.assertAlmostEqual(play(search, 'answer ' + value).reward, 0.9)
+    invalid = play(search, search, search)  # a third tool call (max_calls=2)
+    self.assertTrue(invalid.info['invalid'])
+    self.assertAlmostEqual(invalid.reward, -0.2)
+    for text in ('', 'delegate people x job', 'answer', 'search people x'):
+      episode = play(text)
+      self.assertTrue(episode.info['invalid'], text)
+      self.assertEqual(episode.reward, 0.0)
+
+
+if __name__ == '__main__':
+  absltest.main()
