@@ -1,7 +1,8 @@
 """Policy-gradient pieces shared by the RL loops (ReST, REINFORCE/RLOO, GRPO-style, PPO).
 
 Pure float32 functions on [B, T] arrays (mask them with ``loss_mask``), then
-``reinforce_loss``: a trainer loss function (``training.losses`` describes the contract).
+``reinforce_loss`` and ``ppo_loss`` (with ``gae`` for its advantages): trainer loss functions
+(``training.losses`` describes the contract).
 ReST's improve step is plain NLL on the policy's tokens: ``training.losses.lm_loss()``
 (re-exported here as ``nll_loss``), whose cross-entropy is already masked by ``loss_mask``.
 
@@ -116,12 +117,11 @@ def sequence_advantages_to_tokens(advantages, loss_mask):
   return advantages.astype(jnp.float32)[:, None] * loss_mask.astype(jnp.float32)
 
 
-def _require(batch, name, shape):
+def _require(batch, name, shape, caller='reinforce_loss'):
   if name not in batch:
-    raise ValueError(f'reinforce_loss: the batch has no {name!r} field (fields: '
-                     f'{sorted(batch)}).')
+    raise ValueError(f'{caller}: the batch has no {name!r} field (fields: {sorted(batch)}).')
   if tuple(batch[name].shape) != tuple(shape):
-    raise ValueError(f'reinforce_loss: batch[{name!r}] has shape {tuple(batch[name].shape)}; '
+    raise ValueError(f'{caller}: batch[{name!r}] has shape {tuple(batch[name].shape)}; '
                      f'expected {tuple(shape)}.')
   return batch[name].astype(jnp.float32)
 
@@ -196,22 +196,115 @@ def reinforce_loss(kl_coeff=0.0, kl_estimator='k3', entropy_coeff=0.0,
 
     metrics['pg_loss'] = token_sum(-w * advantages * logp)
     loss += metrics['pg_loss']
-    if kl_coeff:
-      if not ctx.args or 'reference' not in ctx.args:
-        raise ValueError("reinforce_loss(kl_coeff > 0) needs the step argument "
-                         "args={'reference': params}.")
-      ref = ctx.args['reference']
-      ref_vars = ref if 'params' in ref else {'params': ref}
-      ref_model = reference_model or (
-          model.base if isinstance(model, value_lib.WithValueHead) else model)
-      ref_logits, _, _ = train_losses.apply_model(ref_model, ref_vars, batch, ctx)
-      ref_logp = token_logprobs(jax.lax.stop_gradient(ref_logits), batch['targets'])
-      metrics['kl'] = token_sum(w * kl_estimate(logp, ref_logp, kl_estimator))
-      loss += kl_coeff * metrics['kl']
-    metrics['entropy'] = token_sum(entropy(logits))
-    loss -= entropy_coeff * metrics['entropy']
-    aux_losses = aux.get('losses', {})
-    metrics.update({f'aux/{k}': v / ctx.accum for k, v in aux_losses.items()})
-    loss += sum(aux_losses.values(), 0.0) / ctx.accum
+    loss += _regularisers(model, batch, ctx, logits, logp, w, aux, metrics, token_sum,
+                          kl_coeff, kl_estimator, entropy_coeff, reference_model, 'reinforce_loss')
+    return loss, metrics, model_state
+  return loss_fn
+
+
+def _regularisers(model, batch, ctx, logits, logp, w, aux, metrics, token_sum, kl_coeff,
+                  kl_estimator, entropy_coeff, reference_model, caller):
+  """The terms every policy-gradient loss adds: ``kl_coeff`` x the KL estimate to the frozen
+  reference (step argument ``ctx.args['reference']``, weighted by ``w``), minus
+  ``entropy_coeff`` x the entropy, plus the model's own auxiliary losses; fills ``metrics``."""
+  loss = 0.0
+  if kl_coeff:
+    if not ctx.args or 'reference' not in ctx.args:
+      raise ValueError(f"{caller}(kl_coeff > 0) needs the step argument "
+                       "args={'reference': params}.")
+    ref = ctx.args['reference']
+    ref_vars = ref if 'params' in ref else {'params': ref}
+    ref_model = reference_model or (
+        model.base if isinstance(model, value_lib.WithValueHead) else model)
+    ref_logits, _, _ = train_losses.apply_model(ref_model, ref_vars, batch, ctx)
+    ref_logp = token_logprobs(jax.lax.stop_gradient(ref_logits), batch['targets'])
+    metrics['kl'] = token_sum(w * kl_estimate(logp, ref_logp, kl_estimator))
+    loss += kl_coeff * metrics['kl']
+  metrics['entropy'] = token_sum(entropy(logits))
+  loss -= entropy_coeff * metrics['entropy']
+  aux_losses = aux.get('losses', {})
+  metrics.update({f'aux/{k}': v / ctx.accum for k, v in aux_losses.items()})
+  return loss + sum(aux_losses.values(), 0.0) / ctx.accum
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+  """Generalised advantage estimation (Schulman et al. 2016, Eq. 16) along each row's policy
+  tokens: ``delta_t = r_t + gamma V_next - V_t``, ``A_t = delta_t + gamma lam A_next``, where
+  "next" is the row's next policy token (``mask``): tokens outside the mask (another role's
+  turn between two of the policy's) are skipped, and the value after a row's last policy
+  token is 0 (the episode ends). Inputs [B, T]; returns (advantages, returns = A + V), both
+  0 outside the mask."""
+  if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
+    raise ValueError(f'gamma={gamma} and lam={lam} must be in [0, 1].')
+  rewards, values = (jnp.asarray(x, jnp.float32) for x in (rewards, values))
+  mask = jnp.asarray(mask).astype(bool)
+
+  def step(carry, x):
+    next_value, next_adv = carry
+    r, v, m = x
+    adv = r + gamma * next_value - v + gamma * lam * next_adv
+    return (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv)), jnp.where(m, adv, 0.0)
+
+  zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+  _, adv = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+  adv = adv.T
+  return adv, jnp.where(mask, adv + values, 0.0)
+
+
+def ppo_terms(logp, behaviour_logprobs, advantages, values, returns, clip_eps,
+              old_values=None, value_clip=None):
+  """Per-token PPO terms (Schulman et al. 2017, Eqs. 7 and 9): ``pg`` = -min(rho A,
+  clip(rho, 1 +- clip_eps) A) with rho = pi / pi_old; ``value`` = 1/2 (V - R)^2, or with
+  ``value_clip`` the larger of that and 1/2 (V_old + clip(V - V_old, +-value_clip) - R)^2;
+  ``clipped`` (1 where the clipped policy term is active) and ``ratio``."""
+  ratio = importance_ratio(logp, behaviour_logprobs)
+  surrogate, clipped = clipped_surrogate(ratio, advantages, clip_eps)
+  values, returns = values.astype(jnp.float32), returns.astype(jnp.float32)
+  value = 0.5 * jnp.square(values - returns)
+  if value_clip is not None:
+    if value_clip <= 0:
+      raise ValueError(f'value_clip={value_clip} must be > 0 (or None).')
+    limited = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
+    value = jnp.maximum(value, 0.5 * jnp.square(limited - returns))
+  return {'pg': -surrogate, 'value': value, 'clipped': clipped, 'ratio': ratio}
+
+
+def ppo_loss(clip_eps=0.2, value_coeff=0.5, value_clip=None, kl_coeff=0.0, kl_estimator='k3',
+             entropy_coeff=0.0, reference_model=None):
+  """PPO as a trainer loss function for a ``rl.value.WithValueHead`` policy (the critic is
+  the value head): sum over policy tokens of ``ppo_terms``' pg + ``value_coeff`` x value,
+  plus the KL to a frozen reference and the entropy bonus as ``reinforce_loss``, over
+  ``ctx.n_tokens``. The batch holds ``behaviour_logprobs``, ``advantages`` and ``returns``
+  [B, T] (from ``gae`` on the rollout's rewards and values), and ``old_values`` [B, T] with
+  ``value_clip``. Metrics: ``pg_loss``, ``value_loss``, ``clip_frac``, ``ratio``, ``kl``,
+  ``entropy``, ``aux/<name>``."""
+  if clip_eps <= 0:
+    raise ValueError(f'clip_eps={clip_eps} must be > 0.')
+  if kl_estimator not in KL_ESTIMATORS:
+    raise ValueError(f'kl_estimator={kl_estimator!r}; expected one of {KL_ESTIMATORS}.')
+  if kl_coeff < 0 or entropy_coeff < 0 or value_coeff < 0:
+    raise ValueError(f'kl_coeff={kl_coeff}, entropy_coeff={entropy_coeff} and '
+                     f'value_coeff={value_coeff} must be >= 0.')
+
+  def loss_fn(model, variables, batch, ctx):
+    b, t = batch['targets'].shape
+    mask = batch['loss_mask'].astype(jnp.float32)
+    logits, aux, model_state = train_losses.apply_model(model, variables, batch, ctx)
+    if 'values' not in aux:
+      raise ValueError("ppo_loss needs a model whose aux holds 'values' "
+                       '(rl.value.WithValueHead).')
+    logp = token_logprobs(logits, batch['targets'])
+    fields = {name: _require(batch, name, (b, t), 'ppo_loss') for name in
+              ('behaviour_logprobs', 'advantages', 'returns') +
+              (('old_values',) if value_clip is not None else ())}
+    terms = ppo_terms(logp, fields['behaviour_logprobs'], fields['advantages'], aux['values'],
+                      fields['returns'], clip_eps, fields.get('old_values'), value_clip)
+    token_sum = lambda x: jnp.sum(x * mask) / ctx.n_tokens
+    metrics = {'pg_loss': token_sum(terms['pg']), 'value_loss': token_sum(terms['value']),
+               'clip_frac': token_sum(terms['clipped']), 'ratio': token_sum(terms['ratio'])}
+    loss = metrics['pg_loss'] + value_coeff * metrics['value_loss']
+    loss += _regularisers(model, batch, ctx, logits, logp, jnp.ones_like(logp), aux, metrics,
+                          token_sum, kl_coeff, kl_estimator, entropy_coeff, reference_model,
+                          'ppo_loss')
     return loss, metrics, model_state
   return loss_fn

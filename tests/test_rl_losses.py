@@ -170,6 +170,72 @@ class BanditTest(absltest.TestCase):
       losses.reinforce_loss(kl_estimator='k4')
 
 
+class CriticBandit(nn.Module):
+  """``Bandit`` with a value head: a learned scalar per position, in ``aux['values']``."""
+  k: int
+
+  @nn.compact
+  def __call__(self, tokens, **_):
+    logits = self.param('logits', nn.initializers.normal(1.0), (self.k,))
+    value = self.param('value', nn.initializers.zeros, ())
+    return (jnp.broadcast_to(logits, tokens.shape + (self.k,)),
+            {'losses': {}, 'values': jnp.broadcast_to(value, tokens.shape)})
+
+
+class PPOTest(absltest.TestCase):
+  """GAE and PPO's terms against hand-computed examples, and ppo_loss's wiring."""
+
+  def test_gae_by_hand(self):
+    rewards, values = np.array([[0.0, 0.0, 1.0]]), np.array([[0.5, 0.6, 0.8]])
+    # lam = 0.5: A2 = 1 - 0.8 = 0.2; A1 = 0.8 - 0.6 + 0.5 A2 = 0.3; A0 = 0.1 + 0.5 A1 = 0.25.
+    adv, ret = losses.gae(rewards, values, np.ones((1, 3)), gamma=1.0, lam=0.5)
+    np.testing.assert_allclose(adv, [[0.25, 0.3, 0.2]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[0.75, 0.9, 1.0]], rtol=1e-6)
+    # Token 1 is another role's: skipped. A2 = 0.2; A0 = 0.8 - 0.5 + 0.5 A2 = 0.4.
+    adv, ret = losses.gae(rewards, values, np.array([[1, 0, 1]]), gamma=1.0, lam=0.5)
+    np.testing.assert_allclose(adv, [[0.4, 0.0, 0.2]], rtol=1e-6)
+    # gamma discounts the next value and advantage: A0 = 0 + 0.9 * 0.6 - 0.5 + 0.9 * A1 ...
+    adv, _ = losses.gae(rewards, values, np.ones((1, 3)), gamma=0.9, lam=1.0)
+    a2 = 0.2
+    a1 = 0.9 * 0.8 - 0.6 + 0.9 * a2
+    np.testing.assert_allclose(adv, [[0.9 * 0.6 - 0.5 + 0.9 * a1, a1, a2]], rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, 'lam'):
+      losses.gae(rewards, values, np.ones((1, 3)), lam=1.5)
+
+  def test_ppo_terms_by_hand(self):
+    ratio, adv = np.array([1.5, 0.5, 1.0]), np.array([2.0, 2.0, -1.0])
+    values, returns = jnp.array([0.5, 0.0, 1.0]), jnp.array([1.0, 0.0, 0.0])
+    terms = losses.ppo_terms(jnp.log(ratio), jnp.zeros(3), adv, values, returns, 0.2)
+    # min(rho A, clip(rho, 0.8, 1.2) A): min(3, 2.4), min(1, 1.6), min(-1, -1).
+    np.testing.assert_allclose(terms['pg'], [-2.4, -1.0, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(terms['clipped'], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(terms['value'], [0.125, 0.0, 0.5], rtol=1e-6)
+    # Clipped value: V_old + clip(V - V_old, +-0.2) = 0.4, 0, 0.7; the larger loss is kept.
+    terms = losses.ppo_terms(jnp.log(ratio), jnp.zeros(3), adv, values, returns, 0.2,
+                             old_values=jnp.array([0.2, 0.0, 0.5]), value_clip=0.2)
+    np.testing.assert_allclose(terms['value'], [0.18, 0.0, 0.5], rtol=1e-6)
+
+  def test_ppo_loss_sums_the_terms(self):
+    model = CriticBandit(K)
+    params = {'logits': jnp.array([0.3, -1.0, 0.5, 1.2, -0.2]), 'value': jnp.float32(0.4)}
+    logp = jax.nn.log_softmax(params['logits'])
+    actions, behaviour = [0, 2, 3], [-1.0, -2.0, -0.5]
+    batch = _bandit_batch(actions, behaviour, [1.0, -0.5, 2.0])
+    batch['returns'] = np.array([[1.0], [0.0], [0.5]], np.float32)
+    ctx = trainer.StepContext(jax.random.PRNGKey(0), jnp.int32(0), jnp.float32(3), 1, None)
+    loss, metrics, _ = losses.ppo_loss(clip_eps=0.2, value_coeff=0.5)(
+        model, {'params': params}, batch, ctx)
+    terms = losses.ppo_terms(logp[np.array(actions)], jnp.array(behaviour),
+                             jnp.array([1.0, -0.5, 2.0]), jnp.full(3, 0.4),
+                             jnp.array([1.0, 0.0, 0.5]), 0.2)
+    expected = float(jnp.mean(terms['pg']) + 0.5 * jnp.mean(terms['value']))
+    self.assertAlmostEqual(float(loss), expected, places=5)
+    self.assertAlmostEqual(float(metrics['clip_frac']), float(jnp.mean(terms['clipped'])))
+    del batch['returns']
+    with self.assertRaisesRegex(ValueError, "ppo_loss: the batch has no 'returns'"):
+      losses.ppo_loss()(model, {'params': params}, batch, ctx)
+
+
 def _rl_batch(config, seed=0):
   b, t, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size
   rng = np.random.default_rng(seed)
