@@ -139,7 +139,8 @@ class SlotEngine:
     raise NotImplementedError
 
   def run(self, requests):
-    """Serves all requests; returns (generated token lists, stats dict)."""
+    """Serves all requests; returns (generated token lists, stats dict); ``stats['depths'][i]``
+    holds the depth of each token of request i (its recursions, or its layers' depth)."""
     n = self.num_slots
     prompt_len = max(len(r.prompt) for r in requests)
     for r in requests:
@@ -149,7 +150,7 @@ class SlotEngine:
     state = self._init_state(n)
     cache = self._engine_cache(self.model.init_cache(n, self.max_len))
     queue, owner = list(range(len(requests)))[::-1], [None] * n
-    outputs = [[] for _ in requests]
+    outputs, depths = [[] for _ in requests], [[] for _ in requests]
     exit_counts = np.zeros(self.num_depths, np.int64)
     steps, start = 0, time.perf_counter()
 
@@ -174,6 +175,7 @@ class SlotEngine:
         i = owner[slot]
         exit_counts[depth[slot]] += 1
         outputs[i].append(int(emitted[slot]))
+        depths[i].append(int(depth[slot]))
         if (len(outputs[i]) >= requests[i].max_new_tokens or
             int(emitted[slot]) in self.stop_tokens):
           owner[slot] = None
@@ -183,7 +185,8 @@ class SlotEngine:
     tokens = int(exit_counts.sum())
     return outputs, {'tokens': tokens, 'steps': steps, 'seconds': seconds,
                      'tokens_per_s': tokens / seconds, 'exits_per_depth': exit_counts.tolist(),
-                     'early_exit_rate': float(exit_counts[:-1].sum() / max(tokens, 1))}
+                     'early_exit_rate': float(exit_counts[:-1].sum() / max(tokens, 1)),
+                     'depths': depths}
 
 
 class DepthwiseEngine(SlotEngine):
