@@ -21,6 +21,16 @@ def _sources(nb):
   return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
+def test_failures_are_one_clear_line(tmp_path):
+  missing = str(tmp_path / 'scores.csv')
+  with pytest.raises(notebook.NotebookError, match='Missing file: CSV_PATH') as e:
+    notebook.require_file(missing, 'CSV_PATH')
+  assert e.value._render_traceback_() == [f"NotebookError: Missing file: CSV_PATH {missing!r} "
+                                          'does not exist.']
+  with pytest.raises(notebook.NotebookError, match=r"no column\(s\) \['label'\]"):
+    notebook.require_columns(['score', 'label', ''], ['score', 'id'], missing)
+
+
 def test_notebooks_exist():
   names = {os.path.basename(p) for p in NOTEBOOKS}
   assert {'mor_quickstart.ipynb', 'relaxed_recursive.ipynb', 'ppi.ipynb'} <= names
