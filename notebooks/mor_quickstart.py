@@ -66,7 +66,7 @@ config = mor_tiny.get_config()
 config.sample.max_new_tokens = 0
 if SIZE == 'colab':
   config.train.update(steps=300, eval_every=100, checkpoint_every=300)
-  config.data.batch_size = 16 * len(devices) if len(devices) <= 8 else len(devices)
+  config.data.batch_size = 16 * len(devices)
 else:
   config.model.update(embed_dim=32, num_layers=4, num_recursions=2, num_heads=2, num_kv_heads=1,
                       mlp_dim=64)

@@ -97,7 +97,7 @@ config.model.update(num_loops=NUM_LOOPS, sharing=SHARING, lora_rank=LORA_RANK)
 config.uptrain.update(source=source, initialization=INITIALIZATION, distill=DISTILL)
 if SIZE == 'colab':
   config.tokenizer.update(kind='huggingface', path=os.path.join(source, 'tokenizer.json'))
-  config.data.update(seq_len=256, batch_size=8 * len(devices) if len(devices) <= 8 else len(devices))
+  config.data.update(seq_len=256, batch_size=8 * len(devices))
   config.train.update(steps=100, warmup_steps=10, eval_every=50, checkpoint_every=100,
                       eval_batches=8, learning_rate=3e-4)
 else:
