@@ -28,6 +28,7 @@ JOBS = {
     'rl_sft': 'rl.rest:sft',
     'rl_rest': 'rl.rest:rest',
     'repro_clarify': 'rl.repro_clarify:run',
+    'repro_collab': 'rl.repro_collab:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
 }
 

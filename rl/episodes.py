@@ -98,6 +98,15 @@ def transcript(formatter: Formatter, view, trained_roles, reward: float, group: 
                     float(reward), int(group), dict(info or {}))
 
 
+def text_transcript(formatter: Formatter, text: str) -> Transcript:
+  """Plain text after BOS, every token trained (pretraining data; no role, reward 0)."""
+  ids = [formatter.tokenizer.bos_id] + formatter.tokenizer.encode(text)
+  n = len(ids)
+  return Transcript(np.asarray(ids, np.int32), np.full((n,), -1, np.int8),
+                    np.asarray([0] + [1] * (n - 1), np.int32), np.zeros((n,), np.float32),
+                    0.0, 0, {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Actor:
   """A model playing a role: the module, its variables, and how it samples."""

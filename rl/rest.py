@@ -1,8 +1,11 @@
 """Supervised warm start and ReST / ReST-EM on any environment of ``rl.envs``.
 
-``sft``: demonstrations written by the environment itself (``env.demonstration``) become
-transcripts of each trained role's view; a tokenizer with the reserved role tokens is
-built from their text; the policy is trained with NLL on its roles' turns.
+``sft``: demonstrations written by the environment itself (``env.demonstration``, with
+``sft.behaviour``), in equal shares from ``config.env`` updated by each of
+``sft.env_variants`` (e.g. both modes of an environment), become transcripts of each
+trained role's view; ``sft.pretraining_repeats`` copies of ``env.pretraining_texts()``
+(plain text, every token trained) join them; a tokenizer with the reserved role tokens is
+built from all the text; the policy is trained with NLL on its roles' turns.
 
 ``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
   Grow     ``prompts`` fresh episodes, ``samples_per_prompt`` rollouts of each from the
@@ -21,6 +24,7 @@ the Grow output of the running iteration is saved (``grown/iteration_K.npz``) an
 ``k`` of an Improve step is a function of (seed, iteration, k), so SIGTERM and rerunning
 the command continue mid-iteration with the same data and RNG.
 """
+import copy
 import io
 import json
 
@@ -43,6 +47,9 @@ def default_sft_config() -> config_dict.ConfigDict:
   return config_dict.ConfigDict(dict(
       episodes=4000,  # demonstrations
       roles=('assistant', 'user'),  # whose turns are trained (each from its own view)
+      behaviour=config_dict.placeholder(str),  # env.demonstration's; None: the env's default
+      env_variants=({},),  # updates of config.env, each giving an equal share of the demos
+      pretraining_repeats=0,  # copies of env.pretraining_texts() in the SFT data
   ))
 
 
@@ -147,15 +154,33 @@ def sft(config, workdir):
   """Job ``rl_sft``: the environment's demonstrations -> tokenizer -> NLL training."""
   _check(config)
   env = envs.make_env(config.env)
-  demos = [env.demonstration(np.random.default_rng([config.seed, 1, i]))
-           for i in range(config.sft.episodes)]
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=_text_of(env, demos),
-                                        save=False)
+  variants = config.sft.get('env_variants', ({},))
+  if not variants:
+    raise workdir_lib.ConfigError('config.sft.env_variants is empty: use ({},) for config.env '
+                                  'alone.')
+  kwargs = {} if config.sft.get('behaviour') is None else {'behaviour': config.sft.behaviour}
+  demos, start = [], 0  # (variant env, its demonstrations); demo i has seed (seed, 1, i)
+  for v, update in enumerate(variants):
+    variant_config = copy.deepcopy(config.env)
+    variant_config.update(dict(update))
+    variant = envs.make_env(variant_config)
+    n = config.sft.episodes // len(variants) + (v < config.sft.episodes % len(variants))
+    demos.append((variant, [variant.demonstration(np.random.default_rng([config.seed, 1, i]),
+                                                  **kwargs) for i in range(start, start + n)]))
+    start += n
+  pretraining = list(env.pretraining_texts()) * config.sft.get('pretraining_repeats', 0)
+  texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
+  tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=texts, save=False)
   formatter = ep.Formatter(tokenizer, env.roles)
   formatter.check_vocab(config.model.vocab_size)
-  items = []
-  for role in config.sft.roles:
-    items += ep.transcripts(env, demos, formatter, role, (role,), demonstration=True)
+  items = [ep.text_transcript(formatter, text) for text in pretraining]
+  for variant, d in demos:
+    variant_formatter = ep.Formatter(tokenizer, variant.roles)
+    for role in config.sft.roles:
+      if role in variant.speakers:
+        items += [t for t in ep.transcripts(variant, d, variant_formatter, role, (role,),
+                                            demonstration=True)
+                  if t.policy_mask.any()]  # the role spoke
   arrays = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout)

@@ -80,6 +80,11 @@ class Env(abc.ABC):
     del episodes
     return {}
 
+  def pretraining_texts(self) -> list:
+    """Plain texts the policy learns before acting (``rl_sft``'s pretraining share; default:
+    none)."""
+    return []
+
   def eval_settings(self) -> dict:
     """Named evaluation sets: ``{name: [reset overrides, with an optional 'split']}``."""
     return {'train': [{'split': 'train'}]}

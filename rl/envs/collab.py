@@ -36,6 +36,14 @@ selective prediction). An action that does not parse, a tool call beyond ``max_c
 (searches and delegations), a role speaking out of turn or a turn cut at the token limit is
 invalid: reward ``-c * searches`` (F1 0, no hedge credit). ``oracle_turn`` is the action
 supervision of the baseline: search exactly when the fact is not memorised.
+
+Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``oracle`` plays
+``oracle_turn``; behaviour ``generic`` shows the action format only: every deciding turn
+(the first turn of the assistant, the asker or a delegated helper) draws its action
+uniformly from (tool call, answer, hedge) whether or not the fact is memorised; answers and
+hedges from memory give the value when memorised and a uniform guess of the relation's
+values otherwise; after a tool result the turn answers with the value, and the asker relays
+the helper's reply. ``pretraining_texts`` are the memorised facts.
 """
 import dataclasses
 from typing import Optional
@@ -55,6 +63,7 @@ VALUES = {
 _SYLLABLES = ('ka', 'vo', 'li', 'ru', 'me', 'no', 'ta', 'si', 'be', 'do', 'fa', 'gu', 'ho',
               'ji', 'pe', 'zu')
 SEARCH, DELEGATE, ANSWER, HEDGE = 'search', 'delegate', 'answer', 'hedge'
+BEHAVIOURS = ('generic', 'oracle')
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -175,6 +184,9 @@ class CollabEnv(base.Env):
     """The pretraining texts: one ``subject relation value`` line per memorised fact."""
     return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
 
+  def pretraining_texts(self) -> list:
+    return self.memorised_facts()
+
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
     value = self.facts.get((corpus, subject, relation))
@@ -262,6 +274,44 @@ class CollabEnv(base.Env):
       return f'{ANSWER} {episode.value}'
     tool = SEARCH if role == 'assistant' else DELEGATE
     return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
+
+  def generic_turn(self, episode: CollabEpisode, role: str, rng: np.random.Generator) -> str:
+    """A format demonstration's turn (module docstring): the action of a deciding turn is
+    uniform, independent of whether the fact is memorised."""
+    last = episode.turns[-1]
+    if last.role == 'tool':
+      return f'{ANSWER} {episode.value}'
+    if role == 'asker' and last.role in CORPORA:
+      return last.text
+    action = (SEARCH, ANSWER, HEDGE)[rng.integers(3)]
+    if action == SEARCH:
+      if role in CORPORA:
+        return f'{SEARCH} {episode.subject} {episode.relation}'
+      tool = SEARCH if role == 'assistant' else DELEGATE
+      return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
+    memory = (episode.value if episode.memorised else
+              str(rng.choice(VALUES[episode.relation])))
+    return f'{action} {memory}'
+
+  def demonstration(self, rng: np.random.Generator, split: str = 'train',
+                    behaviour: Optional[str] = None, **overrides) -> CollabEpisode:
+    """A finished episode whose every turn the env wrote (SFT data); ``behaviour`` in
+    ``BEHAVIOURS`` (None: 'generic')."""
+    behaviour = behaviour or 'generic'
+    if behaviour not in BEHAVIOURS:
+      raise ValueError(f'behaviour must be one of {BEHAVIOURS} or None, got {behaviour!r}.')
+    episode = self.reset(rng, split, **overrides)
+    while not episode.done:
+      role = episode.next_role
+      if role == 'tool':
+        text = self.scripted(episode, role)
+      elif behaviour == 'oracle':
+        text = self.oracle_turn(episode, role)
+      else:
+        text = self.generic_turn(episode, role, rng)
+      episode.turns.append(base.Turn(role, text))
+      self.step(episode)
+    return episode
 
   def summary(self, episodes: list) -> dict:
     """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate."""

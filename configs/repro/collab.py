@@ -1,0 +1,27 @@
+"""Reproduction of collaborative self-play for tool use and selective prediction
+(arXiv:2503.14481) in miniature, one command:
+
+  python -m launch.main --config=configs/repro/collab.py --workdir=workdirs/repro_collab
+
+SFT of the in-context baseline (memorised facts + format demonstrations; also ReST's start)
+and of the action-supervised baseline (memorised facts + oracle demonstrations), ReST on the
+society's rollouts for every seed, then each policy deployed alone with both tools (mode
+'single') on the train, test and ood questions; writes ``results.md``, ``results.json`` and
+``collab.png`` into the workdir. Each stage is its own resumable workdir. Stage fields can be
+overridden, e.g. ``--config.stages.rest.rest.iterations=2``.
+"""
+from ml_collections import config_dict
+
+from configs.rl import collab
+
+
+def get_config():
+  config = config_dict.ConfigDict()
+  config.job = 'repro_collab'
+  config.name = 'repro_collab'
+  config.seeds = (0,)  # ReST seeds (rollouts and fine-tuning); both SFTs use the first
+  config.splits = ('train', 'test', 'ood')  # every question of each, greedy actions
+  config.stages = config_dict.ConfigDict(dict(
+      sft=collab.get_config('sft'), oracle=collab.get_config('oracle'),
+      rest=collab.get_config('rest')))
+  return config

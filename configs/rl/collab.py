@@ -1,0 +1,57 @@
+"""Collaborative self-play for tool use and selective prediction (arXiv:2503.14481) in
+miniature: SFT (memorised facts + demonstrations), then ReST on the society's rollouts.
+
+  python -m launch.main --config=configs/rl/collab.py:sft --workdir=workdirs/collab/sft
+  python -m launch.main --config=configs/rl/collab.py:oracle --workdir=workdirs/collab/oracle
+  python -m launch.main --config=configs/rl/collab.py:rest --workdir=workdirs/collab/rest \
+      --config.rest.init_workdir=workdirs/collab/sft
+
+``sft``: the memorised facts as plain text plus format demonstrations whose actions ignore
+what is memorised (the in-context baseline and ReST's start); ``oracle``: the same facts
+plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both
+modes' demonstrations and are evaluated as the single agent; ``rest`` plays the society
+(every role the same policy). The whole reproduction is ``configs/repro/collab.py``.
+"""
+from configs import base
+from rl import episodes, play, rest
+from rl.envs import collab
+
+ROLES = ('system', 'user', 'assistant', 'asker') + tuple(collab.CORPORA) + ('tool',)
+
+
+def get_config(stage='sft'):
+  if stage not in ('sft', 'oracle', 'rest'):
+    raise ValueError(f"configs/rl/collab.py:{stage}: the stage must be 'sft', 'oracle' or "
+                     "'rest'.")
+  config = base.base_config()
+  config.job = 'rl_rest' if stage == 'rest' else 'rl_sft'
+  config.name = f'collab_{stage}'
+  config.env = collab.default_config()
+  config.env.update(subjects_per_corpus=60, mode='society' if stage == 'rest' else 'single')
+  config.tokenizer.update(kind='sentencepiece', vocab_size=512,
+                          reserved_tokens=episodes.reserved_tokens(ROLES))
+  config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
+                                   num_kv_heads=2, mlp_dim=384)
+  config.data.seq_len = 96
+  config.data.batch_size = 64
+  config.sft = rest.default_sft_config()
+  config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
+                    behaviour='oracle' if stage == 'oracle' else 'generic',
+                    env_variants=({'mode': 'single'}, {'mode': 'society'}),
+                    pretraining_repeats=10)
+  config.rest = rest.default_rest_config()
+  config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA), eval_sets=('test', 'ood'),
+                     eval_modes=('greedy',), eval_episodes=32, final_eval_episodes=64)
+  config.rollout = play.default_rollout_config()
+  config.rollout.update(max_turns=4, max_new_tokens=12)
+  if stage == 'rest':
+    config.rest.update(iterations=3, prompts=256, samples_per_prompt=8, max_per_prompt=1,
+                       thresholds=(0.25,), steps_per_improve=60)
+    config.train = base.train_config(steps=0, learning_rate=1e-3, schedule='constant',
+                                     warmup_steps=0, eval_every=0, checkpoint_every=10_000,
+                                     log_every=20, weight_decay=0.0)
+  else:
+    config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=400, log_every=50)
+  config.sample.max_new_tokens = 0
+  return config

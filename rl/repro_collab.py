@@ -1,0 +1,200 @@
+"""Job ``repro_collab``: collaborative self-play for tool use and selective prediction
+(arXiv:2503.14481, PAPERS.md §6) in miniature.
+
+Stages (``configs/repro/collab.py``), each a resumable workdir under the job's workdir:
+``sft`` (the in-context baseline: the memorised facts as text plus format demonstrations
+whose actions ignore what is memorised; ReST starts from it), ``oracle`` (the
+action-supervised baseline: the facts plus ``oracle_turn`` demonstrations) and, per seed,
+``rest_s<seed>`` (ReST on the society: asker, people and places helpers, one policy, the
+tool scripted). Deployment (``deploy``): each policy alone with both tools (mode 'single'),
+greedy actions, on every question of each split. Metrics per split: search rate on
+memorised and unmemorised questions, F1, searches per question, hedge rate, invalid rate and
+the hedge AUROC: over the split's questions, the score is the policy's probability that its
+final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of
+that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
+invalid episode is wrong); ties count one half, NaN when one class is empty.
+"""
+import copy
+import json
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from model import decode
+from rl import envs, rest
+from rl import episodes as ep
+from training import checkpoint as ckpt_lib
+from training import tokenizers
+from training import workdir as workdir_lib
+
+POLICIES = ('in_context', 'action_supervised', 'rest_single')
+METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
+           'hedge_rate', 'invalid_rate', 'hedge_auroc')
+
+
+def _stage(config, name, seed, init_workdir=None):
+  stage = copy.deepcopy(config.stages[name])
+  stage.unlock()
+  stage.seed = int(seed)
+  if init_workdir is not None:
+    stage.rest.init_workdir = init_workdir
+  return stage
+
+
+def run(config, workdir):
+  """Runs (or resumes) every stage, deploys each policy, writes the table, JSON and plot."""
+  root = workdir_lib.path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  timings, start = {}, time.time()
+  for name in ('sft', 'oracle'):
+    t0 = time.time()
+    rest.sft(_stage(config, name, config.seeds[0]), root / name)
+    timings[name] = time.time() - t0
+  dirs = {'in_context': [root / 'sft'], 'action_supervised': [root / 'oracle'],
+          'rest_single': []}
+  for seed in config.seeds:
+    t0 = time.time()
+    rest.rest(_stage(config, 'rest', seed, str(root / 'sft')), root / f'rest_s{seed}')
+    dirs['rest_single'].append(root / f'rest_s{seed}')
+    timings[f'rest_s{seed}'] = time.time() - t0
+  env_config = copy.deepcopy(config.stages.sft.env)
+  env_config.unlock()
+  env_config.mode = 'single'
+  rollout = config.stages.sft.rollout
+  results = {'policies': {}, 'splits': list(config.splits)}
+  for policy, policy_dirs in dirs.items():
+    runs = [deploy(d, env_config, config.splits, rollout.max_new_tokens, rollout.max_turns,
+                   config.seeds[0]) for d in policy_dirs]
+    results['policies'][policy] = {
+        split: {m: {'mean': float(np.mean([r[split][m] for r in runs])),
+                    'per_seed': [r[split][m] for r in runs]} for m in METRICS + ('n',)}
+        for split in config.splits}
+  results['criteria'] = criteria(results['policies'])
+  timings['total'] = time.time() - start
+  results['timings_s'] = {k: round(v, 1) for k, v in timings.items()}
+  if workdir_lib.is_primary():
+    workdir_lib.write_text(root / 'results.json', json.dumps(results, indent=1))
+    workdir_lib.write_text(root / 'results.md', report(results))
+    plot(results, root / 'collab.png')
+  logging.info('repro_collab:\n%s', report(results))
+  return results
+
+
+# ---------------------------------------------------------------------------------------
+# Deployment and metrics.
+# ---------------------------------------------------------------------------------------
+def auroc(scores, labels) -> float:
+  """Area under the ROC curve of ``scores`` for the positive ``labels`` (Mann-Whitney U,
+  ties one half); NaN when either class is empty."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+  if scores.shape != labels.shape:
+    raise ValueError(f'scores {scores.shape} and labels {labels.shape} differ in shape.')
+  pos, neg = scores[labels], scores[~labels]
+  if not len(pos) or not len(neg):
+    return float('nan')
+  diff = pos[:, None] - neg[None, :]
+  return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def hedge_probabilities(model, variables, formatter, env, episodes, role='assistant'):
+  """Per finished episode, the policy's probability that ``role``'s final turn starts with
+  the tokens of ``hedge`` (teacher-forced on that turn's context)."""
+  hedge = formatter.tokenizer.encode('hedge')
+  rows = []
+  for e in episodes:
+    view = env.view(e, role)
+    last = max(i for i, t in enumerate(view) if t.role == role)
+    rows.append(formatter.context(view[:last], role) + hedge)
+  width = max(map(len, rows))
+  tokens = np.full((len(rows), width), formatter.tokenizer.pad_id, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  logits, _ = model.apply(variables, tokens)
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
+  out = []
+  for i, row in enumerate(rows):
+    k = len(row) - len(hedge)
+    out.append(float(np.exp(sum(logp[i, k - 1 + j, t] for j, t in enumerate(hedge)))))
+  return np.asarray(out)
+
+
+def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
+  """The policy of ``policy_dir`` alone with both tools, greedy, on every question of each
+  split -> {split: env summary + hedge_auroc + n}."""
+  model, variables = ckpt_lib.load_model(policy_dir)
+  tokenizer = tokenizers.load_tokenizer(policy_dir / tokenizers.TOKENIZER_SUBDIR)
+  env = envs.make_env(env_config)
+  formatter = ep.Formatter(tokenizer, env.roles)
+  actor = ep.Actor(model, variables, decode.SamplingConfig(greedy=True), max_new_tokens)
+  out = {}
+  for split in splits:
+    episodes = [env.reset(np.random.default_rng(seed), split, question=q)
+                for q in env.splits[split]]
+    ep.rollout(env, episodes, {'assistant': actor}, formatter, jax.random.PRNGKey(seed),
+               max_turns)
+    p_hedge = hedge_probabilities(model, variables, formatter, env, episodes)
+    wrong = [e.info.get('f1', 0.0) < 1 for e in episodes]
+    out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
+                      n=len(episodes))
+  return out
+
+
+def criteria(policies, split='test', ood='ood') -> dict:
+  """The done-when criteria of the reproduction, each with its numbers."""
+  mean = lambda p, s, m: policies[p][s][m]['mean']
+  ratio = mean('in_context', split, 'searches') / max(mean('rest_single', split, 'searches'),
+                                                      1e-9)
+  return {
+      'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
+          mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
+          mean('rest_single', split, 'search_rate_memorised') <= 0.2),
+      f'F1 >= in-context F1 with 2-5x fewer searches (test; ratio {ratio:.2f})': bool(
+          mean('rest_single', split, 'f1') >= mean('in_context', split, 'f1') and
+          2 <= ratio <= 5),
+      'hedge AUROC >= 0.8 (test)': bool(mean('rest_single', split, 'hedge_auroc') >= 0.8),
+      'F1 > action-supervised F1 (ood)': bool(
+          mean('rest_single', ood, 'f1') > mean('action_supervised', ood, 'f1')),
+  }
+
+
+def report(results) -> str:
+  """The table (mean over seeds for ReST), the criteria and the timings (results.md)."""
+  lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
+           'searches / question | hedge rate | invalid rate | hedge AUROC |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for split in results['splits']:
+    for policy, by_split in results['policies'].items():
+      s = by_split[split]
+      lines.append(f"| {policy} | {split} | {s['n']['mean']:.0f} | " +
+                   ' | '.join(f"{s[m]['mean']:.3f}" for m in METRICS) + ' |')
+  lines += [''] + [f"- {'holds' if ok else 'does not hold'}: {name}"
+                   for name, ok in results['criteria'].items()]
+  lines.append('')
+  lines.append('Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min'
+                                         for k, v in results['timings_s'].items()) + '.')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results, path):
+  """One panel per metric: policies side by side on each split."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  metrics = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
+             'hedge_auroc')
+  splits, policies = results['splits'], list(results['policies'])
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+  width = 0.8 / len(policies)
+  for ax, metric in zip(axes, metrics):
+    for j, policy in enumerate(policies):
+      values = [results['policies'][policy][s][metric]['mean'] for s in splits]
+      ax.bar(np.arange(len(splits)) + j * width, values, width, label=policy)
+    ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
+    ax.set_title(metric, fontsize=9)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  with path.open('wb') as f:
+    fig.savefig(f, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,126 @@
+"""Collaborative self-play (rl/repro_collab.py, PAPERS.md §6): demonstrations, the SFT data
+with the memorised facts, the AUROC helper, and a tiny end-to-end run of the job (both SFTs,
+ReST on the society, single-agent deployment)."""
+import json
+
+from absl.testing import absltest, parameterized
+from etils import epath
+import numpy as np
+
+from configs.repro import collab as repro_config
+from rl import episodes as ep
+from rl import repro_collab
+from rl.envs import collab, make_env
+from training import tokenizers
+
+
+def _env(**overrides):
+  config = collab.default_config()
+  config.update(overrides)
+  return collab.CollabEnv(config)
+
+
+class DemonstrationTest(parameterized.TestCase):
+
+  @parameterized.parameters('single', 'society')
+  def test_oracle_demonstrations_score_full_reward(self, mode):
+    env = _env(mode=mode)
+    for i in range(40):
+      episode = env.demonstration(np.random.default_rng(i), behaviour='oracle')
+      self.assertEqual(episode.info['f1'], 1.0)
+      self.assertFalse(episode.info['invalid'])
+      self.assertAlmostEqual(episode.reward, 1.0 if episode.memorised else 0.9)
+
+  @parameterized.parameters('single', 'society')
+  def test_generic_actions_ignore_memory(self, mode):
+    env = _env(mode=mode)
+    demos = [env.demonstration(np.random.default_rng(i)) for i in range(600)]
+    self.assertFalse(any(e.info['invalid'] for e in demos))
+    for memorised in (True, False):
+      group = [e for e in demos if e.memorised == memorised]
+      first = [e.info['first_action'] for e in group]
+      for action in ('answer', 'hedge'):  # uniform over 3 actions, whatever is memorised
+        self.assertAlmostEqual(first.count(action) / len(group), 1 / 3, delta=0.08)
+      searched = [e for e in group if e.info['searches']]
+      self.assertTrue(all(e.info['f1'] == 1.0 for e in searched))
+      answered = [e for e in group if e.info['first_action'] == 'answer']
+      f1 = np.mean([e.info['f1'] for e in answered])
+      if memorised:  # from memory: the value; otherwise a guess among 8 values
+        self.assertEqual(f1, 1.0)
+      else:
+        self.assertLess(f1, 0.4)
+    with self.assertRaisesRegex(ValueError, 'behaviour'):
+      env.demonstration(np.random.default_rng(0), behaviour='always')
+
+
+def _tiny(config):
+  config.unlock()
+  config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
+  config.env.subjects_per_corpus = 4
+  config.data.batch_size = 8
+  config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
+  config.sft.update(episodes=40, pretraining_repeats=2)
+  config.rollout.update(batch=32)
+  config.rest.update(iterations=1, prompts=4, samples_per_prompt=2, thresholds=(-9.0,),
+                     steps_per_improve=2, eval_episodes=1, final_eval_episodes=1)
+  return config
+
+
+class SftDataTest(absltest.TestCase):
+
+  def test_pretraining_transcript_trains_every_token_after_bos(self):
+    config = tokenizers.default_tokenizer_config()
+    config.update(kind='sentencepiece', vocab_size=320,
+                  reserved_tokens=ep.reserved_tokens(_env().roles))
+    env = _env()
+    tokenizer = tokenizers.make_tokenizer(config, texts=env.memorised_facts())
+    formatter = ep.Formatter(tokenizer, env.roles)
+    self.assertEqual(env.pretraining_texts(), env.memorised_facts())
+    text = env.memorised_facts()[0]
+    t = ep.text_transcript(formatter, text)
+    self.assertEqual(t.tokens[0], tokenizer.bos_id)
+    self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
+    self.assertEqual(t.policy_mask.tolist(), [0] + [1] * (len(t.tokens) - 1))
+
+
+class AurocTest(absltest.TestCase):
+
+  def test_hand_numbers(self):
+    # pairs (pos, neg): 0.9>0.2, 0.9>0.4, 0.4=0.4 (half), 0.4>0.2 -> 3.5 / 4
+    self.assertAlmostEqual(repro_collab.auroc([0.9, 0.4, 0.2, 0.4], [1, 1, 0, 0]), 0.875)
+    self.assertEqual(repro_collab.auroc([0.1, 0.2, 0.3], [0, 0, 1]), 1.0)
+    self.assertEqual(repro_collab.auroc([0.1, 0.2, 0.3], [1, 0, 0]), 0.0)
+    self.assertTrue(np.isnan(repro_collab.auroc([0.1, 0.2], [1, 1])))
+    with self.assertRaisesRegex(ValueError, 'shape'):
+      repro_collab.auroc([0.1, 0.2], [1])
+
+
+class JobTest(absltest.TestCase):
+
+  def test_tiny_run_writes_table_and_plot(self):
+    config = repro_config.get_config()
+    config.unlock()
+    for name in config.stages:
+      _tiny(config.stages[name])
+    workdir = epath.Path(self.create_tempdir().full_path)
+    results = repro_collab.run(config, str(workdir))
+    env = make_env(config.stages.sft.env)
+    for policy in repro_collab.POLICIES:
+      for split in config.splits:
+        self.assertEqual(results['policies'][policy][split]['n']['mean'], len(env.splits[split]))
+    self.assertLen(results['criteria'], 4)
+    # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
+    # delegated, the helper (society).
+    sft = config.stages.sft
+    facts = len(env.memorised_facts()) * sft.sft.pretraining_repeats
+    transcripts = json.loads((workdir / 'sft' / 'summary.json').read_text())['transcripts']
+    self.assertGreater(transcripts, facts + sft.sft.episodes)
+    self.assertLess(transcripts, facts + 3 * sft.sft.episodes // 2)
+    self.assertEqual(json.loads((workdir / 'results.json').read_text())['splits'],
+                     list(config.splits))
+    self.assertIn('| rest_single | ood |', (workdir / 'results.md').read_text())
+    self.assertGreater((workdir / 'collab.png').stat().length, 10_000)
+
+
+if __name__ == '__main__':
+  absltest.main()
