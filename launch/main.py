@@ -29,6 +29,7 @@ JOBS = {
     'rl_rest': 'rl.rest:rest',
     'repro_clarify': 'rl.repro_clarify:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
+    'repro_pessimism': 'rl.repro_pessimism:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
