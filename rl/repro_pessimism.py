@@ -460,7 +460,8 @@ def run(config, workdir):
   ref_pool = setup.sample(mu_params, jax.random.fold_in(key, 2), config.adversary.pool)[0]
   logging.info('repro_pessimism: reward model %s', stages['rm'])
   run_config = _run_config(config)
-  run_config.pop('methods')
+  for k in ('methods', 'seeds', 'kl_coeffs', 'pessimistic_kl_coeffs'):  # not a run's own
+    run_config.pop(k)
   runs = {}
   for name, (method, coeff) in run_names(config).items():
     for seed in config.seeds:
@@ -483,6 +484,8 @@ def run(config, workdir):
       runs.setdefault(name, []).append(saved)
   results = analyse(setup, stages, runs)
   results['total_s'] = round(time.time() - start, 1)
+  results['compute_s'] = round(sum(stages['timings_s'].values()) + sum(
+      s['seconds'] for saved in runs.values() for s in saved), 1)
   if workdir_lib.is_primary():
     workdir_lib.write_text(root / 'results.json', json.dumps(results, indent=1))
     workdir_lib.write_text(root / 'results.md', report(results))
@@ -514,7 +517,9 @@ def analyse(setup, stages, runs):
         'peak_step': int(saved[0]['curves']['step'][peak]), 'gold_final': float(gold[-1]),
         'proxy_at_peak': float(proxy[peak]), 'proxy_final': float(proxy[-1]),
         'kl_final': float(kl[-1]), 'length_final': float(_mean_curve(saved, 'length')[-1]),
-        'final_over_peak': float(gold[-1] / gold[peak]) if gold[peak] > 0 else None}
+        'final_over_peak': float(gold[-1] / gold[peak]) if gold[peak] > 0 else None,
+        'gold_peak_per_seed': [max(s['curves']['gold']) for s in saved],
+        'gold_final_per_seed': [s['curves']['gold'][-1] for s in saved]}
   r = results['runs']
   baselines = {n: v for n, v in r.items() if v['method'] not in PESSIMISTIC}
   reinforce = {n: v for n, v in r.items() if v['method'] == 'reinforce'}
@@ -546,17 +551,22 @@ def report(results) -> str:
            f"own accuracy on them: {rm['bayes_accuracy_vs_labels']:.3f} expected), "
            f"{rm['heldout_accuracy_vs_gold_order']:.3f} against the gold order "
            f"({rm['heldout_pairs']} held-out pairs).", '',
+           'Curves are means over seeds; sd = spread of the per-seed final gold.', '',
            '| run | coeff (KL β; DPO/IPO β) | seeds | gold start | gold peak (step) | '
            'gold final | final/peak | proxy at peak → final | KL(π‖μ) final | length final |',
            '|---|---|---|---|---|---|---|---|---|---|']
+  spread = lambda xs: f' (sd {np.std(xs):.2f})' if len(xs) > 1 else ''
   for name, v in results['runs'].items():
     ratio = '–' if v['final_over_peak'] is None else f"{v['final_over_peak']:.2f}"
     lines.append(f"| {name} | {v['coeff']:g} | {v['seeds']} | {v['gold_start']:.2f} | "
-                 f"{v['gold_peak']:.2f} ({v['peak_step']}) | {v['gold_final']:.2f} | {ratio} | "
+                 f"{v['gold_peak']:.2f} ({v['peak_step']}) | {v['gold_final']:.2f}"
+                 f"{spread(v['gold_final_per_seed'])} | {ratio} | "
                  f"{v['proxy_at_peak']:.2f} → {v['proxy_final']:.2f} | {v['kl_final']:.2f} | "
                  f"{v['length_final']:.1f} |")
   lines += ['', 'Done-when checks: ' + json.dumps(results['checks']),
-            f"Best baseline peak gold: {results['best_baseline_peak']}."]
+            f"Best baseline peak gold: {results['best_baseline_peak']}.",
+            f"Compute: {results['compute_s'] / 60:.1f} min (stages and runs as first computed; "
+            f"this call {results['total_s'] / 60:.1f} min)."]
   return '\n'.join(lines) + '\n'
 
 

@@ -23,7 +23,7 @@ def get_config(method='all'):
   config.name = 'repro_pessimism'
   config.methods = repro_pessimism.METHODS if method == 'all' else (method,)
   config.seed = 0  # μ, the dataset and the proxy
-  config.seeds = (0,)  # policy runs
+  config.seeds = (0, 1)  # policy runs
   config.task = dict(max_good_len=8, penalty=2.0, mu_max_len=6, mu_tail=0.35, max_len=16)
   config.model = base.model_config(vocab_size=259, embed_dim=64, num_layers=2, num_heads=4,
                                    num_kv_heads=2, mlp_dim=192)
@@ -34,7 +34,7 @@ def get_config(method='all'):
                        kl_estimator='k2')
   config.kl_coeffs = (0.01, 0.1, 1.0)  # REINFORCE against the proxy
   config.dpo_beta = 0.1
-  config.pessimistic_kl_coeffs = (0.01,)  # PRPO / P3O
+  config.pessimistic_kl_coeffs = (0.01, 0.1, 1.0)  # PRPO / P3O
   config.eta = 1.0
   config.adversary = dict(learning_rate=1e-3, steps_per_policy_step=1, K=64, pool=1024)
   return config
