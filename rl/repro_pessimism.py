@@ -602,16 +602,18 @@ def plot(results, runs, root):
     fig.suptitle(f'{method}: gold (solid) and proxy (dashed) reward', fontsize=10)
     save(fig, root / f'pessimism_{method}.png')
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+  colors = plt.cm.tab20(np.linspace(0, 1, 20))
   for i, (name, saved) in enumerate(runs.items()):
     steps = saved[0]['curves']['step']
     gold, kl = _mean_curve(saved, 'gold'), _mean_curve(saved, 'kl')
     style = '-' if results['runs'][name]['method'] in PESSIMISTIC else '--'
-    axes[0].plot(steps, gold, style, color=f'C{i % 10}', label=name)
-    axes[1].plot(kl, gold, style, color=f'C{i % 10}', label=name)
+    axes[0].plot(steps, gold, style, color=colors[i % 20], label=name)
+    axes[1].plot(kl, gold, style, color=colors[i % 20], label=name)
   for ax, xlabel in zip(axes, ('optimisation step', 'KL(π ‖ μ)')):
     ax.axhline(optimum, color='k', lw=0.6, ls=':')
     ax.set(xlabel=xlabel, ylabel='gold reward')
-    ax.legend(fontsize=7)
-  fig.suptitle('gold reward: baselines (dashed) and pessimistic methods (solid)', fontsize=10)
+  axes[1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
+  fig.suptitle('gold reward (mean over seeds): baselines (dashed) and pessimistic methods '
+               '(solid); dotted: the gold optimum', fontsize=10)
   save(fig, root / 'pessimism.png')
