@@ -30,6 +30,7 @@ JOBS = {
     'repro_clarify': 'rl.repro_clarify:run',
     'repro_collab': 'rl.repro_collab:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
+    'repro_pessimism': 'rl.repro_pessimism:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

@@ -1,0 +1,40 @@
+"""Preference hacking and pessimism (PRPO, P3O; arXiv:2503.06810) in miniature, one command:
+
+  python -m launch.main --config=configs/repro/pessimism.py --workdir=workdirs/repro_pessimism
+
+or one method at a time (same workdir: μ, the dataset and the proxy are shared and cached)
+with ``configs/repro/pessimism.py:<method>``, method in ``rl.repro_pessimism.METHODS``
+(reinforce, dpo, ipo, prpo, prpo_logz, p3o). Writes ``results.md``, ``results.json``,
+``pessimism.png`` and ``pessimism_<method>.png`` into the workdir; finished runs are kept in
+``runs/`` and skipped by a rerun with the same fields.
+"""
+from ml_collections import config_dict
+
+from configs import base
+from rl import repro_pessimism
+
+
+def get_config(method='all'):
+  if method != 'all' and method not in repro_pessimism.METHODS:
+    raise ValueError(f'configs/repro/pessimism.py:{method}: expected all or one of '
+                     f'{repro_pessimism.METHODS}.')
+  config = config_dict.ConfigDict()
+  config.job = 'repro_pessimism'
+  config.name = 'repro_pessimism'
+  config.methods = repro_pessimism.METHODS if method == 'all' else (method,)
+  config.seed = 0  # μ, the dataset and the proxy
+  config.seeds = (0, 1)  # policy runs
+  config.task = dict(max_good_len=8, penalty=2.0, mu_max_len=6, mu_tail=0.35, max_len=16)
+  config.model = base.model_config(vocab_size=259, embed_dim=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, mlp_dim=192)
+  config.sft = dict(steps=400, batch=64, learning_rate=3e-3)
+  config.data = dict(pairs=400, heldout_fraction=0.2)
+  config.reward_model = dict(steps=300, batch=64, learning_rate=1e-3)
+  config.policy = dict(steps=200, batch=64, learning_rate=3e-4, eval_every=10, eval_batch=128,
+                       kl_estimator='k2')
+  config.kl_coeffs = (0.01, 0.1, 1.0)  # REINFORCE against the proxy
+  config.dpo_beta = 0.1
+  config.pessimistic_kl_coeffs = (0.01, 0.1, 1.0)  # PRPO / P3O
+  config.eta = 1.0
+  config.adversary = dict(learning_rate=1e-3, steps_per_policy_step=1, K=64, pool=1024)
+  return config
