@@ -29,6 +29,8 @@ JOBS = {
     'rl_rest': 'rl.rest:rest',
     'repro_clarify': 'rl.repro_clarify:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
+    'pav_verifier': 'rl.pav:train_verifier',
+    'repro_pav_search': 'rl.repro_pav_search:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

@@ -2,10 +2,11 @@
 from ml_collections import config_dict
 
 from model.config_errors import ConfigError
+from rl.envs import arith
 from rl.envs import base
 from rl.envs import clarify
 
-ENVS = {'clarify': clarify.ClarifyEnv}
+ENVS = {'clarify': clarify.ClarifyEnv, 'arith': arith.ArithEnv}
 
 
 def make_env(env_config: config_dict.ConfigDict) -> base.Env:
