@@ -167,8 +167,9 @@ def verifier_loss():
 STOPS = ('newline', 'end', 'limit')  # how a sampled piece ended
 
 
-def _pad_rows(rows, pad_id, multiple=16):
-  """Right-padded [2^k rows, width multiple of 16] int32 and the lengths (few shapes)."""
+def _pad_rows(rows, pad_id, multiple=32):
+  """Right-padded [2^k rows, width multiple of 32] int32 and the lengths (few shapes,
+  few compiles)."""
   n, width = len(rows), -(-max(len(r) for r in rows) // multiple) * multiple
   size = 1 << max(0, (n - 1).bit_length())
   tokens = np.full((size, width), pad_id, np.int32)

@@ -39,12 +39,12 @@ def get_config(stage='sft'):
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_new_tokens=80, max_turns=1, batch=256)
   if stage == 'sft':
-    config.train = base.train_config(steps=600, learning_rate=3e-3, warmup_steps=50,
-                                     eval_every=0, checkpoint_every=600, log_every=50)
+    config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=400, log_every=50)
   else:
     config.verifier = pav.default_verifier_config()
     config.verifier.kind = stage
-    config.train = base.train_config(steps=300, learning_rate=1e-3, warmup_steps=30,
-                                     eval_every=0, checkpoint_every=300, log_every=50)
+    config.train = base.train_config(steps=200, learning_rate=1e-3, warmup_steps=20,
+                                     eval_every=0, checkpoint_every=200, log_every=50)
   config.sample.max_new_tokens = 0
   return config
