@@ -39,8 +39,8 @@ def get_config(stage='sft'):
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_new_tokens=80, max_turns=1, batch=256)
   if stage == 'sft':
-    config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=50,
-                                     eval_every=0, checkpoint_every=400, log_every=50)
+    config.train = base.train_config(steps=500, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=500, log_every=50)
   else:
     config.verifier = pav.default_verifier_config()
     config.verifier.kind = stage
