@@ -10,6 +10,11 @@ from a state where the base policy succeeds with probability q is 1 - (1 - q)^K.
 
 Pure jnp functions on arrays whose last axis is the step; the same functions serve the toy
 (``rl.envs.planted``, exact Q^mu) and a learned verifier's predictions.
+
+On text (steps are lines, ``rl.envs.arith``; Sec. 4.1): ``mc_labels`` (Monte Carlo Q^pi of
+step prefixes, first pit), ``PolicySampler`` (batched generate from prefixes),
+``Verifier`` (a ``WithValueHead`` read at each step's last token), ``verifier_loss``
+(class-balanced soft cross-entropy) and the job ``pav_verifier`` (``train_verifier``).
 """
 import copy
 
