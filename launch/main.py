@@ -31,6 +31,8 @@ JOBS = {
     'repro_collab': 'rl.repro_collab:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
     'repro_pessimism': 'rl.repro_pessimism:run',
+    'pav_verifier': 'rl.pav:train_verifier',
+    'repro_pav_search': 'rl.repro_pav_search:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

@@ -2,11 +2,12 @@
 from ml_collections import config_dict
 
 from model.config_errors import ConfigError
+from rl.envs import arith
 from rl.envs import base
 from rl.envs import clarify
 from rl.envs import collab
 
-ENVS = {'clarify': clarify.ClarifyEnv, 'collab': collab.CollabEnv}
+ENVS = {'arith': arith.ArithEnv, 'clarify': clarify.ClarifyEnv, 'collab': collab.CollabEnv}
 
 
 def make_env(env_config: config_dict.ConfigDict) -> base.Env:
