@@ -151,15 +151,11 @@ def reinforce_loss(kl_coeff=0.0, kl_estimator='k3', entropy_coeff=0.0,
   ``clip_frac`` (with ``clip_ratio``: tokens whose weight was truncated), ``reward`` (batch
   mean, when ``rewards`` is present), ``value_loss``, ``aux/<name>``.
   """
-  if kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(f'kl_estimator={kl_estimator!r}; expected one of {KL_ESTIMATORS}.')
+  _check_coefficients(kl_estimator, kl_coeff, entropy_coeff, value_coeff)
   if baseline not in (None, 'value'):
     raise ValueError(f"baseline={baseline!r}; expected None or 'value'.")
   if clip_ratio is not None and clip_ratio <= 0:
     raise ValueError(f'clip_ratio={clip_ratio} must be > 0 (or None).')
-  if kl_coeff < 0 or entropy_coeff < 0 or value_coeff < 0:
-    raise ValueError(f'kl_coeff={kl_coeff}, entropy_coeff={entropy_coeff} and '
-                     f'value_coeff={value_coeff} must be >= 0.')
 
   def loss_fn(model, variables, batch, ctx):
     b, t = batch['targets'].shape
@@ -200,6 +196,14 @@ def reinforce_loss(kl_coeff=0.0, kl_estimator='k3', entropy_coeff=0.0,
                           kl_coeff, kl_estimator, entropy_coeff, reference_model, 'reinforce_loss')
     return loss, metrics, model_state
   return loss_fn
+
+
+def _check_coefficients(kl_estimator, kl_coeff, entropy_coeff, value_coeff):
+  if kl_estimator not in KL_ESTIMATORS:
+    raise ValueError(f'kl_estimator={kl_estimator!r}; expected one of {KL_ESTIMATORS}.')
+  if kl_coeff < 0 or entropy_coeff < 0 or value_coeff < 0:
+    raise ValueError(f'kl_coeff={kl_coeff}, entropy_coeff={entropy_coeff} and '
+                     f'value_coeff={value_coeff} must be >= 0.')
 
 
 def _regularisers(model, batch, ctx, logits, logp, w, aux, metrics, token_sum, kl_coeff,
@@ -280,11 +284,7 @@ def ppo_loss(clip_eps=0.2, value_coeff=0.5, value_clip=None, kl_coeff=0.0, kl_es
   ``entropy``, ``aux/<name>``."""
   if clip_eps <= 0:
     raise ValueError(f'clip_eps={clip_eps} must be > 0.')
-  if kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(f'kl_estimator={kl_estimator!r}; expected one of {KL_ESTIMATORS}.')
-  if kl_coeff < 0 or entropy_coeff < 0 or value_coeff < 0:
-    raise ValueError(f'kl_coeff={kl_coeff}, entropy_coeff={entropy_coeff} and '
-                     f'value_coeff={value_coeff} must be >= 0.')
+  _check_coefficients(kl_estimator, kl_coeff, entropy_coeff, value_coeff)
 
   def loss_fn(model, variables, batch, ctx):
     b, t = batch['targets'].shape

@@ -13,7 +13,6 @@ rate is the policy's probability of that first action). The analysis:
   * agreement with the Bayes-optimal first action per held-out cost.
 Seeds vary ReST (rollouts and fine-tuning order); the SFT policy is shared.
 """
-import copy
 import json
 import time
 
@@ -28,15 +27,6 @@ from training import workdir as workdir_lib
 POLICIES = ('steerable', 'single_cost', 'sft')
 
 
-def _stage(config, name, seed, init_workdir=None):
-  stage = copy.deepcopy(config.stages[name])
-  stage.unlock()
-  stage.seed = int(seed)
-  if init_workdir is not None:
-    stage.rest.init_workdir = init_workdir
-  return stage
-
-
 def _final_eval(workdir, name):
   return json.loads((workdir_lib.path(workdir) / 'eval' / f'{name}.json').read_text())
 
@@ -48,7 +38,7 @@ def run(config, workdir):
   timings = {}
   start = time.time()
   sft_dir = root / 'sft'
-  rest.sft(_stage(config, 'sft', config.seeds[0]), sft_dir)
+  rest.sft(rest.stage_config(config, 'sft', config.seeds[0]), sft_dir)
   timings['sft'] = time.time() - start
   # The held-out evaluation of each mode, by its name in the eval files.
   modes = {mode: name for name, (which, mode) in rest.eval_names(config.stages.rest).items()
@@ -57,7 +47,7 @@ def run(config, workdir):
   for policy, stage in (('steerable', 'rest'), ('single_cost', 'single')):
     for seed in config.seeds:
       t0 = time.time()
-      stage_config = _stage(config, stage, seed, str(sft_dir))
+      stage_config = rest.stage_config(config, stage, seed, str(sft_dir))
       stage_dir = root / f'{stage}_s{seed}'
       rest.rest(stage_config, stage_dir)
       final = _final_eval(stage_dir, f'iteration_{stage_config.rest.iterations}')

@@ -34,15 +34,6 @@ METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
            'hedge_rate', 'invalid_rate', 'hedge_auroc')
 
 
-def _stage(config, name, seed, init_workdir=None):
-  stage = copy.deepcopy(config.stages[name])
-  stage.unlock()
-  stage.seed = int(seed)
-  if init_workdir is not None:
-    stage.rest.init_workdir = init_workdir
-  return stage
-
-
 def run(config, workdir):
   """Runs (or resumes) every stage, deploys each policy, writes the table, JSON and plot."""
   root = workdir_lib.path(workdir)
@@ -50,13 +41,13 @@ def run(config, workdir):
   timings, start = {}, time.time()
   for name in ('sft', 'oracle'):
     t0 = time.time()
-    rest.sft(_stage(config, name, config.seeds[0]), root / name)
+    rest.sft(rest.stage_config(config, name, config.seeds[0]), root / name)
     timings[name] = time.time() - t0
   dirs = {'in_context': [root / 'sft'], 'action_supervised': [root / 'oracle'],
           'rest_single': []}
   for seed in config.seeds:
     t0 = time.time()
-    rest.rest(_stage(config, 'rest', seed, str(root / 'sft')), root / f'rest_s{seed}')
+    rest.rest(rest.stage_config(config, 'rest', seed, str(root / 'sft')), root / f'rest_s{seed}')
     dirs['rest_single'].append(root / f'rest_s{seed}')
     timings[f'rest_s{seed}'] = time.time() - t0
   env_config = copy.deepcopy(config.stages.sft.env)

@@ -76,6 +76,17 @@ def default_rest_config() -> config_dict.ConfigDict:
   ))
 
 
+def stage_config(config, name, seed, init_workdir=None):
+  """A reproduction's stage: ``config.stages[name]`` (a whole job config, copied) with its
+  ``seed`` and, for ReST stages, the workdir of the policy it starts from."""
+  stage = copy.deepcopy(config.stages[name])
+  stage.unlock()
+  stage.seed = int(seed)
+  if init_workdir is not None:
+    stage.rest.init_workdir = init_workdir
+  return stage
+
+
 def _check(config):
   rest = config.get('rest')
   if rest is not None:
