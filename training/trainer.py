@@ -318,6 +318,7 @@ class Trainer:
     last_eval = {**last_eval, 'eval_step': eval_step} if last_eval else {}
     data_after = {}  # completed step -> the iterator's state after its batch
     progress = _progress_bar(step, until)
+    shown = step  # the bar counts completed steps: it advances where the host waits for one
     t0, window_start, tokens = time.time(), step, 0
     with Preemption() as preemption, self.context():
       try:
@@ -337,15 +338,16 @@ class Trainer:
           step += 1
           tokens += batch['tokens'].size
           data_after[step] = batches.get_state() if hasattr(batches, 'get_state') else None
-          progress.update(1)
           log = step % train_cfg.log_every == 0 or step == until
           evaluate_now = evaluate is not None and train_cfg.get('eval_every', 0) and (
               step % train_cfg.eval_every == 0 or step == until)
           save = step % train_cfg.checkpoint_every == 0 or step == until
           stop = preemption.requested(step)
           if log or evaluate_now or save or stop:
-            self._check_finite(state, data_after)
+            self._check_finite(state, data_after)  # waits for this step to complete
             data_after = {step: data_after.get(step)}
+            progress.update(step - shown)
+            shown = step
           if log:
             metrics = jax.device_get(metrics)
             tok_s = tokens / max(time.time() - t0, 1e-9)
