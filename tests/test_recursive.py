@@ -234,16 +234,17 @@ class DecodeTest(parameterized.TestCase):
     model = recursive.Recursive(cfg)
     params = conversion.convert_params(_vanilla_params(), VANILLA, cfg, 'average')
     tokens = _tokens(length=8)
-    full, _ = model.apply({'params': params}, tokens)
+    apply = jax.jit(model.apply)
+    full, _ = apply({'params': params}, tokens)
     cache = model.init_cache(2, 8)
     pos = jnp.broadcast_to(jnp.arange(8), tokens.shape)
-    first, aux = model.apply({'params': params}, tokens[:, :5], positions=pos[:, :5], cache=cache)
+    first, aux = apply({'params': params}, tokens[:, :5], positions=pos[:, :5], cache=cache)
     self.assertLen(aux['cache']['k'], cfg.num_layers)
     steps = [first]
     cache = aux['cache']
     for t in range(5, 8):
-      logits, aux = model.apply({'params': params}, tokens[:, t:t + 1], positions=pos[:, t:t + 1],
-                                cache=cache)
+      logits, aux = apply({'params': params}, tokens[:, t:t + 1], positions=pos[:, t:t + 1],
+                          cache=cache)
       cache = aux['cache']
       steps.append(logits)
     assert_close(jnp.concatenate(steps, axis=1), full, FORWARD_RTOL)
@@ -257,7 +258,7 @@ class DecodeTest(parameterized.TestCase):
                           jax.random.PRNGKey(0))
     seq = prompts
     for _ in range(3):
-      logits, _ = model.apply({'params': params}, seq)
+      logits, _ = jax.jit(model.apply)({'params': params}, seq)
       seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1:], axis=-1)], axis=1)
     np.testing.assert_array_equal(out.tokens, seq[:, 4:])
 

@@ -24,6 +24,16 @@ import orbax.checkpoint as ocp
 
 from training import workdir as workdir_lib
 
+# Orbax splits each replicated array's writing across its replicas ("replica-parallel"),
+# which costs a compiled slice per device and array shape. Below this size a slice is not
+# worth that: the first replica writes the array whole. Larger arrays keep the split.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
+# The default handler's metadata store is kept (orbax exposes it only as an attribute).
+ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    array_metadata_store=getattr(ocp.type_handlers.get_type_handler(jax.Array),
+                                 '_array_metadata_store', None),
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES), override=True)
+
 
 def _path_str(path):
   parts = []
