@@ -99,23 +99,32 @@ def plan_batch(config, mesh) -> BatchPlan:
 # Memory.
 # ---------------------------------------------------------------------------------------
 def host_memory_bytes():
-  """Physical RAM, or the cgroup's memory limit when that is lower."""
-  total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  """Host memory this process can still take: the kernel's MemAvailable (other processes'
+  use excluded), capped by the cgroup's remaining allowance; physical RAM where unknown."""
+  available = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
   try:
-    with open('/sys/fs/cgroup/memory.max') as f:
-      limit = f.read().strip()
-    if limit.isdigit():
-      total = min(total, int(limit))
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          available = int(line.split()[1]) * 1024
   except OSError:
     pass
-  return total
+  try:
+    with open('/sys/fs/cgroup/memory.max') as f, open('/sys/fs/cgroup/memory.current') as g:
+      limit, used = f.read().strip(), g.read().strip()
+    if limit.isdigit() and used.isdigit():
+      available = min(available, int(limit) - int(used))
+  except OSError:
+    pass
+  return available
 
 
 def memory_limit(config, device):
   """(bytes per device, where the number comes from); (None, reason) when unknown.
 
   ``config.train.memory_limit_bytes`` if set; else the backend's ``bytes_limit``; on CPU the
-  host's RAM divided over its (possibly fake) CPU devices.
+  host memory available now (``host_memory_bytes``) divided over its (possibly fake) CPU
+  devices.
   """
   override = config.train.get('memory_limit_bytes', 0)
   if override:
@@ -128,7 +137,7 @@ def memory_limit(config, device):
     return int(stats['bytes_limit']), f"{device.device_kind} memory_stats()['bytes_limit']"
   if device.platform == 'cpu':
     n = len(jax.local_devices(backend='cpu'))
-    return host_memory_bytes() // n, f'host RAM over {n} CPU device(s)'
+    return host_memory_bytes() // n, f'available host RAM over {n} CPU device(s)'
   return None, f'{device.device_kind} reports no memory limit'
 
 

@@ -302,6 +302,7 @@ class Trainer:
         'accum': plan.accum, 'estimate_bytes': estimate and estimate.total,
         'limit_bytes': limit, 'limit_source': source, 'fits': fits,
         'verdict': budget.memory_verdict(estimate, limit, source),
+        'estimates': {m: e[2].total for m, e in tried.items() if e[2] is not None},
         'compiles': len(tried), 'trace_and_lower_seconds': round(seconds[0], 2),
         'compile_seconds': round(seconds[1], 2)}
     if not fits and check:
