@@ -74,8 +74,9 @@ def plan_batch(config, mesh) -> BatchPlan:
                       f'{micro} must be >= 0 (0: derived).')
   if batch % shards:
     raise ConfigError(
-        f'config.data.batch_size={batch} does not split over the {shards} devices of the mesh '
-        f'axes {sharding.BATCH_AXES} ({dict(mesh.shape)}); use a multiple of {shards}.')
+        f'config.data.batch_size={batch} (the global batch) does not split over the {shards} '
+        f'devices of the mesh axes {sharding.BATCH_AXES} ({dict(mesh.shape)}); use a multiple '
+        f'of {shards}.')
   per_device = batch // shards
   if accum and micro and accum * micro != per_device:
     raise ConfigError(

@@ -294,9 +294,11 @@ class Trainer:
         if first + slope * (micro - candidates[0]) <= limit and attempt(micro):
           chosen = micro
           break
+    if auto and jax.process_count() > 1:  # every process must run the same program
+      chosen = int(multihost_utils.process_allgather(jnp.asarray(chosen)).min())
+    fits = attempt(chosen)
     step_fn, compiled, estimate, self.lowered_step, seconds = tried[chosen]
     plan = self.batch_plan.with_micro(chosen)
-    fits = attempt(chosen)
     self.memory_report = {
         'batch': plan.describe(self.mesh), 'micro_batch_per_device': chosen,
         'accum': plan.accum, 'estimate_bytes': estimate and estimate.total,
@@ -316,7 +318,6 @@ class Trainer:
     self._compiled[_signature(batch, args)] = compiled
     if jax.process_index() == 0:
       print(f'Plan: {plan.describe(self.mesh)}; {self.memory_report["verdict"]}', flush=True)
-    logging.info('Plan: %s; %s', plan.describe(self.mesh), self.memory_report['verdict'])
     return self.memory_report
 
   def _step_for(self, batch, args):
