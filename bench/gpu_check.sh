@@ -24,7 +24,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   CONFIGS="configs/vanilla_tiny.py configs/mor_tiny.py"
   STEPS=6
   LOG_EVERY=2
-  set -- --config.data.max_docs=200 "$@"
+  set -- --config.data.max_docs=200 --config.train.grad_accum=0 "$@"
 fi
 mkdir -p "$OUT"
 RUNS=()

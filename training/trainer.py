@@ -6,6 +6,11 @@ are jobs on top of it: each brings an iterator of batches and a loss function.
     state = trainer.restore_or_init(batches)           # latest readable checkpoint, or init
     result = trainer.fit(state, batches, until=config.train.steps, evaluate=fn)
 
+Before step 1 the step is compiled for the devices present, with the global batch split
+into micro-batches per device (``budget.plan_batch``), and XLA's memory estimate is checked
+against the device's memory (``Trainer.compile``): a step that cannot fit is one ConfigError
+line, not an out-of-memory error inside the first step. The loop reuses that compiled step.
+
 Guarantees:
   * One live run per workdir (``workdir.WorkdirLock``); the saved config is checked on
     resume (``workdir.record_config``).
