@@ -113,11 +113,11 @@ def lm_batch_spec(config):
           for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
 
 
-def dry_run(config, workdir='dry_run'):
+def dry_run(config):
   """Compiles the train step ahead of time for the configured mesh, as a run would (the
   same batch plan and memory check, ``Trainer.compile``); prints its costs and the memory
-  verdict. Writes nothing."""
-  trainer = trainer_lib.Trainer(config, workdir)
+  verdict. Writes nothing (the trainer's workdir is never opened)."""
+  trainer = trainer_lib.Trainer(config, 'dry_run')
   plan = trainer.compile(lm_batch_spec(config), check=False)
   b, t = config.data.batch_size, config.data.seq_len
   mesh, compiled = trainer.mesh, trainer.compiled_step
@@ -162,7 +162,7 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   placed with ``trainer.shard_params``) go to the trainer core.
   """
   if config.get('dry_run', False):
-    return dry_run(config, workdir)
+    return dry_run(config)
 
   # -- Tokenizer, data and config checks: fail before compiling or writing anything. ----
   check_config(config)
