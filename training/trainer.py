@@ -88,9 +88,9 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None, accum=None)
   scanned in sequence; loss functions return contributions that add up to the full batch's
   value (``losses`` module), so accumulation matches one big batch. Micro-batch ``k`` holds
   rows ``k, k + accum, ...``: each device's contiguous rows split into its own share of
-  every micro-batch, so splitting moves no data between devices. A step whose loss or gradient norm is not finite
-  returns the state unchanged except ``nonfinite_step``, which records the first such step
-  (1-based); once set, later steps change nothing.
+  every micro-batch, so splitting moves no data between devices. A step whose loss or
+  gradient norm is not finite returns the state unchanged except ``nonfinite_step``, which
+  records the first such step (1-based); once set, later steps change nothing.
   """
   loss_fn = loss_fn or losses.lm_loss(train_config.get('z_loss', 0.0))
   accum = accum or train_config.get('grad_accum', 1) or 1
