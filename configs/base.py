@@ -22,7 +22,15 @@ def train_config(**overrides):
       min_lr_ratio=0.0, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
       grad_accum=1, z_loss=0.0, log_every=10, eval_every=100, eval_batches=8,
       checkpoint_every=200, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
-      report_unigram_entropy=False))
+      report_unigram_entropy=False,
+      # The global batch is config.data.batch_size; per step each device runs grad_accum
+      # micro-batches of micro_batch_per_device sequences (training.budget.plan_batch).
+      # grad_accum > 0 fixes the accumulation, else micro_batch_per_device > 0 the
+      # micro-batch, else (both 0) the largest micro-batch that fits in memory is used.
+      micro_batch_per_device=0,
+      # Per-device memory the compiled step must fit in (0: the device's own limit, host
+      # RAM over the CPU devices on CPU); peak FLOP/s per device for MFU (0: known devices).
+      memory_limit_bytes=0.0, peak_flops_per_device=0.0))
   cfg.update(overrides)
   return cfg
 

@@ -2,7 +2,8 @@
 
 1 + 10 + 1 unique layers: about 118M non-embedding parameters (the paper's 118M). Recipe:
 AdamW (0.9, 0.95), weight decay 0.1, lr 3e-3 warmup-stable-decay (last 20% decay), batch
-1024 sequences of 2048 tokens (grad_accum 16), bf16. Check it without training:
+1024 sequences of 2048 tokens (micro-batch and accumulation derived from the devices and
+their memory), bf16, remat. Check it without training:
 
   python -m launch.main --config=configs/mor_360m.py --config.dry_run=True
 
@@ -29,7 +30,7 @@ def mor_smollm_config(name, shapes, data_path=None, **mor_options):
     config.data.source = 'parquet' if data_path.endswith('.parquet') else 'arrayrecord'
     config.data.paths = data_path
   # About 16.5e18 FLOPs for the 360M vanilla baseline: ~7.5B tokens, 3600 steps of 2M tokens.
-  config.train.update(steps=3600, warmup_steps=360, grad_accum=16, learning_rate=3e-3,
+  config.train.update(steps=3600, warmup_steps=360, learning_rate=3e-3,
                       schedule='wsd', decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95)
   return config
 

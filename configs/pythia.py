@@ -42,7 +42,7 @@ def neox_pretraining(config, learning_rate, batch_size=256, steps=572_000, warmu
   config.data.batch_size = batch_size
   config.train = base.train_config(
       steps=steps, learning_rate=learning_rate, schedule='cosine', min_lr_ratio=0.1,
-      warmup_steps=warmup_steps, weight_decay=0.1, b1=0.9, b2=0.95, grad_accum=4,
+      warmup_steps=warmup_steps, weight_decay=0.1, b1=0.9, b2=0.95, grad_accum=0,
       eval_every=10_000, checkpoint_every=10_000)
   config.mesh.data = 1
   config.mesh.fsdp = -1

@@ -12,7 +12,8 @@ from configs import base
 
 
 def smollm_config(name, num_layers, embed_dim, num_heads, num_kv_heads, mlp_dim):
-  """A SmolLM-shaped pretraining config (vocab 49152, tied embeddings, bf16, scanned layers)."""
+  """A SmolLM-shaped pretraining config (vocab 49152, tied embeddings, bf16, scanned and
+  rematerialised layers)."""
   config = base.base_config()
   config.name = name
   config.model = base.model_config(
@@ -21,8 +22,11 @@ def smollm_config(name, num_layers, embed_dim, num_heads, num_kv_heads, mlp_dim)
       scan_layers=True, remat=True, dtype='bfloat16')
   config.data.seq_len = 2048
   config.data.batch_size = 256
+  # The global batch holds on any device count: micro-batch and accumulation are derived
+  # from the devices and their memory (training.budget).
   config.train = base.train_config(steps=20000, learning_rate=3e-3, warmup_steps=1000,
-                                   grad_accum=4, eval_every=1000, checkpoint_every=1000)
+                                   grad_accum=0, micro_batch_per_device=0, eval_every=1000,
+                                   checkpoint_every=1000)
   config.mesh.data = 1
   config.mesh.fsdp = -1
   return config

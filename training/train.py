@@ -12,20 +12,18 @@ expert choice under causal routing, as decoding routes), logged as ``eval/loss_<
 """
 import json
 import math
-import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from training import data as data_lib
 from training import losses, sharding, tokenizers
 from training import trainer as trainer_lib
 from training import workdir as workdir_lib
-from training.trainer import build_state_fns, count_params, model_variables
+from training.budget import analytic_flops_per_token  # noqa: F401  (train.analytic_flops_per_token)
+from training.trainer import count_params, model_variables
 
 
 # ---------------------------------------------------------------------------------------
@@ -43,9 +41,12 @@ def check_config(config, tokenizer=None):
     if data[field] <= 0:
       problems.append(f'config.data.{field} must be positive, got {data[field]}.')
   accum = train.get('grad_accum', 1)
-  if accum <= 0 or (data.batch_size > 0 and data.batch_size % accum):
+  if accum < 0 or (accum and data.batch_size > 0 and data.batch_size % accum):
     problems.append(f'config.data.batch_size={data.batch_size} is not divisible by '
-                    f'config.train.grad_accum={accum}.')
+                    f'config.train.grad_accum={accum} (0: derived from the devices).')
+  for field in ('micro_batch_per_device', 'memory_limit_bytes', 'peak_flops_per_device'):
+    if train.get(field, 0) < 0:
+      problems.append(f'config.train.{field} must be >= 0 (0: automatic), got {train[field]}.')
   for field in ('log_every', 'checkpoint_every'):
     if train[field] <= 0:
       problems.append(f'config.train.{field} must be positive, got {train[field]}.')
@@ -59,19 +60,6 @@ def check_config(config, tokenizer=None):
                     f'tokenizer vocabulary ({tokenizer.vocab_size}).')
   if problems:
     raise workdir_lib.ConfigError(' '.join(problems))
-
-
-def analytic_flops_per_token(cfg, non_embedding_params, seq_len):
-  """Training FLOPs per token: 6N for the matmuls plus 12·L·H·D·T for attention (PaLM, App. B).
-
-  The LM head's matmul (tied or not) is counted too: 6·V·E. Configs whose tokens do not use
-  every parameter exactly once (shared or routed layers) count themselves with a
-  ``flops_per_token(seq_len)`` method.
-  """
-  if hasattr(cfg, 'flops_per_token'):
-    return cfg.flops_per_token(seq_len)
-  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dims_per_head * seq_len
-  return 6 * (non_embedding_params + cfg.vocab_size * cfg.embed_dim) + attn
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,15 +82,19 @@ def make_eval_step(model):
   return eval_step
 
 
-def evaluate(eval_step, variables, val_ds, mesh, num_batches):
-  """Validation loss over the first ``num_batches`` batches of the (deterministic) split."""
+def evaluate(eval_step, variables, val_ds, mesh, num_batches, chunks=1):
+  """Validation loss over the first ``num_batches`` batches of the (deterministic) split,
+  each run as ``chunks`` pieces (the training step's micro-batches, so a batch too large
+  for one pass still fits)."""
   totals = {}
   for i, batch in enumerate(val_ds):
     if i >= num_batches:
       break
-    for name, (ce, count) in eval_step(variables, sharding.shard_batch(batch, mesh)).items():
-      ce_total, count_total = totals.get(name, (0.0, 0.0))
-      totals[name] = (ce_total + float(ce), count_total + float(count))
+    for k in range(chunks):
+      piece = jax.tree.map(lambda x: x.reshape(-1, chunks, *x.shape[1:])[:, k], batch)
+      for name, (ce, count) in eval_step(variables, sharding.shard_batch(piece, mesh)).items():
+        ce_total, count_total = totals.get(name, (0.0, 0.0))
+        totals[name] = (ce_total + float(ce), count_total + float(count))
   result = {}
   for name, (ce, count) in totals.items():
     result[f'eval/loss{name}'] = ce / max(count, 1.0)
@@ -114,24 +106,22 @@ def evaluate(eval_step, variables, val_ds, mesh, num_batches):
 # ---------------------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------------------
+def lm_batch_spec(config):
+  """Shapes of the pretraining batch (``training.data``'s rows): the global batch."""
+  shape = (config.data.batch_size, config.data.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+          for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
+
+
 def dry_run(config):
-  """Compiles the train step ahead of time for the configured mesh; prints its costs."""
-  mesh = sharding.make_mesh(config.mesh)
-  trainer_lib.check_mesh(config, mesh)
-  model, tx, schedule, abstract, shardings, _, rules = build_state_fns(config, mesh)
+  """Compiles the train step ahead of time for the configured mesh, as a run would (the
+  same batch plan and memory check, ``Trainer.compile``); prints its costs and the memory
+  verdict. Writes nothing (the trainer's workdir is never opened)."""
+  trainer = trainer_lib.Trainer(config, 'dry_run')
+  plan = trainer.compile(lm_batch_spec(config), check=False)
   b, t = config.data.batch_size, config.data.seq_len
-  batch_spec = NamedSharding(mesh, P(sharding.BATCH_AXES))
-  abstract_batch = {k: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=batch_spec)
-                    for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
-  step = trainer_lib.make_train_step(model, tx, schedule, config.train)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    start = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=0, out_shardings=(shardings, None)).lower(
-        abstract, abstract_batch)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    compiled_at = time.perf_counter()
-  total, non_emb = count_params(abstract['params'])
+  mesh, compiled = trainer.mesh, trainer.compiled_step
+  total, non_emb = count_params(trainer.abstract['params'])
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
@@ -139,22 +129,27 @@ def dry_run(config):
   report = {
       'params_total': total, 'params_non_embedding': non_emb,
       'mesh': dict(mesh.shape), 'devices': mesh.size, 'tokens_per_step': b * t,
+      'micro_batch_per_device': plan['micro_batch_per_device'], 'grad_accum': plan['accum'],
       # XLA's cost analysis counts a loop body once: with scanned layers or gradient
       # accumulation this is a lower bound. The analytic count is 6N + 12·L·H·D·T (PaLM).
       'flops_per_token_xla_cost_analysis': flops * mesh.size / (b * t),
-      'flops_per_token_analytic': analytic_flops_per_token(model.cfg, non_emb, t),
-      'trace_and_lower_seconds': round(lowered_at - start, 2),
-      'compile_seconds': round(compiled_at - lowered_at, 2),
+      'flops_per_token_analytic': trainer.flops_per_token,
+      'trace_and_lower_seconds': plan['trace_and_lower_seconds'],
+      'compile_seconds': plan['compile_seconds'], 'compiles': plan['compiles'],
       # Program size: lines of the StableHLO handed to XLA (grows with unrolled layers).
-      'stablehlo_lines': lowered.as_text().count('\n'),
+      'stablehlo_lines': trainer.lowered_step.as_text().count('\n'),
       'memory_per_device_bytes': {
           'arguments': getattr(mem, 'argument_size_in_bytes', None),
           'outputs': getattr(mem, 'output_size_in_bytes', None),
           'temporaries': getattr(mem, 'temp_size_in_bytes', None),
-          'generated_code': getattr(mem, 'generated_code_size_in_bytes', None)},
+          'aliased': getattr(mem, 'alias_size_in_bytes', None),
+          'generated_code': getattr(mem, 'generated_code_size_in_bytes', None),
+          'estimate': plan['estimate_bytes'], 'limit': plan['limit_bytes']},
+      'memory_fits': plan['fits'],
   }
   print(json.dumps(report, indent=2))
   print(f'Parameters: {total / 1e6:.2f}M total, {non_emb / 1e6:.2f}M non-embedding')
+  print(f'Memory verdict: {plan["verdict"]}')
   return report
 
 
@@ -185,10 +180,14 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   total, non_emb = count_params(trainer.abstract['params'])
   logging.info('Model %s: %.2fM parameters (%.2fM non-embedding), mesh %s', config.model.name,
                total / 1e6, non_emb / 1e6, dict(trainer.mesh.shape))
+  args = step_args(trainer) if step_args else None
+  # The memory plan: compile the step and check it fits (or pick the micro-batch) before
+  # any state is initialised or anything written; ``fit`` reuses this compiled step.
+  trainer.compile(lm_batch_spec(config), args)
   eval_step = jax.jit(make_eval_step(trainer.model))
   train_cfg = config.train
   run_eval = lambda state: evaluate(eval_step, model_variables(state), val_ds, trainer.mesh,
-                                    train_cfg.eval_batches)
+                                    train_cfg.eval_batches, trainer.batch_plan.accum)
 
   # -- Lock, config record, restore or initialise, the loop. -----------------------------
   train_iter = iter(train_ds)
@@ -197,7 +196,6 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
     tokenizer_dir = trainer.workdir / tokenizers.TOKENIZER_SUBDIR
     if workdir_lib.is_primary() and not (tokenizer_dir / tokenizers.MARKER_FILE).exists():
       tokenizer.save(tokenizer_dir)
-    args = step_args(trainer) if step_args else None
     if trainer.start_step >= train_cfg.steps:  # Nothing to train: re-evaluate only.
       with trainer.context():
         result = trainer_lib.FitResult(state, trainer.start_step, False,
@@ -209,7 +207,8 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   # -- Summary (process 0 writes it); a preempted run skips the end-of-run extras. -------
   tokens_per_step = config.data.batch_size * config.data.seq_len
   summary = {'step': result.step, 'tokens_seen': result.step * tokens_per_step,
-             'preempted': result.preempted, **result.last_eval}
+             'preempted': result.preempted, **result.last_eval,
+             'plan': {k: v for k, v in trainer.memory_report.items() if k != 'verdict'}}
   if not result.preempted:
     if train_cfg.get('report_unigram_entropy', False):
       summary['validation_unigram_entropy'] = data_lib.unigram_entropy(

@@ -6,6 +6,11 @@ are jobs on top of it: each brings an iterator of batches and a loss function.
     state = trainer.restore_or_init(batches)           # latest readable checkpoint, or init
     result = trainer.fit(state, batches, until=config.train.steps, evaluate=fn)
 
+Before step 1 the step is compiled for the devices present, with the global batch split
+into micro-batches per device (``budget.plan_batch``), and XLA's memory estimate is checked
+against the device's memory (``Trainer.compile``): a step that cannot fit is one ConfigError
+line, not an out-of-memory error inside the first step. The loop reuses that compiled step.
+
 Guarantees:
   * One live run per workdir (``workdir.WorkdirLock``); the saved config is checked on
     resume (``workdir.record_config``).
@@ -36,7 +41,7 @@ from jax.experimental import multihost_utils
 import optax
 
 from model.registry import build_model
-from training import checkpoint as ckpt_lib
+from training import budget, checkpoint as ckpt_lib
 from training import losses, metrics as metrics_lib, optim, sharding
 from training import workdir as workdir_lib
 
@@ -58,17 +63,6 @@ class FitResult:
   last_eval: dict  # the last evaluation's metrics, with 'eval_step'
 
 
-def check_mesh(config, mesh):
-  """The (micro-)batch must split evenly over the mesh's batch axes."""
-  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-  micro = config.data.batch_size // config.train.get('grad_accum', 1)
-  if micro % shards:
-    raise workdir_lib.ConfigError(
-        f'config.data.batch_size={config.data.batch_size} (per micro-batch {micro}) does not '
-        f'split over the {shards} devices of the mesh axes {sharding.BATCH_AXES} '
-        f'({dict(mesh.shape)}); use a multiple of {shards}.')
-
-
 # ---------------------------------------------------------------------------------------
 # State and the step.
 # ---------------------------------------------------------------------------------------
@@ -87,17 +81,19 @@ def make_init_fn(model, tx, seq_len):
   return init
 
 
-def make_train_step(model, tx, schedule, train_config, loss_fn=None):
+def make_train_step(model, tx, schedule, train_config, loss_fn=None, accum=None):
   """Jittable ``step(state, batch, args=None) -> (state, metrics)``.
 
-  The batch is split into ``grad_accum`` micro-batches scanned in sequence; loss functions
-  return contributions that add up to the full batch's value (``losses`` module), so
-  accumulation matches one big batch. A step whose loss or gradient norm is not finite
-  returns the state unchanged except ``nonfinite_step``, which records the first such step
-  (1-based); once set, later steps change nothing.
+  The batch is split into ``accum`` micro-batches (default ``train_config.grad_accum``)
+  scanned in sequence; loss functions return contributions that add up to the full batch's
+  value (``losses`` module), so accumulation matches one big batch. Micro-batch ``k`` holds
+  rows ``k, k + accum, ...``: each device's contiguous rows split into its own share of
+  every micro-batch, so splitting moves no data between devices. A step whose loss or
+  gradient norm is not finite returns the state unchanged except ``nonfinite_step``, which
+  records the first such step (1-based); once set, later steps change nothing.
   """
   loss_fn = loss_fn or losses.lm_loss(train_config.get('z_loss', 0.0))
-  accum = train_config.get('grad_accum', 1)
+  accum = accum or train_config.get('grad_accum', 1) or 1
 
   def micro_grads(params, model_state, mb, ctx):
     def f(p):
@@ -115,7 +111,7 @@ def make_train_step(model, tx, schedule, train_config, loss_fn=None):
     if accum == 1:
       grads, metrics, model_state = micro_grads(params, model_state, batch, ctx)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+      micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
       micro = jax.lax.with_sharding_constraint(micro, jax.sharding.PartitionSpec(
           None, sharding.BATCH_AXES))
 
@@ -223,14 +219,118 @@ class Trainer:
   def __init__(self, config, workdir, *, model=None, loss_fn=None, mesh=None):
     self.config, self.workdir = config, workdir_lib.path(workdir)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    check_mesh(config, self.mesh)
+    self.batch_plan = budget.plan_batch(config, self.mesh)
     (self.model, self.tx, self.schedule, self.abstract, self.shardings, self._init,
      self.rules) = build_state_fns(config, self.mesh, model)
-    self.step_fn = jax.jit(make_train_step(self.model, self.tx, self.schedule, config.train,
-                                           loss_fn),
-                           donate_argnums=0, out_shardings=(self.shardings, None))
+    self._loss_fn = loss_fn
+    # The jitted step for the planned micro-batch (None until ``compile`` picks one).
+    self.step_fn = (self._jit(self.batch_plan.accum)
+                    if self.batch_plan.micro_batch_per_device else None)
+    self._compiled = {}  # (batch, args) shapes -> the compiled step
+    # The last ``compile``: its report (plan, memory estimate, limit, verdict), programs.
+    self.memory_report = self.lowered_step = self.compiled_step = None
+    _, non_emb = count_params(self.abstract['params'])
+    self.flops_per_token = (budget.analytic_flops_per_token(
+        self.model.cfg, non_emb, config.data.seq_len) if hasattr(self.model, 'cfg') else None)
+    self.peak_flops = budget.peak_flops(config, self.mesh.local_devices[0])
     self.checkpointer = self.writer = self._lock = None
     self.start_step = None
+
+  # -- The compiled step and its memory plan. ----------------------------------------------
+  def _jit(self, accum):
+    step = make_train_step(self.model, self.tx, self.schedule, self.config.train,
+                           self._loss_fn, accum=accum)
+    return jax.jit(step, donate_argnums=0, out_shardings=(self.shardings, None))
+
+  def _lower_compile(self, step_fn, batch, args):
+    """(lowered, compiled, (trace-and-lower seconds, compile seconds))."""
+    with self.context():
+      start = time.perf_counter()
+      lowered = step_fn.lower(self.abstract, batch, args)
+      lowered_at = time.perf_counter()
+      compiled = lowered.compile()
+    return lowered, compiled, (lowered_at - start, time.perf_counter() - lowered_at)
+
+  def compile(self, batch, args=None, *, check=True):
+    """Compiles the step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs of
+    the global batch) and ``args``, and checks XLA's per-device memory estimate against the
+    device's memory (``budget.memory_limit``) before any step runs.
+
+    With ``config.train.micro_batch_per_device=0`` and ``grad_accum=0`` the micro-batch is
+    the largest divisor of the per-device batch whose step fits: micro-batches 1 and 2 give
+    the estimate's slope, and the largest fitting divisor by that line is compiled and
+    confirmed (stepping down if XLA disagrees). Raises ConfigError (one line: the estimate,
+    the limit and the knobs) when nothing fits and ``check``; else returns the report
+    (``self.memory_report``). The compiled step is kept and used by ``fit``.
+    """
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=sharding.batch_sharding(self.mesh)), batch)
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), args)
+    limit, source = budget.memory_limit(self.config, self.mesh.local_devices[0])
+    tried = {}
+
+    def attempt(micro):
+      if micro not in tried:
+        plan = self.batch_plan.with_micro(micro)
+        step_fn = (self.step_fn if self.batch_plan.micro_batch_per_device else
+                   self._jit(plan.accum))
+        lowered, compiled, seconds = self._lower_compile(step_fn, batch, args)
+        tried[micro] = (step_fn, compiled, budget.MemoryEstimate.of(compiled), lowered, seconds)
+      estimate = tried[micro][2]
+      return limit is None or estimate is None or estimate.total <= limit
+
+    auto = self.batch_plan.micro_batch_per_device is None
+    if auto and limit is None:
+      raise workdir_lib.ConfigError(
+          f'Cannot pick the micro-batch from memory: {source}. Set '
+          'config.train.micro_batch_per_device or config.train.memory_limit_bytes.')
+    candidates = self.batch_plan.candidates()
+    chosen = candidates[0]
+    if attempt(chosen) and auto and tried[chosen][2] is None:
+      raise workdir_lib.ConfigError(
+          'Cannot pick the micro-batch from memory: the backend gives no memory analysis. '
+          'Set config.train.micro_batch_per_device.')
+    if len(candidates) > 1 and attempt(chosen) and attempt(candidates[1]):
+      chosen = candidates[1]
+      first, second = tried[candidates[0]][2].total, tried[candidates[1]][2].total
+      slope = max((second - first) / (candidates[1] - candidates[0]), 1.0)
+      for micro in reversed(candidates[2:]):
+        if first + slope * (micro - candidates[0]) <= limit and attempt(micro):
+          chosen = micro
+          break
+    if auto and jax.process_count() > 1:  # every process must run the same program
+      chosen = int(multihost_utils.process_allgather(jnp.asarray(chosen)).min())
+    fits = attempt(chosen)
+    step_fn, compiled, estimate, self.lowered_step, seconds = tried[chosen]
+    plan = self.batch_plan.with_micro(chosen)
+    self.memory_report = {
+        'batch': plan.describe(self.mesh), 'micro_batch_per_device': chosen,
+        'accum': plan.accum, 'estimate_bytes': estimate and estimate.total,
+        'limit_bytes': limit, 'limit_source': source, 'fits': fits,
+        'verdict': budget.memory_verdict(estimate, limit, source),
+        'estimates': {m: e[2].total for m, e in tried.items() if e[2] is not None},
+        'compiles': len(tried), 'trace_and_lower_seconds': round(seconds[0], 2),
+        'compile_seconds': round(seconds[1], 2)}
+    if not fits and check:
+      smallest = (f'even the smallest micro-batch ({chosen} per device) '
+                  if self.batch_plan.micro_batch_per_device is None else '')
+      raise workdir_lib.ConfigError(
+          f'The train step does not fit in device memory: {smallest}{plan.describe(self.mesh)} '
+          f'needs {estimate.describe()} but the limit is {budget.format_bytes(limit)} '
+          f'({source}). Lower the memory with {budget.knobs(self.config, plan)}.')
+    self.batch_plan, self.step_fn, self.compiled_step = plan, step_fn, compiled
+    self._compiled[_signature(batch, args)] = compiled
+    if jax.process_index() == 0:
+      print(f'Plan: {plan.describe(self.mesh)}; {self.memory_report["verdict"]}', flush=True)
+    return self.memory_report
+
+  def _step_for(self, batch, args):
+    """The compiled step for this batch's and args' shapes (compiled and checked once)."""
+    key = _signature(batch, args)
+    if key not in self._compiled:
+      self.compile(batch, args)
+    return self._compiled[key]
 
   # -- Opening and closing. --------------------------------------------------------------
   def __enter__(self):
@@ -319,7 +419,7 @@ class Trainer:
     data_after = {}  # completed step -> the iterator's state after its batch
     progress = _progress_bar(step, until)
     shown = step  # the bar counts completed steps: it advances where the host waits for one
-    t0, window_start, tokens = time.time(), step, 0
+    t0, window_start, tokens = None, step, 0
     with Preemption() as preemption, self.context():
       try:
         if evaluate is not None and step == 0 and train_cfg.get('eval_every', 0):
@@ -334,7 +434,10 @@ class Trainer:
               self.checkpointer.save(step, state, data_after.get(step))
             break
           batch = sharding.shard_batch(batch, self.mesh)
-          state, metrics = self.step_fn(state, batch, args)
+          step_fn = self._step_for(batch, args)
+          if t0 is None:  # timing starts once the step is compiled
+            t0 = time.time()
+          state, metrics = step_fn(state, batch, args)
           step += 1
           tokens += batch['tokens'].size
           data_after[step] = batches.get_state() if hasattr(batches, 'get_state') else None
@@ -349,13 +452,14 @@ class Trainer:
             progress.update(step - shown)
             shown = step
           if log:
-            metrics = jax.device_get(metrics)
-            tok_s = tokens / max(time.time() - t0, 1e-9)
-            self.writer.write(step, {**metrics, 'train/tokens_per_s': tok_s,
-                                     'train/steps_per_s': (step - window_start) /
-                                     max(time.time() - t0, 1e-9)})
-            progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
-                                 tok_s=f'{tok_s:,.0f}')
+            speed = self._speed(tokens, step - window_start, time.time() - t0)
+            metrics = {**jax.device_get(metrics), **speed}
+            self.writer.write(step, metrics)
+            postfix = {'loss': f"{metrics.get('train/loss', float('nan')):.3f}",
+                       'tok/s': f"{speed['train/tokens_per_s']:,.0f}"}
+            if 'train/mfu' in speed:
+              postfix['mfu'] = f"{100 * speed['train/mfu']:.1f}%"
+            progress.set_postfix(postfix)
           if evaluate_now:
             last_eval = self._evaluate(evaluate, state, step)
           if save or stop:
@@ -375,6 +479,24 @@ class Trainer:
         progress.close()
         self.checkpointer.wait()
     return FitResult(state, step, False, last_eval)
+
+  def _speed(self, tokens, steps, seconds):
+    """Throughput of the last window: tokens/s, step time, MFU (analytic FLOPs per token x
+    tokens/s over the mesh's peak FLOP/s, when the device's peak is known) and the device's
+    peak memory in use (where the backend reports it)."""
+    seconds = max(seconds, 1e-9)
+    out = {'train/tokens_per_s': tokens / seconds, 'train/steps_per_s': steps / seconds,
+           'train/step_time_s': seconds / max(steps, 1)}
+    if self.flops_per_token and self.peak_flops:
+      out['train/mfu'] = (self.flops_per_token * out['train/tokens_per_s']
+                          / (self.peak_flops * self.mesh.size))
+    try:
+      peak = (self.mesh.local_devices[0].memory_stats() or {}).get('peak_bytes_in_use')
+    except Exception:  # pylint: disable=broad-except  # backends without memory stats
+      peak = None
+    if peak is not None:
+      out['train/peak_bytes_in_use'] = float(peak)
+    return out
 
   def _evaluate(self, evaluate, state, step):
     result = dict(evaluate(state))
@@ -410,6 +532,11 @@ class Trainer:
       self.checkpointer.wait()
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Could not save step %d after the error: %s', step, e)
+
+
+def _signature(batch, args):
+  leaves, treedef = jax.tree.flatten((batch, args))
+  return treedef, tuple((x.shape, jax.numpy.dtype(x.dtype)) for x in leaves)
 
 
 def _progress_bar(initial, total):
