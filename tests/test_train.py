@@ -271,6 +271,20 @@ class ErrorTest(absltest.TestCase):
       train.train_and_evaluate(config, workdir)
     self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
 
+  def test_validation_split_smaller_than_a_batch(self):
+    directory = self.create_tempdir().full_path
+    for name, count in (('train', 40), ('validation', 1)):
+      with open(os.path.join(directory, f'{name}.jsonl'), 'w') as f:
+        f.writelines(json.dumps({'text': f'document {i}.'}) + '\n' for i in range(count))
+    config = tiny_config()
+    config.data.update(source='jsonl', paths=f'{directory}/train.jsonl',
+                       validation_paths=f'{directory}/validation.jsonl')
+    config.train.eval_every = 2
+    workdir = os.path.join(self.create_tempdir().full_path, 'run')
+    with self.assertRaisesRegex(ValueError, r'fewer than one evaluation batch \(8 sequences'):
+      train.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, 'checkpoints')))
+
   def test_mismatched_checkpoint_is_reported_and_kept(self):
     config = tiny_config()
     config.train.steps = 2

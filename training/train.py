@@ -82,19 +82,15 @@ def make_eval_step(model):
   return eval_step
 
 
-def evaluate(eval_step, variables, val_ds, mesh, num_batches, chunks=1):
-  """Validation loss over the first ``num_batches`` batches of the (deterministic) split,
-  each run as ``chunks`` pieces (the training step's micro-batches, so a batch too large
-  for one pass still fits)."""
+def evaluate(eval_step, variables, val_ds, mesh, num_batches):
+  """Validation loss over the first ``num_batches`` batches of the (deterministic) split."""
   totals = {}
   for i, batch in enumerate(val_ds):
     if i >= num_batches:
       break
-    for k in range(chunks):
-      piece = jax.tree.map(lambda x: x.reshape(-1, chunks, *x.shape[1:])[:, k], batch)
-      for name, (ce, count) in eval_step(variables, sharding.shard_batch(piece, mesh)).items():
-        ce_total, count_total = totals.get(name, (0.0, 0.0))
-        totals[name] = (ce_total + float(ce), count_total + float(count))
+    for name, (ce, count) in eval_step(variables, sharding.shard_batch(batch, mesh)).items():
+      ce_total, count_total = totals.get(name, (0.0, 0.0))
+      totals[name] = (ce_total + float(ce), count_total + float(count))
   result = {}
   for name, (ce, count) in totals.items():
     result[f'eval/loss{name}'] = ce / max(count, 1.0)
@@ -111,6 +107,21 @@ def lm_batch_spec(config):
   shape = (config.data.batch_size, config.data.seq_len)
   return {k: jax.ShapeDtypeStruct(shape, jnp.int32)
           for k in ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask')}
+
+
+def make_validation(config, tokenizer, batch_size, process_index, process_count):
+  """The validation split in batches of ``batch_size`` sequences. With evaluation on, a
+  split too small for one batch is an error here, not a NaN loss after the first step."""
+  data = config.data.copy_and_resolve_references()
+  data.batch_size = batch_size
+  val_ds = data_lib.make_dataset(data, tokenizer, 'validation', process_index, process_count,
+                                 seed=config.seed)
+  if config.train.eval_every and next(iter(val_ds), None) is None:
+    raise workdir_lib.ConfigError(
+        f'The validation split of data.source={config.data.source!r} holds fewer than one '
+        f'evaluation batch ({batch_size} sequences of {config.data.seq_len} tokens). Add '
+        f'validation documents, lower data.batch_size, or set train.eval_every=0.')
+  return val_ds
 
 
 def dry_run(config):
@@ -172,7 +183,6 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   check_config(config, tokenizer)
   pi, pc = jax.process_index(), jax.process_count()
   train_ds = data_lib.make_dataset(config.data, tokenizer, 'train', pi, pc, seed=config.seed)
-  val_ds = data_lib.make_dataset(config.data, tokenizer, 'validation', pi, pc, seed=config.seed)
   data_lib.check_has_tokens(config.data, tokenizer, 'train', pi, pc)
 
   # -- The trainer: mesh, model, optimizer, abstract sharded state (no compile yet). -----
@@ -184,10 +194,14 @@ def train_and_evaluate(config, workdir, init_params=None, loss_fn=None, step_arg
   # The memory plan: compile the step and check it fits (or pick the micro-batch) before
   # any state is initialised or anything written; ``fit`` reuses this compiled step.
   trainer.compile(lm_batch_spec(config), args)
-  eval_step = jax.jit(make_eval_step(trainer.model))
+  # Evaluation runs the step's micro-batches (one pass over a whole global batch may not
+  # fit): ``eval_batches`` global batches are ``eval_batches * accum`` of them.
   train_cfg = config.train
+  accum = trainer.batch_plan.accum
+  val_ds = make_validation(config, tokenizer, config.data.batch_size // accum, pi, pc)
+  eval_step = jax.jit(make_eval_step(trainer.model))
   run_eval = lambda state: evaluate(eval_step, model_variables(state), val_ds, trainer.mesh,
-                                    train_cfg.eval_batches, trainer.batch_plan.accum)
+                                    train_cfg.eval_batches * accum)
 
   # -- Lock, config record, restore or initialise, the loop. -----------------------------
   train_iter = iter(train_ds)
