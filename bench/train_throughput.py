@@ -3,7 +3,7 @@
   python bench/train_throughput.py [--out=bench_train_throughput.json] [--steps=5]
 
 For each config: tokens/s of the jit-compiled train step (after a warm-up step), the
-analytic training FLOPs per token (6N + attention, ``training.train.analytic_flops_per_token``)
+analytic training FLOPs per token (6N + attention, ``training.budget.analytic_flops_per_token``)
 and utilisation = achieved FLOP/s / the FLOP/s of a large float32 matmul measured in the
 same process (the practical peak of this device). Prints a table and writes JSON.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import base, vanilla_tiny
-from training import sharding, train, trainer
+from training import budget, sharding, train, trainer
 
 _OUT = flags.DEFINE_string('out', 'bench_train_throughput.json', 'JSON output path.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps per config.')
@@ -73,7 +73,7 @@ def measure(name, config, steps):
     elapsed = time.perf_counter() - t0
   _, non_emb = train.count_params(abstract['params'])
   tok_s = steps * b * t / elapsed
-  flops_tok = train.analytic_flops_per_token(model.cfg, non_emb, t)
+  flops_tok = budget.analytic_flops_per_token(model.cfg, non_emb, t)
   return {'config': name, 'params_non_embedding': non_emb, 'tokens_per_step': b * t,
           'step_s': elapsed / steps, 'tokens_per_s': tok_s, 'flops_per_token': flops_tok,
           'achieved_flops_per_s': tok_s * flops_tok}

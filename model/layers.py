@@ -152,7 +152,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, layers: float,
   of times: 6 x the weights a token passes through (``layers`` DecoderBlock applications,
   ``heads`` final norm + LM head applications, ``extra_params``) + 12·H·D·T per attention
   layer (``attention_layers``: full-sequence equivalents). For a Llama of L layers
-  (``layers = attention_layers = L``) this is ``train.analytic_flops_per_token``."""
+  (``layers = attention_layers = L``) this is ``budget.analytic_flops_per_token``."""
   weights = (layers * decoder_block_params(cfg) +
              heads * (cfg.vocab_size + 1) * cfg.embed_dim + extra_params)
   return 6 * weights + attention_layers * 12 * cfg.num_heads * cfg.dims_per_head * seq_len

@@ -13,7 +13,7 @@ from absl.testing import absltest
 from model.config_errors import ConfigError
 from tests.test_train import REPO, _random_batch
 from tests.utils import assert_update_close, mean_loss_tol, tiny_config
-from training import budget, sharding, train, trainer
+from training import budget, sharding, trainer
 
 
 def _config(**train_overrides):
@@ -116,7 +116,7 @@ class MemoryPlanTest(absltest.TestCase):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       record = json.loads(f.readline())
     _, non_emb = trainer.count_params(t.abstract['params'])
-    self.assertEqual(t.flops_per_token, train.analytic_flops_per_token(t.model.cfg, non_emb, 32))
+    self.assertEqual(t.flops_per_token, budget.analytic_flops_per_token(t.model.cfg, non_emb, 32))
     np.testing.assert_allclose(
         record['train/mfu'], t.flops_per_token * record['train/tokens_per_s'] / (1e9 * 8),
         rtol=1e-6)

@@ -20,7 +20,7 @@ from tests import test_train
 from tests.utils import (ELEMENTWISE_RTOL, FORWARD_RTOL, assert_close, assert_update_close,
                          mean_loss_tol, tiny_config)
 from training import repro_mor
-from training import checkpoint as ckpt_lib, train
+from training import budget, checkpoint as ckpt_lib, train
 from training.train import count_params
 
 _SMALL = dict(vocab_size=64, embed_dim=32, num_layers=5, num_heads=4, num_kv_heads=2, mlp_dim=64)
@@ -520,7 +520,7 @@ class FlopsTest(absltest.TestCase):
     self.assertEqual(layers.decoder_block_params(cfg), count_params(tree['layers_0'])[0])
     applied = non_emb + 2 * layers.decoder_block_params(cfg)  # second loop of each layer
     attn = 4 * 12 * 4 * 8 * 16
-    self.assertEqual(train.analytic_flops_per_token(cfg, non_emb, 16),
+    self.assertEqual(budget.analytic_flops_per_token(cfg, non_emb, 16),
                      6 * (applied + 64 * 32) + attn)
 
   def test_mor_counts_expected_applications(self):
@@ -528,12 +528,12 @@ class FlopsTest(absltest.TestCase):
     block = count_params(self._tree(mor.MoR(cfg))['first'])[0]
     applied = (2 + 1.5) * block + 32 + 2 * 32  # ends, 1 + 1/2 recursion, final norm, routers
     attn = (2 + 1 + 0.25) * 12 * 4 * 8 * 16  # recursion-wise caching: capacity squared
-    self.assertEqual(train.analytic_flops_per_token(cfg, None, 16),
+    self.assertEqual(budget.analytic_flops_per_token(cfg, None, 16),
                      6 * (applied + 64 * 32) + attn)
 
   def test_llama_formula_unchanged(self):
     cfg = layers.ModelConfig(**_SMALL)
-    self.assertEqual(train.analytic_flops_per_token(cfg, 1000, 16),
+    self.assertEqual(budget.analytic_flops_per_token(cfg, 1000, 16),
                      6 * (1000 + 64 * 32) + 5 * 12 * 4 * 8 * 16)
 
 

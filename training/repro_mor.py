@@ -2,7 +2,7 @@
 
 Every variant trains on pycorpus for the same training-FLOP budget (so cheaper models see
 more tokens), then reports validation NLL, unique non-embedding parameters and wall time.
-FLOPs per token are ``train.analytic_flops_per_token``, counted as the paper does: 6 x the
+FLOPs per token are ``budget.analytic_flops_per_token``, counted as the paper does: 6 x the
 weights each token passes through (recursive: every loop; MoR: capacity-weighted recursions,
 ``MoRConfig.flops_per_token``) plus attention (PaLM App. B), quadratic in capacity for
 recursion-wise caching, linear with KV sharing. Token choice is counted with the balanced
@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from model.registry import build_model
-from training import train
+from training import budget, train
 
 
 def train_flops_per_token(model, seq_len):
   """Training FLOPs per token of a built model (see module doc)."""
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32))
   _, non_emb = train.count_params(params['params'])
-  return train.analytic_flops_per_token(model.cfg, non_emb, seq_len)
+  return budget.analytic_flops_per_token(model.cfg, non_emb, seq_len)
 
 
 def run(config, workdir):

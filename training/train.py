@@ -22,7 +22,6 @@ from training import data as data_lib
 from training import losses, sharding, tokenizers
 from training import trainer as trainer_lib
 from training import workdir as workdir_lib
-from training.budget import analytic_flops_per_token  # noqa: F401  (train.analytic_flops_per_token)
 from training.trainer import count_params, model_variables
 
 
