@@ -52,7 +52,8 @@ from configs import block_tiny, vanilla_tiny
 from launch import notebook
 from model.block_transformer import receptive_field
 from model.engine import BlockEngine, Request
-from training import checkpoint, metrics, sharding, train
+from model.registry import build_model
+from training import metrics, sharding, train
 from training.tokenizers import load_tokenizer
 
 SIZE = notebook.size(SIZE)
@@ -108,7 +109,9 @@ ax.set(xlabel='step', ylabel='loss (nats/byte)', title='Block Transformer vs van
 ax.legend()
 plt.show()
 
-models = {name: checkpoint.load_model(workdir) for name, workdir in workdirs.items()}
+models = {name: (build_model(configs[name].model),  # the trained variables, on the host
+                 jax.device_get(train.model_variables(summaries[name]['state'])))
+          for name in configs}
 pd.DataFrame([(name, notebook.param_count(v), summaries[name]['eval/loss'])
               for name, (_, v) in models.items()],
              columns=['model', 'parameters', 'validation loss'])
@@ -161,10 +164,10 @@ for ax, (title, grid) in zip(axes, panels):
     ax.axvline(b - 0.5, color='gray', lw=0.5)
 handles = [plt.matplotlib.patches.Patch(color=c, label=l) for c, l in
            [('navy', 'attended directly'), ('lightsteelblue', 'through the block context')]]
-fig.legend(handles=handles, loc='lower center', ncol=2)
+axes[1].legend(handles=handles, loc='upper right', fontsize=8)
 plt.show()
-print('blocks the block decoder sees:',
-      ' | '.join(tokenizer.decode(ids[i:i + block_len]) for i in range(1, length, block_len)))
+print('the blocks of the block decoder (BOS first):',
+      ' | '.join(''.join(labels[i:i + block_len]) for i in range(0, length, block_len)))
 
 # %% [markdown]
 # ## Decode throughput and KV-cache memory
@@ -172,7 +175,10 @@ print('blocks the block decoder sees:',
 # (batched prefill, then one cached step per token) at a prefill-heavy and a decode-heavy
 # setting, each model at the largest batch whose parameters + KV cache fit one memory cap
 # (the paper's §3.3 setting: the block model's smaller cache fits a larger batch). The cache
-# size per sequence comes from the cache's shapes, so it is exact for any length.
+# size per sequence comes from the cache's shapes, so it is exact for any length. At `tiny`
+# on a CPU the timings are a few milliseconds each, dominated by per-step overhead and the
+# machine's load: read the memory curve there, and the throughput at the `colab` size (or
+# `docs/BENCHMARKS.md`).
 
 # %%
 if SIZE == 'colab':

@@ -91,11 +91,11 @@ if SIZE == 'tiny':
     config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
     config.data.update(batch_size=len(devices), seq_len=64)
     config.train.update(log_every=2, tensorboard=False)
-    config.rollout.update(batch=32, max_new_tokens=12)
+    config.rollout.update(batch=16, max_new_tokens=12)  # Grow's 16 episodes: one shape
   sft_config.sft.episodes = 200
   sft_config.train.update(steps=10, warmup_steps=2, checkpoint_every=10)
   rest_config.rest.update(prompts=8, samples_per_prompt=2, thresholds=(-9.0,),
-                          steps_per_improve=2, final_eval_episodes=1)
+                          steps_per_improve=2, eval_episodes=1, final_eval_episodes=1)
 mesh = sharding.make_mesh(sft_config.mesh)
 print('mesh', dict(mesh.shape), '| policy', dict(sft_config.model))
 
@@ -131,7 +131,8 @@ plt.show()
 
 # %%
 def rates_by_alpha(eval_file):
-  with open(os.path.join(rest_dir, 'eval', eval_file)) as f:
+  path = os.path.join(rest_dir, 'eval', eval_file)
+  with open(notebook.require_file(path, 'ReST evaluation')) as f:
     per_setting = json.load(f)['heldout']
   table = pd.DataFrame([dict(alpha=s['alpha'], beta=s['beta'], **summary)
                         for s, summary in per_setting])
