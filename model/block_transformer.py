@@ -62,6 +62,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model import kv_cache
 from model.layers import (MLP, Attention, KVContext, Linear, ModelConfig, RMSNorm, _init,
@@ -145,6 +146,19 @@ def predicted_targets(cfg: BlockConfig, positions):
     return jnp.ones(positions.shape, bool)
   target_pos = jnp.concatenate([positions[:, 1:], positions[:, -1:] + 1], axis=1)
   return target_pos >= cfg.block_len
+
+
+def receptive_field(block_len, length):
+  """How ``logits[:, t]`` (the prediction of token t + 1) sees token s, as an int array
+  [length, length] (the alignment of the module docstring): 2 where the token decoder attends
+  to s directly (s in the block whose token decoder predicts t + 1, s <= t), 1 where s reaches
+  it only through that block's context (an earlier block, summarised by the block decoder,
+  §2.2), 0 where s > t. A vanilla decoder's row t is 2 for every s <= t."""
+  if block_len < 1 or length < 1:
+    raise ValueError(f'block_len={block_len} and length={length} must be >= 1.')
+  t, s = np.arange(length)[:, None], np.arange(length)[None]
+  local_start = (t + 1) // block_len * block_len  # first token of t + 1's block
+  return np.where(s > t, 0, np.where(s >= local_start, 2, 1))
 
 
 class CrossAttentionBlock(nn.Module):

@@ -9,7 +9,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from model import decode, engine
-from model.block_transformer import BlockConfig, BlockTransformer, predicted_targets
+from model.block_transformer import (BlockConfig, BlockTransformer, predicted_targets,
+                                     receptive_field)
 from model.registry import build_model
 from tests.test_train import _one_step, _random_batch
 from tests.utils import FORWARD_RTOL, assert_update_close, mean_loss_tol, tiny_config
@@ -57,9 +58,11 @@ class BlockTransformerTest(parameterized.TestCase):
     batch = _perturbed(tokens, range(T))
     logits = forward(params, batch, pos, seg)
     self.assertEqual(logits.shape, (T + 1, T, V))
+    field = receptive_field(LB, T)
     for j, changed in enumerate(_changed(logits)):
       # logits[t] predicts tokens[t + 1] from tokens[:t + 1]: token j moves exactly t >= j.
       self.assertEqual(changed, set(range(j, T)), f'token {j}')
+      self.assertEqual(changed, set(np.flatnonzero(field[:, j])), f'token {j}')
     # With equal block-embedding rows for tokens a and b, swapping a for b at position j of
     # block k is invisible to the block decoder: only block k's token decoder sees it, and
     # its predictions from j on within the block (t = j .. kL_B + L_B - 2) move.
@@ -72,6 +75,7 @@ class BlockTransformerTest(parameterized.TestCase):
     logits = forward(tied, rows, pos, seg)
     for j, changed in enumerate(_changed(logits)):
       self.assertEqual(changed, set(range(j, j // LB * LB + LB - 1)), f'token {j}')
+      self.assertEqual(changed, set(np.flatnonzero(field[:, j] == 2)), f'token {j}')
 
   def test_document_isolation_and_padding(self):
     model, params, tokens = _model()
@@ -116,6 +120,8 @@ class BlockTransformerTest(parameterized.TestCase):
       model.apply({'params': params}, tokens[:, :13], cache=model.init_cache(1, 8))
     with self.assertRaisesRegex(ValueError, 'positions'):
       model.apply({'params': params}, tokens[:, :1], cache=model.init_cache(1, 8))
+    with self.assertRaisesRegex(ValueError, 'block_len=0'):
+      receptive_field(0, 8)
 
 
 class CachedGenerationTest(parameterized.TestCase):

@@ -33,7 +33,8 @@ def test_failures_are_one_clear_line(tmp_path):
 
 def test_notebooks_exist():
   names = {os.path.basename(p) for p in NOTEBOOKS}
-  assert {'mor_quickstart.ipynb', 'relaxed_recursive.ipynb', 'ppi.ipynb'} <= names
+  assert {'mor_quickstart.ipynb', 'relaxed_recursive.ipynb', 'ppi.ipynb', 'block_transformer.ipynb',
+          'rl_clarify.ipynb'} <= names
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
