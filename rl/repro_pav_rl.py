@@ -180,9 +180,9 @@ def run(config, workdir):
   runs_dir = root / 'rl_runs'
   runs_dir.mkdir(parents=True, exist_ok=True)
   runs = {}
-  for variant in VARIANTS:
-    alpha = config.rl.alpha if variant == 'pav' else 0.0
-    for seed in config.rl.seeds:
+  for seed in config.rl.seeds:  # paired runs first: a cut-short job still compares
+    for variant in VARIANTS:
+      alpha = config.rl.alpha if variant == 'pav' else 0.0
       path = runs_dir / f'{variant}_seed{seed}.json'
       if not path.exists():
         t1 = time.time()
