@@ -27,7 +27,7 @@ def get_config():
       prover_k=4,  # Best-of-K prover: Q^mu = 1 - (1 - Q^pi)^K
       steps=100,  # updates per run
       batch=64,  # sampled episodes per update (one per training problem)
-      learning_rate=3e-4,  # Adam, global-norm clip 1.0
+      learning_rate=1e-4,  # Adam, global-norm clip 1.0; set on outcome-only pilots (RESULTS)
       kl_coeff=1e-3,  # k3 estimate of KL(pi || SFT policy), as the paper's 0.001
       value_coeff=0.5,
       eval_every=10,  # updates between held-out evaluations
