@@ -232,7 +232,7 @@ def analyse(config, runs):
                           per_seed=per_seed)
   outcome_n, pav_n = reach['outcome']['mean_curve'], reach['pav']['mean_curve']
   return dict(curves=curves, target=target, reach=reach,
-              sample_ratio=(outcome_n / pav_n) if pav_n else None,
+              sample_ratio=(outcome_n / pav_n) if outcome_n and pav_n else None,
               gain=curves['pav']['mean'][-1] - target, alpha=cfg.alpha, prover_k=cfg.prover_k,
               seeds=list(cfg.seeds), steps=cfg.steps, batch=cfg.batch,
               eval_problems=cfg.eval_problems, sft_accuracy=curves['outcome']['mean'][0])
@@ -249,10 +249,13 @@ def report(results) -> str:
                  + ', '.join(f'{a:.3f}' for a in c[variant]['per_seed_final'])
                  + f" | {fmt(reach[variant]['mean_curve'])} | "
                  + ', '.join(fmt(n) for n in reach[variant]['per_seed']) + ' |')
-  ratio = results['sample_ratio']
+  ratio, pav_n = results['sample_ratio'], reach['pav']['mean_curve']
+  ratio_text = (f'{ratio:.2f}x' if ratio is not None else 'PAV never reached it'
+                if pav_n is None else 'undefined (the SFT policy at 0 samples already meets '
+                'the target)')
   lines += ['', f"Accuracy at 0 samples (the SFT policy): {results['sft_accuracy']:.3f}. "
             f"Target (outcome-only final mean): {results['target']:.3f}. Samples ratio "
-            f"outcome / PAV: {'PAV never reached it' if ratio is None else f'{ratio:.2f}x'}. "
+            f"outcome / PAV: {ratio_text}. "
             f"PAV final minus outcome final: {results['gain']:+.3f}. Seeds "
             f"{results['seeds']}; {results['steps']} updates x {results['batch']} episodes; "
             f"{results['eval_problems']} held-out problems, pass@1 at temperature 1."]

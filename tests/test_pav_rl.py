@@ -87,3 +87,18 @@ def test_rl_loop_smoke_on_a_tiny_policy():
   # 1/2 (0.25 - G)^2 <= 0.121.
   assert 0.0 < curves['value_loss'][0] < 0.121 and np.all(np.isfinite(curves['kl']))
   assert abs(curves['kl'][0]) < 1e-4  # the first batch is sampled from the reference
+
+
+def test_samples_to_the_outcome_final_are_read_off_the_mean_curves():
+  config = pav_rl_config.get_config()
+  config.rl.seeds = (0, 1)
+  curves = {('outcome', 0): [0.5, 0.5, 0.6], ('outcome', 1): [0.5, 0.6, 0.6],
+            ('pav', 0): [0.5, 0.7, 0.7], ('pav', 1): [0.5, 0.6, 0.5]}
+  runs = {key: dict(samples=[0, 64, 128], accuracy=acc, kl=[0.0]) for key, acc in curves.items()}
+  results = repro_pav_rl.analyse(config, runs)
+  assert results['target'] == pytest.approx(0.6)
+  assert results['reach']['outcome'] == dict(mean_curve=128, per_seed=[128, 64])
+  assert results['reach']['pav'] == dict(mean_curve=64, per_seed=[64, 64])
+  assert results['sample_ratio'] == pytest.approx(2.0)
+  assert results['gain'] == pytest.approx(0.0)
+  assert 'never' not in repro_pav_rl.report(results)
