@@ -33,6 +33,7 @@ JOBS = {
     'repro_pessimism': 'rl.repro_pessimism:run',
     'pav_verifier': 'rl.pav:train_verifier',
     'repro_pav_search': 'rl.repro_pav_search:run',
+    'repro_pav_rl': 'rl.repro_pav_rl:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

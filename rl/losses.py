@@ -142,9 +142,11 @@ def reinforce_loss(kl_coeff=0.0, kl_estimator='k3', entropy_coeff=0.0,
   its ``base`` for a ``WithValueHead``) on the same batch, without gradient.
 
   ``baseline=None``: A_t is ``batch['advantages']`` [B, T]. ``baseline='value'``: the model
-  is a ``rl.value.WithValueHead``; A_t = R - stop_gradient(V_t) with R = ``batch['rewards']``
-  [B] (the sequence's terminal reward, undiscounted) and V_t the value at token t's position,
-  trained per token with ``value_coeff`` x 1/2 (V_t - R)^2.
+  is a ``rl.value.WithValueHead``; A_t = G_t - stop_gradient(V_t) with G_t the per-token
+  return ``batch['returns']`` [B, T] when the batch has it (dense rewards, e.g.
+  ``rl.pav.step_token_returns``), else R = ``batch['rewards']`` [B] (the sequence's terminal
+  reward, undiscounted) at every token, and V_t the value at token t's position, trained per
+  token with ``value_coeff`` x 1/2 (V_t - G_t)^2.
 
   The model's own auxiliary losses (``aux['losses']``) are added as in ``lm_loss``.
   Metrics: ``pg_loss``, ``kl``, ``entropy``, ``ratio`` (token means of pi/mu),
@@ -180,10 +182,11 @@ def reinforce_loss(kl_coeff=0.0, kl_estimator='k3', entropy_coeff=0.0,
       if 'values' not in aux:
         raise ValueError("reinforce_loss(baseline='value') needs a model whose aux holds "
                          "'values' (rl.value.WithValueHead).")
-      rewards = _require(batch, 'rewards', (b,))
+      returns = (_require(batch, 'returns', (b, t)) if 'returns' in batch
+                 else _require(batch, 'rewards', (b,))[:, None])
       values = aux['values'].astype(jnp.float32)
-      advantages = rewards[:, None] - jax.lax.stop_gradient(values)
-      metrics['value_loss'] = token_sum(0.5 * jnp.square(values - rewards[:, None]))
+      advantages = returns - jax.lax.stop_gradient(values)
+      metrics['value_loss'] = token_sum(0.5 * jnp.square(values - returns))
       loss += value_coeff * metrics['value_loss']
     else:
       advantages = _require(batch, 'advantages', (b, t))

@@ -73,6 +73,34 @@ def effective_rewards(q_pi, a_mu, alpha):
   return q_pi + alpha * a_mu
 
 
+def step_ends(targets, loss_mask, newline_id):
+  """[B, T] bool: the policy tokens (``loss_mask``) that end a step: a newline, and each
+  row's last policy token (end of turn, or the cut-off point of a truncated turn)."""
+  mask = jnp.asarray(loss_mask).astype(bool)
+  t = mask.shape[-1]
+  last = jnp.max(jnp.where(mask, jnp.arange(t), -1), axis=-1, keepdims=True)
+  return mask & ((jnp.asarray(targets) == newline_id) | (jnp.arange(t) == last))
+
+
+def step_token_returns(step_rewards, ends, loss_mask):
+  """Per-token returns [B, T] from per-step rewards [B, H] placed on each step's last token
+  (``ends``, from ``step_ends``): every policy token of step h gets step h's reward.
+
+  With ``step_rewards = effective_rewards(R, A^mu, alpha)`` (R the outcome, the Monte Carlo
+  estimate of Q^pi(s_h, a_h) under a terminal reward) this is the per-step weight of the
+  paper's policy gradient with the effective reward:
+  sum_h grad log pi(a_h | s_h) (Q^pi(s_h, a_h) + alpha A^mu(s_h, a_h)).
+  The process term is not summed over later steps: its reward-to-go would telescope to
+  alpha (Q^mu_H - Q^mu(s_{h-1})), which leaves no per-step credit. A row with more steps
+  than rewards reuses its last reward (the padded advantage is 0). 0 outside the mask.
+  """
+  ends = jnp.asarray(ends).astype(jnp.int32)
+  step_rewards = jnp.asarray(step_rewards, jnp.float32)
+  index = jnp.clip(jnp.cumsum(ends, axis=-1) - ends, 0, step_rewards.shape[-1] - 1)
+  returns = jnp.take_along_axis(step_rewards, index, axis=-1)
+  return jnp.where(jnp.asarray(loss_mask).astype(bool), returns, 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Monte Carlo labels (Sec. 4.1): Q^pi of step prefixes by rolling the policy out from them.
 # ---------------------------------------------------------------------------------------

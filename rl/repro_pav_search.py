@@ -39,26 +39,51 @@ def _stage(config, name, **fields):
   return stage
 
 
-def _verifier(policy, sampler, workdir, batch):
+def load_verifier(sampler, workdir):
+  """The verifier trained in ``workdir`` on ``sampler``'s policy."""
   _, variables = ckpt_lib.load_model(workdir)
-  return pav.Verifier(value_lib.WithValueHead(policy), variables, sampler, batch)
+  return pav.Verifier(value_lib.WithValueHead(sampler.model), variables, sampler, sampler.batch)
+
+
+def train_stages(config, root, kinds=pav.KINDS):
+  """Runs (or resumes) the SFT stage and the verifier stages ``kinds`` under ``root``;
+  returns (SFT summary, {kind: verifier summary}, {stage: seconds}). Shared with
+  ``rl.repro_pav_rl``."""
+  sft_dir = root / 'sft'
+  stages = {kind: _stage(config, kind, policy_workdir=str(sft_dir),
+                         labels_file=str(root / 'labels.json'), kind=kind) for kind in kinds}
+  for stage in stages.values():  # bad fields (n_mc < 1, ...) fail before the SFT stage
+    pav.check_verifier_config(stage)
+  timings, start = {}, time.time()
+  sft_summary = rest.sft(_stage(config, 'sft'), sft_dir)
+  timings['sft'] = time.time() - start
+  summaries = {}
+  for kind, stage in stages.items():
+    t0 = time.time()
+    summaries[kind] = pav.train_verifier(stage, root / kind)
+    timings[kind] = time.time() - t0
+  return sft_summary, summaries, timings
+
+
+def load_sampler(config, root):
+  """(env, the SFT policy's ``PolicySampler``) as the ``pav`` stage configures it."""
+  stage = config.stages.pav
+  tokenizer, _, policy, variables = pav.load_policy(root / 'sft')
+  env = envs.make_env(stage.env)
+  formatter = ep.Formatter(tokenizer, env.roles)
+  sampler = pav.PolicySampler(env, policy, variables, formatter,
+                              decode.SamplingConfig(temperature=stage.verifier.temperature),
+                              stage.verifier.max_new_tokens, stage.verifier.max_step_tokens,
+                              stage.verifier.batch)
+  return env, sampler
 
 
 def run(config, workdir):
   """Runs (or resumes) every stage, then the searches; writes tables, JSON and plot."""
   root = workdir_lib.path(workdir)
   root.mkdir(parents=True, exist_ok=True)
-  timings, start = {}, time.time()
-  sft_dir = root / 'sft'
-  sft_summary = rest.sft(_stage(config, 'sft'), sft_dir)
-  timings['sft'] = time.time() - start
-  summaries = {}
-  for kind in ('pav', 'orm'):
-    t0 = time.time()
-    summaries[kind] = pav.train_verifier(
-        _stage(config, kind, policy_workdir=str(sft_dir), labels_file=str(root / 'labels.json'),
-               kind=kind), root / kind)
-    timings[kind] = time.time() - t0
+  start = time.time()
+  sft_summary, summaries, timings = train_stages(config, root)
   t0 = time.time()
   results = evaluate(config, root)
   timings['search'] = time.time() - t0
@@ -75,16 +100,9 @@ def run(config, workdir):
 
 def evaluate(config, root):
   """The searches on ``config.test_problems`` held-out problems, per search seed."""
-  stage = config.stages.pav
-  tokenizer, _, policy, variables = pav.load_policy(root / 'sft')
-  env = envs.make_env(stage.env)
-  formatter = ep.Formatter(tokenizer, env.roles)
-  sampler = pav.PolicySampler(env, policy, variables, formatter,
-                              decode.SamplingConfig(temperature=stage.verifier.temperature),
-                              stage.verifier.max_new_tokens, stage.verifier.max_step_tokens,
-                              stage.verifier.batch)
-  prm = _verifier(policy, sampler, root / 'pav', stage.verifier.batch)
-  orm = _verifier(policy, sampler, root / 'orm', stage.verifier.batch)
+  env, sampler = load_sampler(config, root)
+  prm = load_verifier(sampler, root / 'pav')
+  orm = load_verifier(sampler, root / 'orm')
   problems = pav.problems_for(env, config.seed + 1000, config.test_problems, 'test')
   reward = lambda p, text: sampler.reward(p, text, True)
   out = {'bon': [], 'pav': [], 'sweep': []}
