@@ -7,9 +7,10 @@ Stages (``configs/repro/plantain.py``), each a resumable workdir under the job's
 ``r_format (1 + r_correct + r_plan)``), for the formats ``interleaved`` and ``think``.
 Evaluation on ``test_problems`` held-out problems (the same for every policy):
   * greedy pass@1, format rate, TTFR (Sec. 3) and response tokens of every policy;
-  * for each interleaved PPO policy, sampled: one response, best-of-N plans, rewind-and-
-    repeat at the plan, rewinding at the final answer with the plan judge and with an
-    oracle (Sec. 5), each with its pass@1 and generated tokens per problem.
+  * for each interleaved PPO policy, sampled on the first ``inference.problems`` of them:
+    one response, best-of-N plans, rewind-and-repeat at the plan, rewinding at the final
+    answer with the plan judge and with an oracle (Sec. 5), each with its pass@1 and
+    generated tokens per problem.
 Outputs in the workdir: ``results.md``, ``results.json``, ``plantain.png`` (TTFR and
 pass@1; inference tokens and pass@1) and ``plantain_ppo.png`` (PPO learning curves).
 """
@@ -118,8 +119,8 @@ def evaluate(config, root):
               model, variables, formatter, decode.SamplingConfig(temperature=inf.temperature),
               inf.batch)
           seed = len(rows) - 1
-          for method, result in procedures(env, problems, sampler, formatter, inf,
-                                           jax.random.PRNGKey(100 + seed)).items():
+          for method, result in procedures(env, problems[:inf.problems], sampler, formatter,
+                                           inf, jax.random.PRNGKey(100 + seed)).items():
             out['inference'].setdefault(method, []).append(
                 {k: float(np.mean(v)) for k, v in result.items()})
           logging.info('inference, seed %d: %s', seed,
