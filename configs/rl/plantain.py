@@ -43,8 +43,8 @@ def get_config(stage='sft'):
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_new_tokens=88, max_turns=1, batch=256)
   if kind == 'sft':
-    config.train = base.train_config(steps=400, learning_rate=3e-3, warmup_steps=40,
-                                     eval_every=0, checkpoint_every=400, log_every=50)
+    config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=800, log_every=50)
   else:
     config.ppo = ppo.default_ppo_config()
     # lam = 1: A_t = R - V_t, so a critic that starts at 0 adds no bias toward late tokens;
@@ -52,7 +52,7 @@ def get_config(stage='sft'):
     # from dominating the clipped gradient of the shared trunk.
     config.ppo.update(iterations=4, prompts=64, samples_per_prompt=4, epochs=2, lam=1.0,
                       value_coeff=0.05, kl_coeff=0.05)
-    config.train = base.train_config(steps=0, learning_rate=1e-4, schedule='constant',
+    config.train = base.train_config(steps=0, learning_rate=3e-5, schedule='constant',
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=1, weight_decay=0.0)
   config.sample.max_new_tokens = 0
