@@ -222,6 +222,8 @@ def plot(results, path, curves_path):
       ax.plot(steps, values.mean(0), marker='.', label=fmt)
       ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25)
     ax.set(xlabel='PPO step', title=name)
+    if name == 'train/kl':  # k3 spikes on tokens the policy has made rare
+      ax.set_yscale('symlog', linthresh=0.01)
     ax.legend(fontsize=8)
   fig.tight_layout()
   with curves_path.open('wb') as f:
