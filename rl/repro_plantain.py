@@ -7,8 +7,9 @@ Stages (``configs/repro/plantain.py``), each a resumable workdir under the job's
 ``r_format (1 + r_correct + r_plan)``), for the formats ``interleaved`` and ``think``.
 Evaluation on ``test_problems`` held-out problems (the same for every policy):
   * greedy pass@1, format rate, TTFR (Sec. 3) and response tokens of every policy;
-  * for each interleaved PPO policy, sampled on the first ``inference.problems`` of them:
-    one response, best-of-N plans, rewind-and-repeat at the plan, rewinding at the final
+  * for each interleaved PPO policy, sampled on the first ``inference.problems`` of them at
+    each of ``inference.temperatures`` (a higher one makes wrong plans common enough to
+    rewind): one response, best-of-N plans, rewind-and-repeat at the plan, rewinding at the final
     answer with the plan judge and with an oracle (Sec. 5), each with its pass@1 and
     generated tokens per problem.
 Outputs in the workdir: ``results.md``, ``results.json``, ``plantain.png`` (TTFR and
@@ -114,28 +115,32 @@ def evaluate(config, root):
                          plan_ok=np.mean([e.info['plan_ok'] for e in done]),
                          ttfr=np.mean([plantain.ttfr(e.turns[-1].ids, formatter) for e in done]),
                          tokens=float(tokens.mean())))
-        if name == 'ppo_interleaved':
+        for temperature in (inf.temperatures if name == 'ppo_interleaved' else ()):
           sampler = plantain.PolicyGenerator(
-              model, variables, formatter, decode.SamplingConfig(temperature=inf.temperature),
+              model, variables, formatter, decode.SamplingConfig(temperature=temperature),
               inf.batch)
-          seed = len(rows) - 1
+          seed, runs = len(rows) - 1, out['inference'].setdefault(f'T={temperature}', {})
           for method, result in procedures(env, problems[:inf.problems], sampler, formatter,
                                            inf, jax.random.PRNGKey(100 + seed)).items():
-            out['inference'].setdefault(method, []).append(
+            runs.setdefault(method, []).append(
                 {k: float(np.mean(v)) for k, v in result.items()})
-          logging.info('inference, seed %d: %s', seed,
-                       {m: v[-1] for m, v in out['inference'].items()})
+          logging.info('inference, seed %d, T=%s: %s', seed, temperature,
+                       {m: v[-1] for m, v in runs.items()})
       out['policies'][name] = {k: _mean_std([r[k] for r in rows]) for k in rows[0]}
       logging.info('%s: %s', name, out['policies'][name])
-  out['inference'] = {m: {k: _mean_std([r[k] for r in runs]) for k in runs[0]}
-                      for m, runs in out['inference'].items()}
+  out['inference'] = {t: {m: {k: _mean_std([r[k] for r in runs]) for k in runs[0]}
+                          for m, runs in methods.items()}
+                      for t, methods in out['inference'].items()}
   think, inter = out['policies']['ppo_think'], out['policies']['ppo_interleaved']
   out['ttfr_reduction'] = 1.0 - inter['ttfr']['mean'] / think['ttfr']['mean']
-  plan_r, ans_r = out['inference']['rewind_plan'], out['inference']['rewind_answer_plan_judge']
-  single = out['inference']['single']['tokens']['mean']
-  out['rewind_token_ratio'] = ans_r['tokens']['mean'] / plan_r['tokens']['mean']
-  out['rewind_overhead_ratio'] = ((ans_r['tokens']['mean'] - single) /
-                                  max(plan_r['tokens']['mean'] - single, 1e-9))
+  out['rewind'] = {}
+  for t, methods in out['inference'].items():
+    plan_r, ans_r = methods['rewind_plan'], methods['rewind_answer_plan_judge']
+    single = methods['single']['tokens']['mean']
+    out['rewind'][t] = dict(
+        token_ratio=ans_r['tokens']['mean'] / plan_r['tokens']['mean'],
+        overhead_ratio=(ans_r['tokens']['mean'] - single) /
+        max(plan_r['tokens']['mean'] - single, 1e-9))
   return out
 
 
@@ -175,16 +180,20 @@ def report(results) -> str:
                  f"{s['ttfr']['std']:.1f} | {s['tokens']['mean']:.1f} |")
   lines += ['', f"TTFR of the interleaved PPO policy is {100 * results['ttfr_reduction']:.1f}% "
             'lower than the think-then-answer PPO policy\'s.', '',
-            '| procedure (interleaved PPO policy, sampled) | pass@1 | plan judged right | '
-            'generated tokens / problem | rewinds / problem |', '|---|---|---|---|---|']
-  for name, s in results['inference'].items():
-    lines.append(f"| {name} | {fmt(s['correct'])} | {fmt(s['plan_ok'])} | "
-                 f"{s['tokens']['mean']:.1f} ± {s['tokens']['std']:.1f} | "
-                 f"{s['rewinds']['mean']:.3f} |")
-  lines += ['', 'Rewinding at the final answer (plan judge) over rewinding at the plan: '
-            f"{results['rewind_token_ratio']:.2f}x the generated tokens in all, "
-            f"{results['rewind_overhead_ratio']:.2f}x the tokens spent beyond one response.",
-            '', f"Wall time {results['total_s'] / 60:.1f} min (" +
+            '| procedure (interleaved PPO policy, sampled) | temperature | pass@1 | '
+            'plan judged right | generated tokens / problem | rewinds / problem |',
+            '|---|---|---|---|---|---|']
+  for t, methods in results['inference'].items():
+    for name, s in methods.items():
+      lines.append(f"| {name} | {t[2:]} | {fmt(s['correct'])} | {fmt(s['plan_ok'])} | "
+                   f"{s['tokens']['mean']:.1f} ± {s['tokens']['std']:.1f} | "
+                   f"{s['rewinds']['mean']:.3f} |")
+  lines.append('')
+  for t, r in results['rewind'].items():
+    lines.append(f'{t}: rewinding at the final answer (plan judge) over rewinding at the '
+                 f"plan: {r['token_ratio']:.2f}x the generated tokens in all, "
+                 f"{r['overhead_ratio']:.2f}x the tokens spent beyond one response.")
+  lines += ['', f"Wall time {results['total_s'] / 60:.1f} min (" +
             ', '.join(f'{k} {v / 60:.1f}' for k, v in results['timings_s'].items()) + ').']
   return '\n'.join(lines) + '\n'
 
@@ -195,19 +204,21 @@ def plot(results, path, curves_path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  temps = list(results['inference'])
+  fig, axes = plt.subplots(1, 1 + len(temps), figsize=(5.5 * (1 + len(temps)), 4))
   for name, s in results['policies'].items():
     axes[0].errorbar(s['ttfr']['mean'], s['acc']['mean'], xerr=s['ttfr']['std'],
                      yerr=s['acc']['std'], marker='o', capsize=3, label=name)
   axes[0].set(xlabel='TTFR (tokens before the first visible answer token)',
               ylabel='pass@1 (greedy, held-out)', title='policies (mean ± std over seeds)')
   axes[0].legend(fontsize=8)
-  for name, s in results['inference'].items():
-    axes[1].errorbar(s['tokens']['mean'], s['correct']['mean'], xerr=s['tokens']['std'],
-                     yerr=s['correct']['std'], marker='o', capsize=3, label=name)
-  axes[1].set(xlabel='generated tokens per problem', ylabel='pass@1 (sampled)',
-              title='inference procedures, interleaved PPO policy')
-  axes[1].legend(fontsize=7)
+  for ax, t in zip(axes[1:], temps):
+    for name, s in results['inference'][t].items():
+      ax.errorbar(s['tokens']['mean'], s['correct']['mean'], xerr=s['tokens']['std'],
+                  yerr=s['correct']['std'], marker='o', capsize=3, label=name)
+    ax.set(xlabel='generated tokens per problem', ylabel='pass@1 (sampled)',
+           title=f'inference procedures, interleaved PPO policy, {t}')
+    ax.legend(fontsize=7)
   fig.tight_layout()
   with path.open('wb') as f:
     fig.savefig(f, dpi=110)

@@ -20,7 +20,7 @@ def get_config():
   config.seeds = (0, 1, 2)  # PPO seeds (rollouts, minibatch order); SFT uses seeds[0]
   config.test_problems = 256  # held-out, the same for every policy
   config.inference = config_dict.ConfigDict(dict(
-      problems=256, temperature=1.0, best_of=(4,), max_rewinds=3, plan_tokens=24,
+      problems=256, temperatures=(1.0, 2.0), best_of=(4,), max_rewinds=3, plan_tokens=24,
       max_new_tokens=88, batch=256))
   stages = {}
   for fmt, suffix in (('interleaved', ''), ('think', '_think')):
