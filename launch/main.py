@@ -27,6 +27,7 @@ JOBS = {
     'repro_cost_optimal': 'stats.repro:cost_optimal',
     'rl_sft': 'rl.rest:sft',
     'rl_rest': 'rl.rest:rest',
+    'rl_ppo': 'rl.ppo:ppo',
     'repro_clarify': 'rl.repro_clarify:run',
     'repro_collab': 'rl.repro_collab:run',
     'repro_pav_toy': 'rl.repro_pav_toy:run',
@@ -34,6 +35,7 @@ JOBS = {
     'pav_verifier': 'rl.pav:train_verifier',
     'repro_pav_search': 'rl.repro_pav_search:run',
     'repro_pav_rl': 'rl.repro_pav_rl:run',
+    'repro_plantain': 'rl.repro_plantain:run',
 }
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',

@@ -12,6 +12,7 @@ and their behaviour log-probs (under the distribution they were sampled from).
 """
 import contextlib
 import dataclasses
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -28,23 +29,52 @@ def role_token(role: str) -> str:
   return f'<|{role}|>'
 
 
-def reserved_tokens(roles) -> tuple:
-  """The reserved tokens a tokenizer needs for an environment's ``roles``."""
-  return tuple(role_token(r) for r in roles) + (END_OF_TURN,)
+def reserved_tokens(roles, markup=()) -> tuple:
+  """The reserved tokens a tokenizer needs for an environment's ``roles`` and ``markup``
+  (``Env.markup``: tags inside a turn, e.g. ``<think>``)."""
+  return tuple(role_token(r) for r in roles) + (END_OF_TURN,) + tuple(markup)
 
 
 class Formatter:
-  """Token ids of turns and views for one tokenizer and one environment's roles."""
+  """Token ids of turns and views for one tokenizer and one environment's roles.
 
-  def __init__(self, tokenizer, roles):
+  ``markup`` (``Env.markup``) are strings that stand for one reserved token each inside a
+  turn's text: ``encode`` maps them to their ids and ``decode`` back, so a model writes a
+  tag as one token and the environment reads it as text."""
+
+  def __init__(self, tokenizer, roles, markup=()):
     self.tokenizer = tokenizer
     self.roles = tuple(roles)
     try:
       self.role_ids = {r: tokenizer.reserved_id(role_token(r)) for r in self.roles}
       self.end_id = tokenizer.reserved_id(END_OF_TURN)
+      self.markup_ids = {m: tokenizer.reserved_id(m) for m in markup}
     except ValueError as e:
       raise ConfigError(f'{e} An RL policy needs the reserved tokens '
-                        f'{list(reserved_tokens(self.roles))}.') from None
+                        f'{list(reserved_tokens(self.roles, markup))}.') from None
+    self._markup_of = {i: m for m, i in self.markup_ids.items()}
+    self._split = (re.compile('(' + '|'.join(map(re.escape, self.markup_ids)) + ')')
+                   if self.markup_ids else None)
+
+  def encode(self, text: str) -> list:
+    """Token ids of a turn's text, each markup string one reserved id."""
+    if self._split is None:
+      return self.tokenizer.encode(text)
+    ids = []
+    for i, piece in enumerate(self._split.split(text)):
+      ids += [self.markup_ids[piece]] if i % 2 else self.tokenizer.encode(piece)
+    return ids
+
+  def decode(self, ids) -> str:
+    """The text of generated ids, markup ids as their strings."""
+    text, run = [], []
+    for i in ids:
+      if int(i) in self._markup_of:
+        text += [self.tokenizer.decode(run), self._markup_of[int(i)]]
+        run = []
+      else:
+        run.append(i)
+    return ''.join(text + [self.tokenizer.decode(run)])
 
   def check_vocab(self, vocab_size: int):
     """The model must have an embedding for every id the tokenizer produces."""
@@ -53,7 +83,7 @@ class Formatter:
                        f'{self.tokenizer.vocab_size} ids (reserved role tokens included).')
 
   def turn_ids(self, turn: Turn) -> list:
-    ids = turn.ids if turn.ids is not None else self.tokenizer.encode(turn.text)
+    ids = turn.ids if turn.ids is not None else self.encode(turn.text)
     return [self.role_ids[turn.role], *ids, self.end_id]
 
   def context(self, view, next_role: str) -> list:
@@ -125,14 +155,16 @@ def _bucket(n: int, multiple: int) -> int:
 
 def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
                    batch_multiple: int = 1, place: Callable = lambda x: x,
-                   generate: Callable = decode.generate) -> list:
-  """One turn for each context: a list of (ids, logprobs, ended).
+                   generate: Callable = decode.generate, stop_tokens=None) -> list:
+  """One turn for each context: a list of (ids, logprobs, ended); ``ended`` when the turn
+  stopped at one of ``stop_tokens`` (default: end-of-turn), which ``ids`` leave out.
 
   Contexts are right-padded to a multiple of 16 tokens and the batch to a power of two
   (and a multiple of ``batch_multiple``, the mesh's batch shards); ``place`` puts the
   prompts on the mesh. ``generate`` has the signature and outputs of ``decode.generate``
   (``bench/rollout.py`` swaps in a sampler without a KV cache).
   """
+  stops = (formatter.end_id,) if stop_tokens is None else tuple(stop_tokens)
   n, longest = len(contexts), max(len(c) for c in contexts)
   rows, width = _bucket(n, batch_multiple), -(-longest // 16) * 16
   prompts = np.full((rows, width), formatter.tokenizer.pad_id, np.int32)
@@ -142,13 +174,13 @@ def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
     prompts[i, :len(ids)] = ids
     lengths[i] = len(ids)
   out = generate(actor.model, actor.params, place(prompts), actor.max_new_tokens,
-                 actor.sampling, rng, stop_tokens=(formatter.end_id,),
+                 actor.sampling, rng, stop_tokens=stops,
                  pad_id=formatter.tokenizer.pad_id, prompt_lengths=place(lengths))
   tokens, logprobs, counts = jax.device_get((out.tokens, out.sample_logprobs, out.lengths))
   turns = []
   for i in range(n):
     count = int(counts[i])
-    ended = count > 0 and tokens[i, count - 1] == formatter.end_id
+    ended = count > 0 and int(tokens[i, count - 1]) in stops
     ids = tokens[i, :count - 1 if ended else count].tolist()
     turns.append((ids, logprobs[i, :count].tolist(), bool(ended)))
   return turns
@@ -189,7 +221,7 @@ def rollout(env: Env, episodes: list, actors: dict, formatter: Formatter, rng,
         turns = generate_turns(actors[role], contexts, formatter, turn_rng, batch_multiple,
                                place, generate)
       for i, (ids, logprobs, ended) in zip(indices, turns):
-        text = formatter.tokenizer.decode(ids)
+        text = formatter.decode(ids)
         episodes[i].turns.append(Turn(role, text, ids, logprobs, ended))
         model_turns[i] += 1
         env.step(episodes[i])

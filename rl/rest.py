@@ -182,11 +182,11 @@ def sft(config, workdir):
   pretraining = list(env.pretraining_texts()) * config.sft.get('pretraining_repeats', 0)
   texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
   tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=texts, save=False)
-  formatter = ep.Formatter(tokenizer, env.roles)
+  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
   formatter.check_vocab(config.model.vocab_size)
   items = [ep.text_transcript(formatter, text) for text in pretraining]
   for variant, d in demos:
-    variant_formatter = ep.Formatter(tokenizer, variant.roles)
+    variant_formatter = ep.Formatter(tokenizer, variant.roles, variant.markup)
     for role in config.sft.roles:
       if role in variant.speakers:
         items += [t for t in ep.transcripts(variant, d, variant_formatter, role, (role,),
@@ -259,7 +259,7 @@ def rest(config, workdir):
   env = envs.make_env(config.env)
   init = workdir_lib.path(cfg.init_workdir)
   tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
-  formatter = ep.Formatter(tokenizer, env.roles)
+  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
   formatter.check_vocab(config.model.vocab_size)
   _, base = ckpt_lib.load_model(init)
   trainer = trainer_lib.Trainer(config, workdir)

@@ -235,6 +235,26 @@ class PPOTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "ppo_loss: the batch has no 'returns'"):
       losses.ppo_loss()(model, {'params': params}, batch, ctx)
 
+  def test_ppo_loss_by_hand(self):
+    """pi = (1/4, 3/4), ref = behaviour = (1/2, 1/2), tokens 1 then 0 (Plantain's PPO,
+    issue 16): ratios 1.5 and 0.5, A = 1: pg = -(min(1.5, 1.2) + min(0.5, 0.8)) / 2 = -0.85
+    (the first clipped); V = 0.4 against returns 1 and 0: value = (0.18 + 0.08) / 2 = 0.13;
+    k3 = exp(r) - r - 1 with r = log(ref / pi): (2/3 - 1 - log(2/3) + 2 - 1 - log 2) / 2."""
+    model = CriticBandit(2)
+    params = {'logits': jnp.array([0.0, np.log(3.0)]), 'value': jnp.float32(0.4)}
+    batch = _bandit_batch([1, 0], [np.log(0.5)] * 2, [1.0, 1.0])
+    batch['returns'] = np.array([[1.0], [0.0]], np.float32)
+    ctx = trainer.StepContext(jax.random.PRNGKey(0), jnp.int32(0), jnp.float32(2), 1,
+                              {'reference': {'logits': jnp.zeros(2), 'value': jnp.float32(0)}})
+    loss, metrics, _ = losses.ppo_loss(clip_eps=0.2, value_coeff=0.5, kl_coeff=0.1)(
+        model, {'params': params}, batch, ctx)
+    kl = (2 / 3 - 1 - np.log(2 / 3) + 1 - np.log(2)) / 2
+    self.assertAlmostEqual(float(metrics['pg_loss']), -0.85, places=5)
+    self.assertAlmostEqual(float(metrics['value_loss']), 0.13, places=5)
+    self.assertAlmostEqual(float(metrics['kl']), kl, places=5)
+    self.assertAlmostEqual(float(metrics['clip_frac']), 0.5, places=6)
+    self.assertAlmostEqual(float(loss), -0.85 + 0.5 * 0.13 + 0.1 * kl, places=5)
+
 
 def _rl_batch(config, seed=0):
   b, t, v = config.data.batch_size, config.data.seq_len, config.model.vocab_size

@@ -6,8 +6,10 @@ from rl.envs import arith
 from rl.envs import base
 from rl.envs import clarify
 from rl.envs import collab
+from rl.envs import plantain
 
-ENVS = {'arith': arith.ArithEnv, 'clarify': clarify.ClarifyEnv, 'collab': collab.CollabEnv}
+ENVS = {'arith': arith.ArithEnv, 'clarify': clarify.ClarifyEnv, 'collab': collab.CollabEnv,
+        'plantain': plantain.PlantainEnv}
 
 
 def make_env(env_config: config_dict.ConfigDict) -> base.Env:

@@ -49,6 +49,7 @@ class Env(abc.ABC):
   """A batch-agnostic multi-turn environment (see the module docstring)."""
 
   roles: tuple  # every role that can speak, e.g. ('system', 'user', 'assistant')
+  markup: tuple = ()  # tags inside a turn that are one reserved token each (rl.episodes)
 
   @property
   def speakers(self) -> tuple:
