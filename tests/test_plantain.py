@@ -267,6 +267,10 @@ class PPOJobTest(absltest.TestCase):
     for name in ('train/kl', 'train/value_loss', 'train/clip_frac', 'train/ratio'):
       self.assertTrue(all(np.isfinite(r[name]) for r in train), name)
     self.assertAlmostEqual(train[0]['train/kl'], 0.0, places=5)  # starts at the reference
+    # On-policy at the first step: the behaviour log-probs are the policy's own, so every
+    # ratio is 1 (cached decoding vs. the full forward differ by float32 rounding only).
+    self.assertAlmostEqual(train[0]['train/ratio'], 1.0, places=4)
+    self.assertEqual(train[0]['train/clip_frac'], 0.0)
     rollouts = [r for r in records if 'rollout/reward' in r]
     self.assertEqual([r['step'] for r in rollouts], [0, 1])
     self.assertTrue(all(r['rollout/reward'] in (0.0,) or 0 <= r['rollout/reward'] <= 3
