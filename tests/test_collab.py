@@ -68,15 +68,34 @@ def _tiny(config):
 
 class SftDataTest(absltest.TestCase):
 
+  def test_pretraining_texts_state_and_ask_only_memorised_facts(self):
+    env = _env()
+    texts = env.pretraining_texts()
+    statements, questions = texts[:len(env.memorised)], texts[len(env.memorised):]
+    self.assertEqual(statements, env.memorised_facts())
+    self.assertLen(questions, len(env.memorised))
+    self.assertEqual(_env(qa_pretraining=False).pretraining_texts(), statements)
+    mentioned = set()
+    for text in texts:  # every (subject, relation) a text names is a memorised fact
+      words = text.split()
+      for (corpus, subject, relation), value in env.facts.items():
+        if subject in words and relation in words:
+          mentioned.add((corpus, subject, relation))
+          self.assertEqual(words[-1], value)
+    self.assertEqual(mentioned, env.memorised)
+    question, answer = questions[0].rsplit(' ', 1)
+    episode = env.reset(np.random.default_rng(0), question=sorted(env.memorised)[0])
+    self.assertEqual(episode.turns[0].text, question)  # the user's question, verbatim
+    self.assertEqual(answer, episode.value)
+
   def test_pretraining_transcript_trains_every_token_after_bos(self):
     config = tokenizers.default_tokenizer_config()
     config.update(kind='sentencepiece', vocab_size=320,
                   reserved_tokens=ep.reserved_tokens(_env().roles))
     env = _env()
-    tokenizer = tokenizers.make_tokenizer(config, texts=env.memorised_facts())
+    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
     formatter = ep.Formatter(tokenizer, env.roles)
-    self.assertEqual(env.pretraining_texts(), env.memorised_facts())
-    text = env.memorised_facts()[0]
+    text = env.pretraining_texts()[-1]
     t = ep.text_transcript(formatter, text)
     self.assertEqual(t.tokens[0], tokenizer.bos_id)
     self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
@@ -112,7 +131,7 @@ class JobTest(absltest.TestCase):
     # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
     # delegated, the helper (society).
     sft = config.stages.sft
-    facts = len(env.memorised_facts()) * sft.sft.pretraining_repeats
+    facts = len(env.pretraining_texts()) * sft.sft.pretraining_repeats
     transcripts = json.loads((workdir / 'sft' / 'summary.json').read_text())['transcripts']
     self.assertGreater(transcripts, facts + sft.sft.episodes)
     self.assertLess(transcripts, facts + 3 * sft.sft.episodes // 2)

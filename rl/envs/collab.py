@@ -5,8 +5,8 @@ World (deterministic from ``config.seed``): two disjoint synthetic fact corpora,
 (invented person names with a ``job`` and a ``pet``) and ``places`` (invented place names
 with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``kavo job
 baker``. A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
-pretraining text (``memorised_facts``): those questions are answerable from memory, the rest
-need retrieval. Questions ask one relation: ``what is the job of kavo ?``. The ``train`` and
+pretraining text (``pretraining_texts``): those questions are answerable from memory, the
+rest need retrieval; no other fact is in any training text but a tool result. Questions ask one relation: ``what is the job of kavo ?``. The ``train`` and
 ``test`` splits ask the relations ``train_relations`` (job, river); ``ood`` asks the others
 (pet, dish), whose facts the policy memorised in the same proportion but was never asked.
 
@@ -43,7 +43,15 @@ Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``orac
 uniformly from (tool call, answer, hedge) whether or not the fact is memorised; answers and
 hedges from memory give the value when memorised and a uniform guess of the relation's
 values otherwise; after a tool result the turn answers with the value, and the asker relays
-the helper's reply. ``pretraining_texts`` are the memorised facts.
+the helper's reply.
+
+Pretraining (``pretraining_texts``): each memorised fact as the statement ``kavo job baker``
+and, with ``qa_pretraining``, also as the question-answer text ``what is the job of kavo ?
+baker`` (plain text, not a conversation). A small model trained from scratch on statements
+alone does not recall them when asked a question about them (knowledge stored in one form is
+not extractable in another unless the training data shows both forms for the same facts,
+Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in for the
+varied forms a pretrained LLM has seen its knowledge in. Unmemorised facts appear in neither.
 """
 import dataclasses
 from typing import Optional
@@ -79,6 +87,7 @@ def default_config() -> config_dict.ConfigDict:
       max_calls=2,
       train_relations=('job', 'river'),
       test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
+      qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
   ))
 
 
@@ -184,8 +193,17 @@ class CollabEnv(base.Env):
     """The pretraining texts: one ``subject relation value`` line per memorised fact."""
     return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
 
+  def question(self, subject: str, relation: str) -> str:
+    return f'what is the {relation} of {subject} ?'
+
   def pretraining_texts(self) -> list:
-    return self.memorised_facts()
+    """The memorised facts as statements and, with ``qa_pretraining``, as questions with
+    their answers (module docstring)."""
+    texts = self.memorised_facts()
+    if self.config.get('qa_pretraining', True):
+      texts += [f'{self.question(s, r)} {self.facts[(c, s, r)]}'
+                for c, s, r in sorted(self.memorised)]
+    return texts
 
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
@@ -197,8 +215,7 @@ class CollabEnv(base.Env):
       raise ValueError(f'split={split!r}; expected one of {sorted(self.splits)}.')
     key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
     corpus, subject, relation = key
-    question = f'what is the {relation} of {subject} ?'
-    return CollabEpisode(turns=[base.Turn('user', question)], next_role=self.first_role,
+    return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation))], next_role=self.first_role,
                          corpus=corpus, subject=subject, relation=relation,
                          value=self.facts[key], memorised=key in self.memorised)
 
