@@ -5,12 +5,15 @@ import json
 
 from absl.testing import absltest, parameterized
 from etils import epath
+import jax
 import numpy as np
 
 from configs.repro import collab as repro_config
+from model.registry import build_model
 from rl import episodes as ep
 from rl import repro_collab
 from rl.envs import collab, make_env
+from tests.utils import tiny_config
 from training import tokenizers
 
 
@@ -100,6 +103,21 @@ class SftDataTest(absltest.TestCase):
     self.assertEqual(t.tokens[0], tokenizer.bos_id)
     self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
     self.assertEqual(t.policy_mask.tolist(), [0] + [1] * (len(t.tokens) - 1))
+
+
+class ContinuationLogprobsTest(absltest.TestCase):
+
+  def test_normalised_and_chain_rule(self):
+    model = build_model(tiny_config(vocab_size=64, num_layers=1).model)
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))
+    context = [1, 5, 7, 9]
+    # every one-token continuation, then log p(a b | c) and log p(b | c a), rows of three
+    # lengths padded into one batch
+    logp = repro_collab.continuation_logprobs(
+        jax.jit(model.apply), variables, 0, [context] * 65 + [context + [3]],
+        [[t] for t in range(64)] + [[3, 11], [11]])
+    self.assertAlmostEqual(float(np.exp(logp[:64]).sum()), 1.0, places=4)
+    self.assertAlmostEqual(float(logp[64]), float(logp[3] + logp[65]), places=4)
 
 
 class AurocTest(absltest.TestCase):
