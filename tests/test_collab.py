@@ -64,8 +64,10 @@ def _tiny(config):
   config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
   config.sft.update(episodes=40, pretraining_repeats=2)
   config.rollout.update(batch=32)
+  # No evaluation inside the stages (the rl_sft and rl_rest tests cover it): the job's own
+  # deployment is what this test checks.
   config.rest.update(iterations=1, prompts=4, samples_per_prompt=2, thresholds=(-9.0,),
-                     steps_per_improve=2, eval_episodes=1, final_eval_episodes=1)
+                     steps_per_improve=2, eval_sets=())
   return config
 
 
@@ -146,6 +148,9 @@ class JobTest(absltest.TestCase):
       for split in config.splits:
         self.assertEqual(results['policies'][policy][split]['n']['mean'], len(env.splits[split]))
     self.assertLen(results['criteria'], 4)
+    for split in config.splits:
+      recall = results['policies']['in_context'][split]['memory_recall']['mean']
+      self.assertTrue(0 <= recall <= 1, recall)
     # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
     # delegated, the helper (society).
     sft = config.stages.sft
