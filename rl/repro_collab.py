@@ -17,6 +17,7 @@ invalid episode is wrong); ties count one half, NaN when one class is empty. And
 policy, forced to answer at once, ranks the true value first among its relation's 8 values.
 """
 import copy
+import functools
 import json
 import time
 
@@ -92,10 +93,16 @@ def auroc(scores, labels) -> float:
   return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
-def continuation_logprobs(apply, variables, pad_id, contexts, continuations):
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(model, variables, tokens):
+  """Next-token log-probabilities, jitted per model configuration (modules of equal fields
+  share the compilations)."""
+  return jax.nn.log_softmax(model.apply(variables, tokens)[0].astype(np.float32), -1)
+
+
+def continuation_logprobs(model, variables, pad_id, contexts, continuations):
   """log p(continuation | context), teacher-forced, one per pair of token id lists, in one
-  batch padded to few shapes (rows to a power of two, width to a multiple of 16);
-  ``apply(variables, tokens)`` returns the logits first (e.g. a jitted ``model.apply``)."""
+  batch padded to few shapes (rows to a power of two, width to a multiple of 16)."""
   if len(contexts) != len(continuations):
     raise ValueError(f'{len(contexts)} contexts but {len(continuations)} continuations.')
   rows = [c + k for c, k in zip(contexts, continuations)]
@@ -103,12 +110,12 @@ def continuation_logprobs(apply, variables, pad_id, contexts, continuations):
                    np.int32)
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
-  logp = np.asarray(jax.nn.log_softmax(apply(variables, tokens)[0].astype(np.float32), -1))
+  logp = np.asarray(_log_probs(model, variables, tokens))
   return np.asarray([sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
                      for i, (c, k) in enumerate(zip(contexts, continuations))])
 
 
-def hedge_probabilities(apply, variables, formatter, env, episodes, role='assistant'):
+def hedge_probabilities(model, variables, formatter, env, episodes, role='assistant'):
   """Per finished episode, the policy's probability that ``role``'s final turn starts with
   the tokens of ``hedge`` (teacher-forced on that turn's context)."""
   hedge = formatter.tokenizer.encode('hedge')
@@ -117,11 +124,11 @@ def hedge_probabilities(apply, variables, formatter, env, episodes, role='assist
     view = env.view(e, role)
     last = max(i for i, t in enumerate(view) if t.role == role)
     contexts.append(formatter.context(view[:last], role))
-  return np.exp(continuation_logprobs(apply, variables, formatter.tokenizer.pad_id, contexts,
+  return np.exp(continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
                                       [hedge] * len(contexts)))
 
 
-def memory_recall(apply, variables, formatter, env, questions, role='assistant'):
+def memory_recall(model, variables, formatter, env, questions, role='assistant'):
   """Closed-book recall: the share of ``questions`` (keys of ``env.facts``) whose value is
   the most likely of its relation's values as the whole first turn ``answer VALUE``."""
   if not questions:
@@ -134,7 +141,7 @@ def memory_recall(apply, variables, formatter, env, questions, role='assistant')
       contexts.append(context)
       continuations.append(formatter.tokenizer.encode(f'{collab.ANSWER} {value}') +
                            [formatter.end_id])
-  scores = continuation_logprobs(apply, variables, formatter.tokenizer.pad_id, contexts,
+  scores = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
                                  continuations).reshape(len(questions), -1)
   best = [collab.VALUES[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
   return float(np.mean([b == env.facts[key] for b, key in zip(best, questions)]))
@@ -144,7 +151,6 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
   """The policy of ``policy_dir`` alone with both tools, greedy, on every question of each
   split -> {split: env summary + hedge_auroc + n}."""
   model, variables = ckpt_lib.load_model(policy_dir)
-  apply = jax.jit(model.apply)
   tokenizer = tokenizers.load_tokenizer(policy_dir / tokenizers.TOKENIZER_SUBDIR)
   env = envs.make_env(env_config)
   formatter = ep.Formatter(tokenizer, env.roles)
@@ -155,9 +161,9 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
                 for q in env.splits[split]]
     ep.rollout(env, episodes, {'assistant': actor}, formatter, jax.random.PRNGKey(seed),
                max_turns)
-    p_hedge = hedge_probabilities(apply, variables, formatter, env, episodes)
+    p_hedge = hedge_probabilities(model, variables, formatter, env, episodes)
     wrong = [e.info.get('f1', 0.0) < 1 for e in episodes]
-    recall = memory_recall(apply, variables, formatter, env,
+    recall = memory_recall(model, variables, formatter, env,
                            [q for q in env.splits[split] if q in env.memorised])
     out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
                       memory_recall=recall, n=len(episodes))
