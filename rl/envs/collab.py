@@ -331,17 +331,19 @@ class CollabEnv(base.Env):
     return episode
 
   def summary(self, episodes: list) -> dict:
-    """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate."""
-    def rate(eps, key):
-      return float(np.mean([e.info[key] > 0 for e in eps])) if eps else float('nan')
-    seen = [e for e in episodes if e.info['memorised']]
-    unseen = [e for e in episodes if not e.info['memorised']]
-    return {'f1': float(np.mean([e.info['f1'] for e in episodes])),
-            'searches': float(np.mean([e.info['searches'] for e in episodes])),
-            'search_rate_memorised': rate(seen, 'searches'),
-            'search_rate_unmemorised': rate(unseen, 'searches'),
-            'hedge_rate': rate(episodes, 'hedged'),
-            'invalid_rate': rate(episodes, 'invalid')}
+    """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate. An
+    episode the rollout cut off at its turn limit (no end-of-episode ``info``) counts as
+    invalid, F1 0, not hedged."""
+    def rate(eps, values):
+      return float(np.mean([values(e) for e in eps])) if eps else float('nan')
+    seen = [e for e in episodes if e.memorised]
+    unseen = [e for e in episodes if not e.memorised]
+    return {'f1': rate(episodes, lambda e: e.info.get('f1', 0.0)),
+            'searches': rate(episodes, lambda e: e.searches),
+            'search_rate_memorised': rate(seen, lambda e: e.searches > 0),
+            'search_rate_unmemorised': rate(unseen, lambda e: e.searches > 0),
+            'hedge_rate': rate(episodes, lambda e: e.info.get('hedged', False)),
+            'invalid_rate': rate(episodes, lambda e: e.info.get('invalid', True))}
 
   def eval_settings(self) -> dict:
     return {name: [{'split': name}] for name in ('train', 'test', 'ood')}
