@@ -173,8 +173,8 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
 def criteria(policies, split='test', ood='ood') -> dict:
   """The done-when criteria of the reproduction, each with its numbers."""
   mean = lambda p, s, m: policies[p][s][m]['mean']
-  ratio = mean('in_context', split, 'searches') / max(mean('rest_single', split, 'searches'),
-                                                      1e-9)
+  searches = mean('rest_single', split, 'searches')
+  ratio = mean('in_context', split, 'searches') / searches if searches else float('inf')
   return {
       'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
           mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
