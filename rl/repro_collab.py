@@ -12,9 +12,9 @@ memorised and unmemorised questions, F1, searches per question, hedge rate, inva
 the hedge AUROC: over the split's questions, the score is the policy's probability that its
 final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of
 that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
-invalid episode is wrong); ties count one half, NaN when one class is empty. And
-``memory_recall`` (``memory_recall``): on the split's memorised questions, how often the
-policy, forced to answer at once, ranks the true value first among its relation's 8 values.
+invalid episode is wrong); ties count one half, NaN when one class is empty. And the
+memory recall (closed book): on the split's memorised questions, how often the policy,
+forced to answer at once, ranks the true value first among its relation's 8 values.
 """
 import copy
 import functools
@@ -27,8 +27,8 @@ import numpy as np
 
 from model import decode
 from rl import envs, rest
-from rl.envs import collab
 from rl import episodes as ep
+from rl.envs import collab
 from training import checkpoint as ckpt_lib
 from training import tokenizers
 from training import workdir as workdir_lib

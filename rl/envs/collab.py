@@ -6,9 +6,10 @@ World (deterministic from ``config.seed``): two disjoint synthetic fact corpora,
 with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``kavo job
 baker``. A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
 pretraining text (``pretraining_texts``): those questions are answerable from memory, the
-rest need retrieval; no other fact is in any training text but a tool result. Questions ask one relation: ``what is the job of kavo ?``. The ``train`` and
-``test`` splits ask the relations ``train_relations`` (job, river); ``ood`` asks the others
-(pet, dish), whose facts the policy memorised in the same proportion but was never asked.
+rest need retrieval; no other fact is in any training text but a tool result. Questions ask
+one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits ask the
+relations ``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts
+the policy memorised in the same proportion but was never asked.
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job baker`` (or ``result none`` for an unknown key or the wrong corpus).
@@ -190,7 +191,7 @@ class CollabEnv(base.Env):
     return 'assistant' if self.mode == 'single' else 'asker'
 
   def memorised_facts(self) -> list:
-    """The pretraining texts: one ``subject relation value`` line per memorised fact."""
+    """One statement ``subject relation value`` per memorised fact."""
     return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
 
   def question(self, subject: str, relation: str) -> str:
@@ -215,9 +216,10 @@ class CollabEnv(base.Env):
       raise ValueError(f'split={split!r}; expected one of {sorted(self.splits)}.')
     key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
     corpus, subject, relation = key
-    return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation))], next_role=self.first_role,
-                         corpus=corpus, subject=subject, relation=relation,
-                         value=self.facts[key], memorised=key in self.memorised)
+    return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation))],
+                         next_role=self.first_role, corpus=corpus, subject=subject,
+                         relation=relation, value=self.facts[key],
+                         memorised=key in self.memorised)
 
   def view(self, episode: CollabEpisode, role: str) -> list:
     """The role's own system turn, then the shared conversation."""
