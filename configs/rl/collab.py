@@ -6,7 +6,8 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
   python -m launch.main --config=configs/rl/collab.py:rest --workdir=workdirs/collab/rest \
       --config.rest.init_workdir=workdirs/collab/sft
 
-``sft``: the memorised facts as plain text plus format demonstrations whose actions ignore
+``sft``: the memorised facts as plain text (statements and question-answer text,
+``CollabEnv.pretraining_texts``) plus format demonstrations whose actions ignore
 what is memorised (the in-context baseline and ReST's start); ``oracle``: the same facts
 plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both
 modes' demonstrations and are evaluated as the single agent; ``rest`` plays the society
