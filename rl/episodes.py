@@ -146,7 +146,7 @@ class Actor:
   max_new_tokens: int
 
 
-def _bucket(n: int, multiple: int) -> int:
+def bucket(n: int, multiple: int) -> int:
   """``n`` rounded up to a power of two, then to a multiple of ``multiple``: few shapes,
   few compiles."""
   size = 1 << max(0, (n - 1).bit_length())
@@ -166,7 +166,7 @@ def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
   """
   stops = (formatter.end_id,) if stop_tokens is None else tuple(stop_tokens)
   n, longest = len(contexts), max(len(c) for c in contexts)
-  rows, width = _bucket(n, batch_multiple), -(-longest // 16) * 16
+  rows, width = bucket(n, batch_multiple), -(-longest // 16) * 16
   prompts = np.full((rows, width), formatter.tokenizer.pad_id, np.int32)
   lengths = np.ones((rows,), np.int32)
   prompts[n:, 0] = formatter.tokenizer.bos_id

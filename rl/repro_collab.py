@@ -12,9 +12,12 @@ memorised and unmemorised questions, F1, searches per question, hedge rate, inva
 the hedge AUROC: over the split's questions, the score is the policy's probability that its
 final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of
 that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
-invalid episode is wrong); ties count one half, NaN when one class is empty.
+invalid episode is wrong); ties count one half, NaN when one class is empty. And the
+memory recall (closed book): on the split's memorised questions, how often the policy,
+forced to answer at once, ranks the true value first among its relation's 8 values.
 """
 import copy
+import functools
 import json
 import time
 
@@ -25,13 +28,14 @@ import numpy as np
 from model import decode
 from rl import envs, rest
 from rl import episodes as ep
+from rl.envs import collab
 from training import checkpoint as ckpt_lib
 from training import tokenizers
 from training import workdir as workdir_lib
 
 POLICIES = ('in_context', 'action_supervised', 'rest_single')
 METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
-           'hedge_rate', 'invalid_rate', 'hedge_auroc')
+           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'memory_recall')
 
 
 def run(config, workdir):
@@ -89,26 +93,58 @@ def auroc(scores, labels) -> float:
   return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _log_probs(model, variables, tokens):
+  """Next-token log-probabilities, jitted per model configuration (modules of equal fields
+  share the compilations)."""
+  return jax.nn.log_softmax(model.apply(variables, tokens)[0].astype(np.float32), -1)
+
+
+def continuation_logprobs(model, variables, pad_id, contexts, continuations):
+  """log p(continuation | context), teacher-forced, one per pair of token id lists, in one
+  batch padded to few shapes (rows to a power of two, width to a multiple of 16)."""
+  if len(contexts) != len(continuations):
+    raise ValueError(f'{len(contexts)} contexts but {len(continuations)} continuations.')
+  rows = [c + k for c, k in zip(contexts, continuations)]
+  tokens = np.full((ep.bucket(len(rows), 1), -(-max(map(len, rows)) // 16) * 16), pad_id,
+                   np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  logp = np.asarray(_log_probs(model, variables, tokens))
+  return np.asarray([sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
+                     for i, (c, k) in enumerate(zip(contexts, continuations))])
+
+
 def hedge_probabilities(model, variables, formatter, env, episodes, role='assistant'):
   """Per finished episode, the policy's probability that ``role``'s final turn starts with
   the tokens of ``hedge`` (teacher-forced on that turn's context)."""
   hedge = formatter.tokenizer.encode('hedge')
-  rows = []
+  contexts = []
   for e in episodes:
     view = env.view(e, role)
     last = max(i for i, t in enumerate(view) if t.role == role)
-    rows.append(formatter.context(view[:last], role) + hedge)
-  width = max(map(len, rows))
-  tokens = np.full((len(rows), width), formatter.tokenizer.pad_id, np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
-  logits, _ = model.apply(variables, tokens)
-  logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
-  out = []
-  for i, row in enumerate(rows):
-    k = len(row) - len(hedge)
-    out.append(float(np.exp(sum(logp[i, k - 1 + j, t] for j, t in enumerate(hedge)))))
-  return np.asarray(out)
+    contexts.append(formatter.context(view[:last], role))
+  return np.exp(continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
+                                      [hedge] * len(contexts)))
+
+
+def memory_recall(model, variables, formatter, env, questions, role='assistant'):
+  """Closed-book recall: the share of ``questions`` (keys of ``env.facts``) whose value is
+  the most likely of its relation's values as the whole first turn ``answer VALUE``."""
+  if not questions:
+    return float('nan')
+  contexts, continuations = [], []
+  for key in questions:
+    episode = env.reset(np.random.default_rng(0), question=key)
+    context = formatter.context(env.view(episode, role), role)
+    for value in collab.VALUES[key[2]]:
+      contexts.append(context)
+      continuations.append(formatter.tokenizer.encode(f'{collab.ANSWER} {value}') +
+                           [formatter.end_id])
+  scores = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
+                                 continuations).reshape(len(questions), -1)
+  best = [collab.VALUES[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
+  return float(np.mean([b == env.facts[key] for b, key in zip(best, questions)]))
 
 
 def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
@@ -127,16 +163,18 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
                max_turns)
     p_hedge = hedge_probabilities(model, variables, formatter, env, episodes)
     wrong = [e.info.get('f1', 0.0) < 1 for e in episodes]
+    recall = memory_recall(model, variables, formatter, env,
+                           [q for q in env.splits[split] if q in env.memorised])
     out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
-                      n=len(episodes))
+                      memory_recall=recall, n=len(episodes))
   return out
 
 
 def criteria(policies, split='test', ood='ood') -> dict:
   """The done-when criteria of the reproduction, each with its numbers."""
   mean = lambda p, s, m: policies[p][s][m]['mean']
-  ratio = mean('in_context', split, 'searches') / max(mean('rest_single', split, 'searches'),
-                                                      1e-9)
+  searches = mean('rest_single', split, 'searches')
+  ratio = mean('in_context', split, 'searches') / searches if searches else float('inf')
   return {
       'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
           mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
@@ -153,8 +191,8 @@ def criteria(policies, split='test', ood='ood') -> dict:
 def report(results) -> str:
   """The table (mean over seeds for ReST), the criteria and the timings (results.md)."""
   lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
-           'searches / question | hedge rate | invalid rate | hedge AUROC |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           'searches / question | hedge rate | invalid rate | hedge AUROC | memory recall |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for split in results['splits']:
     for policy, by_split in results['policies'].items():
       s = by_split[split]

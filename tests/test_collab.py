@@ -5,12 +5,15 @@ import json
 
 from absl.testing import absltest, parameterized
 from etils import epath
+import jax
 import numpy as np
 
 from configs.repro import collab as repro_config
+from model.registry import build_model
 from rl import episodes as ep
 from rl import repro_collab
 from rl.envs import collab, make_env
+from tests.utils import tiny_config
 from training import tokenizers
 
 
@@ -61,26 +64,62 @@ def _tiny(config):
   config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
   config.sft.update(episodes=40, pretraining_repeats=2)
   config.rollout.update(batch=32)
+  # No evaluation inside the stages (the rl_sft and rl_rest tests cover it): the job's own
+  # deployment is what this test checks.
   config.rest.update(iterations=1, prompts=4, samples_per_prompt=2, thresholds=(-9.0,),
-                     steps_per_improve=2, eval_episodes=1, final_eval_episodes=1)
+                     steps_per_improve=2, eval_sets=())
   return config
 
 
 class SftDataTest(absltest.TestCase):
+
+  def test_pretraining_texts_state_and_ask_only_memorised_facts(self):
+    env = _env()
+    texts = env.pretraining_texts()
+    statements, questions = texts[:len(env.memorised)], texts[len(env.memorised):]
+    self.assertEqual(statements, env.memorised_facts())
+    self.assertLen(questions, len(env.memorised))
+    self.assertEqual(_env(qa_pretraining=False).pretraining_texts(), statements)
+    mentioned = set()
+    for text in texts:  # every (subject, relation) a text names is a memorised fact
+      words = text.split()
+      for (corpus, subject, relation), value in env.facts.items():
+        if subject in words and relation in words:
+          mentioned.add((corpus, subject, relation))
+          self.assertEqual(words[-1], value)
+    self.assertEqual(mentioned, env.memorised)
+    question, answer = questions[0].rsplit(' ', 1)
+    episode = env.reset(np.random.default_rng(0), question=sorted(env.memorised)[0])
+    self.assertEqual(episode.turns[0].text, question)  # the user's question, verbatim
+    self.assertEqual(answer, episode.value)
 
   def test_pretraining_transcript_trains_every_token_after_bos(self):
     config = tokenizers.default_tokenizer_config()
     config.update(kind='sentencepiece', vocab_size=320,
                   reserved_tokens=ep.reserved_tokens(_env().roles))
     env = _env()
-    tokenizer = tokenizers.make_tokenizer(config, texts=env.memorised_facts())
+    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
     formatter = ep.Formatter(tokenizer, env.roles)
-    self.assertEqual(env.pretraining_texts(), env.memorised_facts())
-    text = env.memorised_facts()[0]
+    text = env.pretraining_texts()[-1]
     t = ep.text_transcript(formatter, text)
     self.assertEqual(t.tokens[0], tokenizer.bos_id)
     self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
     self.assertEqual(t.policy_mask.tolist(), [0] + [1] * (len(t.tokens) - 1))
+
+
+class ContinuationLogprobsTest(absltest.TestCase):
+
+  def test_normalised_and_chain_rule(self):
+    model = build_model(tiny_config(vocab_size=64, num_layers=1).model)
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))
+    context = [1, 5, 7, 9]
+    # every one-token continuation, then log p(a b | c) and log p(b | c a), rows of three
+    # lengths padded into one batch
+    logp = repro_collab.continuation_logprobs(
+        model, variables, 0, [context] * 65 + [context + [3]],
+        [[t] for t in range(64)] + [[3, 11], [11]])
+    self.assertAlmostEqual(float(np.exp(logp[:64]).sum()), 1.0, places=4)
+    self.assertAlmostEqual(float(logp[64]), float(logp[3] + logp[65]), places=4)
 
 
 class AurocTest(absltest.TestCase):
@@ -100,6 +139,7 @@ class JobTest(absltest.TestCase):
   def test_tiny_run_writes_table_and_plot(self):
     config = repro_config.get_config()
     config.unlock()
+    config.splits = ('test', 'ood')  # those of the criteria; 'train' deploys the same way
     for name in config.stages:
       _tiny(config.stages[name])
     workdir = epath.Path(self.create_tempdir().full_path)
@@ -109,10 +149,13 @@ class JobTest(absltest.TestCase):
       for split in config.splits:
         self.assertEqual(results['policies'][policy][split]['n']['mean'], len(env.splits[split]))
     self.assertLen(results['criteria'], 4)
+    for split in config.splits:
+      recall = results['policies']['in_context'][split]['memory_recall']['mean']
+      self.assertTrue(0 <= recall <= 1, recall)
     # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
     # delegated, the helper (society).
     sft = config.stages.sft
-    facts = len(env.memorised_facts()) * sft.sft.pretraining_repeats
+    facts = len(env.pretraining_texts()) * sft.sft.pretraining_repeats
     transcripts = json.loads((workdir / 'sft' / 'summary.json').read_text())['transcripts']
     self.assertGreater(transcripts, facts + sft.sft.episodes)
     self.assertLess(transcripts, facts + 3 * sft.sft.episodes // 2)

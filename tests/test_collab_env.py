@@ -86,6 +86,15 @@ class EpisodeTest(parameterized.TestCase):
     summary = env.summary([_oracle(env, env.reset(rng)) for _ in range(40)])
     self.assertEqual(summary['search_rate_memorised'], 0.0)
     self.assertEqual(summary['search_rate_unmemorised'], 1.0)
+    # an episode cut off by the rollout's turn limit (rl.episodes.rollout): invalid, F1 0
+    cut = env.reset(rng, question=_question(env, False))
+    cut.turns.append(base.Turn('assistant', f'search {cut.corpus} {cut.subject} {cut.relation}'))
+    env.step(cut)
+    cut.done, cut.reward, cut.info = True, 0.0, {'truncated': True}
+    summary = env.summary([cut, _oracle(env, env.reset(rng, question=_question(env, True)))])
+    self.assertEqual(summary, {'f1': 0.5, 'searches': 0.5, 'search_rate_memorised': 0.0,
+                               'search_rate_unmemorised': 1.0, 'hedge_rate': 0.0,
+                               'invalid_rate': 0.5})
 
   def test_society_turn_order(self):
     env = _env(mode='society')

@@ -6,7 +6,8 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
   python -m launch.main --config=configs/rl/collab.py:rest --workdir=workdirs/collab/rest \
       --config.rest.init_workdir=workdirs/collab/sft
 
-``sft``: the memorised facts as plain text plus format demonstrations whose actions ignore
+``sft``: the memorised facts as plain text (statements and question-answer text,
+``CollabEnv.pretraining_texts``) plus format demonstrations whose actions ignore
 what is memorised (the in-context baseline and ReST's start); ``oracle``: the same facts
 plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both
 modes' demonstrations and are evaluated as the single agent; ``rest`` plays the society
@@ -32,7 +33,7 @@ def get_config(stage='sft'):
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
-  config.data.seq_len = 96
+  config.data.seq_len = 96 if stage == 'rest' else 64  # demonstrations: at most 58 tokens
   config.data.batch_size = 64
   config.sft = rest.default_sft_config()
   config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
@@ -51,7 +52,7 @@ def get_config(stage='sft'):
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=20, weight_decay=0.0)
   else:
-    config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
-                                     eval_every=0, checkpoint_every=400, log_every=50)
+    config.train = base.train_config(steps=600, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=300, log_every=50)
   config.sample.max_new_tokens = 0
   return config

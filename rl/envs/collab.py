@@ -5,10 +5,11 @@ World (deterministic from ``config.seed``): two disjoint synthetic fact corpora,
 (invented person names with a ``job`` and a ``pet``) and ``places`` (invented place names
 with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``kavo job
 baker``. A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
-pretraining text (``memorised_facts``): those questions are answerable from memory, the rest
-need retrieval. Questions ask one relation: ``what is the job of kavo ?``. The ``train`` and
-``test`` splits ask the relations ``train_relations`` (job, river); ``ood`` asks the others
-(pet, dish), whose facts the policy memorised in the same proportion but was never asked.
+pretraining text (``pretraining_texts``): those questions are answerable from memory, the
+rest need retrieval; no other fact is in any training text but a tool result. Questions ask
+one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits ask the
+relations ``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts
+the policy memorised in the same proportion but was never asked.
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job baker`` (or ``result none`` for an unknown key or the wrong corpus).
@@ -43,7 +44,15 @@ Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``orac
 uniformly from (tool call, answer, hedge) whether or not the fact is memorised; answers and
 hedges from memory give the value when memorised and a uniform guess of the relation's
 values otherwise; after a tool result the turn answers with the value, and the asker relays
-the helper's reply. ``pretraining_texts`` are the memorised facts.
+the helper's reply.
+
+Pretraining (``pretraining_texts``): each memorised fact as the statement ``kavo job baker``
+and, with ``qa_pretraining``, also as the question-answer text ``what is the job of kavo ?
+baker`` (plain text, not a conversation). A small model trained from scratch on statements
+alone does not recall them when asked a question about them (knowledge stored in one form is
+not extractable in another unless the training data shows both forms for the same facts,
+Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in for the
+varied forms a pretrained LLM has seen its knowledge in. Unmemorised facts appear in neither.
 """
 import dataclasses
 from typing import Optional
@@ -79,6 +88,7 @@ def default_config() -> config_dict.ConfigDict:
       max_calls=2,
       train_relations=('job', 'river'),
       test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
+      qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
   ))
 
 
@@ -181,11 +191,20 @@ class CollabEnv(base.Env):
     return 'assistant' if self.mode == 'single' else 'asker'
 
   def memorised_facts(self) -> list:
-    """The pretraining texts: one ``subject relation value`` line per memorised fact."""
+    """One statement ``subject relation value`` per memorised fact."""
     return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
 
+  def question(self, subject: str, relation: str) -> str:
+    return f'what is the {relation} of {subject} ?'
+
   def pretraining_texts(self) -> list:
-    return self.memorised_facts()
+    """The memorised facts as statements and, with ``qa_pretraining``, as questions with
+    their answers (module docstring)."""
+    texts = self.memorised_facts()
+    if self.config.get('qa_pretraining', True):
+      texts += [f'{self.question(s, r)} {self.facts[(c, s, r)]}'
+                for c, s, r in sorted(self.memorised)]
+    return texts
 
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
@@ -197,10 +216,10 @@ class CollabEnv(base.Env):
       raise ValueError(f'split={split!r}; expected one of {sorted(self.splits)}.')
     key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
     corpus, subject, relation = key
-    question = f'what is the {relation} of {subject} ?'
-    return CollabEpisode(turns=[base.Turn('user', question)], next_role=self.first_role,
-                         corpus=corpus, subject=subject, relation=relation,
-                         value=self.facts[key], memorised=key in self.memorised)
+    return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation))],
+                         next_role=self.first_role, corpus=corpus, subject=subject,
+                         relation=relation, value=self.facts[key],
+                         memorised=key in self.memorised)
 
   def view(self, episode: CollabEpisode, role: str) -> list:
     """The role's own system turn, then the shared conversation."""
@@ -314,17 +333,19 @@ class CollabEnv(base.Env):
     return episode
 
   def summary(self, episodes: list) -> dict:
-    """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate."""
-    def rate(eps, key):
-      return float(np.mean([e.info[key] > 0 for e in eps])) if eps else float('nan')
-    seen = [e for e in episodes if e.info['memorised']]
-    unseen = [e for e in episodes if not e.info['memorised']]
-    return {'f1': float(np.mean([e.info['f1'] for e in episodes])),
-            'searches': float(np.mean([e.info['searches'] for e in episodes])),
-            'search_rate_memorised': rate(seen, 'searches'),
-            'search_rate_unmemorised': rate(unseen, 'searches'),
-            'hedge_rate': rate(episodes, 'hedged'),
-            'invalid_rate': rate(episodes, 'invalid')}
+    """Search rates on memorised / unmemorised facts, F1, hedge rate, invalid rate. An
+    episode the rollout cut off at its turn limit (no end-of-episode ``info``) counts as
+    invalid, F1 0, not hedged."""
+    def rate(eps, values):
+      return float(np.mean([values(e) for e in eps])) if eps else float('nan')
+    seen = [e for e in episodes if e.memorised]
+    unseen = [e for e in episodes if not e.memorised]
+    return {'f1': rate(episodes, lambda e: e.info.get('f1', 0.0)),
+            'searches': rate(episodes, lambda e: e.searches),
+            'search_rate_memorised': rate(seen, lambda e: e.searches > 0),
+            'search_rate_unmemorised': rate(unseen, lambda e: e.searches > 0),
+            'hedge_rate': rate(episodes, lambda e: e.info.get('hedged', False)),
+            'invalid_rate': rate(episodes, lambda e: e.info.get('invalid', True))}
 
   def eval_settings(self) -> dict:
     return {name: [{'split': name}] for name in ('train', 'test', 'ood')}
