@@ -248,11 +248,11 @@ class Setup:
 
   def init(self, key):
     dummy = jnp.zeros((1, self.length), jnp.int32)
-    return nn.unbox(self.model.init(key, dummy)['params'])
+    return nn.unbox(jax.jit(self.model.init)(key, dummy)['params'])
 
   def init_scorer(self, key, base_params):
     dummy = jnp.zeros((1, self.length), jnp.int32)
-    head = nn.unbox(self.scorer.init(key, dummy)['params'])['value_head']
+    head = nn.unbox(jax.jit(self.scorer.init)(key, dummy)['params'])['value_head']
     return value_lib.wrap_params(base_params, head)
 
   def sample(self, params, key, n):

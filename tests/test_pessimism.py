@@ -90,12 +90,12 @@ class ReinforceKLTest(absltest.TestCase):
     targets, mask = np.asarray(batch['targets']), np.asarray(batch['loss_mask'])
     logp = np.asarray(logp_table)[np.arange(length), targets]  # [B, T]
     behaviour = (logp * mask)[:, :3]  # as generated: one column short, padded by rl_batch
-    batch = rp.rl_batch(seqs, jnp.asarray(behaviour), rewards)
+    batch = jax.jit(rp.rl_batch)(seqs, jnp.asarray(behaviour), rewards)
     beta = 0.3
     ctx = trainer_lib.StepContext(jax.random.key(0), 0, jnp.sum(batch['loss_mask']), 1,
                                   {'reference': ref})
-    loss, metrics, _ = losses.reinforce_loss(kl_coeff=beta, kl_estimator='k2')(
-        model, {'params': params}, batch, ctx)
+    loss_fn = losses.reinforce_loss(kl_coeff=beta, kl_estimator='k2')
+    loss, metrics, _ = jax.jit(lambda p: loss_fn(model, {'params': p}, batch, ctx))(params)
     # By hand: leave-one-out advantages; on-policy importance weights are 1.
     adv = np.array([1 - (-2 + 4) / 2, -2 - (1 + 4) / 2, 4 - (1 - 2) / 2])
     ref_logp = np.asarray(ref_table)[np.arange(length), targets]
