@@ -7,9 +7,12 @@ Stages (``configs/repro/pessimism.py``), each cached in the workdir:
      (``prefs.label_pairs``), written as ``prefs.jsonl`` and read back with
      ``preference.load_preferences``; a held-out fraction is kept for accuracy.
   3. The proxy reward model: ``WithValueHead`` on the μ trunk, score = value at the last
-     token, fit by ``preference.bt_nll``. The pairwise preference model of P3O is
-     ``P(y ≻ y′) = σ(f(y) − f(y′))`` with f a scalar-head model of the same kind; its
-     maximum-likelihood fit on D is the same BT objective, so it starts from the proxy.
+     token, fit by ``preference.bt_nll``. P3O's pairwise preference model
+     (``config.preference_model``): the same kind of scalar-head model g reading both
+     responses jointly, ``[BOS y EOS y′ EOS]`` (``join_pairs``), antisymmetrised,
+     ``logit P(y ≻ y′) = g(y, y′) − g(y′, y)``, fit on D by the same NLL (``kind='pair'``,
+     cached as ``pair_model.*``); ``kind='difference'`` uses ``σ(f(y) − f(y′))`` with f
+     the proxy instead. Both report held-out accuracy.
   4. Policy runs, each from μ, ``steps`` updates:
      * ``reinforce_kl<β>``: REINFORCE (``losses.reinforce_loss``, leave-one-out baseline)
        against the proxy with KL to μ (the step argument ``reference``), swept over β;
@@ -17,15 +20,19 @@ Stages (``configs/repro/pessimism.py``), each cached in the workdir:
      * ``prpo`` (``prpo_logz`` with the log-partition form): per step one update of an
        adversarial reward r (from the proxy) on ``preference.prpo_reward_loss``, then one
        REINFORCE update against r with KL to μ;
-     * ``p3o``: the same with the preference model on ``preference.p3o_preference_loss``;
-       the policy's reward for y is ``mean_{y′~D} σ(f(y) − f(y′))``.
+     * ``p3o``: the same with the preference model (from its fit on D) on
+       ``preference.p3o_preference_loss``, on pairs (y ~ π, y′ ∈ D); the policy's reward for
+       y is the mean of ``P(y ≻ y′)`` over ``comparisons`` responses y′ of D.
+     PRPO and P3O run at ``eta`` over ``pessimistic_kl_coeffs`` and at every η of
+     ``eta_sweep`` over its KL coefficients (``<method>_kl<β>_eta<η>``).
 Every ``eval_every`` steps a fresh batch from the policy (the same keys for every run)
 gives the gold reward, the proxy reward and KL(π || μ) (the mean over samples of
 ``Σ_t log π − log μ``, an unbiased sequence-level estimate).
 
-Outputs: ``runs/<run>.json`` (curves; a rerun with the same config skips them),
-``results.json``, ``results.md`` (peak and final gold per run, the done-when checks) and
-``pessimism_<method>.png`` / ``pessimism.png``.
+Outputs: ``runs/<run>.json`` (curves; a rerun skips a run whose own fields, ``_run_key``,
+are unchanged), ``results.json``, ``results.md`` (peak and final gold per run, the
+done-when checks) and ``pessimism_<method>.png`` / ``pessimism.png`` /
+``pessimism_eta.png`` (gold against steps per η).
 """
 import dataclasses
 import json

@@ -249,14 +249,22 @@ class LoopTest(absltest.TestCase):
 class BadInputTest(absltest.TestCase):
 
   def test_config_errors_name_the_field(self):
-    for field, value, pattern in (('eta', 0.0, 'config.eta'), ('eta', -1.0, 'config.eta'),
-                                  ('adversary.K', 0, 'config.adversary.K'),
-                                  ('methods', ('ppo',), 'config.methods')):
+    for field, value, pattern in (
+        ('eta', 0.0, 'config.eta'), ('eta', -1.0, 'config.eta'),
+        ('eta_sweep.etas', (10.0, 0.0), r'config.eta_sweep.etas holds 0.0'),
+        ('eta_sweep.methods', ('dpo',), 'config.eta_sweep.methods'),
+        ('adversary.K', 0, 'config.adversary.K'), ('methods', ('ppo',), 'config.methods'),
+        ('preference_model.kind', 'joint', 'config.preference_model.kind'),
+        ('preference_model.comparisons', 0, 'config.preference_model.comparisons')):
       config = pessimism_config.get_config()
-      node, name = (config.adversary, 'K') if field == 'adversary.K' else (config, field)
+      *parents, name = field.split('.')
+      node = config[parents[0]] if parents else config
       node[name] = value
       with self.assertRaisesRegex(ConfigError, pattern):
         rp._check(config)
+    with self.assertRaisesRegex(ValueError, "kind='joint'"):
+      rp.preference_logits(None, None, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32),
+                           'joint')
     with self.assertRaisesRegex(ValueError, 'eta'):
       preference.prpo_reward_loss([0.0], [0.0], [1.0], [0.0], eta=0.0)
     with self.assertRaisesRegex(ValueError, 'K=0'):
