@@ -43,5 +43,5 @@ def get_config(method='all'):
   # D; 'difference' is σ(f(y) − f(y′)) with f the proxy. The policy's reward for y is the
   # mean of P(y ≻ y′) over ``comparisons`` responses y′ of D.
   config.preference_model = dict(kind='pair', steps=300, batch=64, learning_rate=1e-3,
-                                 comparisons=4)
+                                 comparisons=1)
   return config
