@@ -4,9 +4,10 @@
 
 or one method at a time (same workdir: μ, the dataset and the proxy are shared and cached)
 with ``configs/repro/pessimism.py:<method>``, method in ``rl.repro_pessimism.METHODS``
-(reinforce, dpo, ipo, prpo, prpo_logz, p3o). Writes ``results.md``, ``results.json``,
-``pessimism.png`` and ``pessimism_<method>.png`` into the workdir; finished runs are kept in
-``runs/`` and skipped by a rerun with the same fields.
+(reinforce, dpo, ipo, prpo, prpo_logz, p3o; ``prpo`` and ``p3o`` include their η sweep).
+Writes ``results.md``, ``results.json``, ``pessimism.png``, ``pessimism_<method>.png`` and
+``pessimism_eta.png`` into the workdir; finished runs are kept in ``runs/`` and skipped by a
+rerun whose own fields are unchanged.
 """
 from ml_collections import config_dict
 
