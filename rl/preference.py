@@ -21,7 +21,8 @@ loss-function contract (``training/losses.py``). Preference data: ``load_prefere
 * P3O [reconstructed, as above]: the same game with a pairwise preference model
   ``P(y ≻ y′)`` (``p3o_preference_loss``): the model minimises
   ``E_{y~π, y′~μ}[P(y ≻ y′)] + (1/η) NLL(P; D)``; the policy maximises
-  ``E_{y′~μ} P(y ≻ y′)`` for its samples y.
+  ``E_{y′~μ} P(y ≻ y′)`` for its samples y. The preference model is any logit of ``P(y ≻ y′)``;
+  ``rl/repro_pessimism.py`` builds an antisymmetric pairwise one (``g(y, y′) − g(y′, y)``).
 """
 import json
 

@@ -7,9 +7,12 @@ Stages (``configs/repro/pessimism.py``), each cached in the workdir:
      (``prefs.label_pairs``), written as ``prefs.jsonl`` and read back with
      ``preference.load_preferences``; a held-out fraction is kept for accuracy.
   3. The proxy reward model: ``WithValueHead`` on the μ trunk, score = value at the last
-     token, fit by ``preference.bt_nll``. The pairwise preference model of P3O is
-     ``P(y ≻ y′) = σ(f(y) − f(y′))`` with f a scalar-head model of the same kind; its
-     maximum-likelihood fit on D is the same BT objective, so it starts from the proxy.
+     token, fit by ``preference.bt_nll``. P3O's pairwise preference model
+     (``config.preference_model``): the same kind of scalar-head model g reading both
+     responses jointly, ``[BOS y EOS y′ EOS]`` (``join_pairs``), antisymmetrised,
+     ``logit P(y ≻ y′) = g(y, y′) − g(y′, y)``, fit on D by the same NLL (``kind='pair'``,
+     cached as ``pair_model.*``); ``kind='difference'`` uses ``σ(f(y) − f(y′))`` with f
+     the proxy instead. Both report held-out accuracy.
   4. Policy runs, each from μ, ``steps`` updates:
      * ``reinforce_kl<β>``: REINFORCE (``losses.reinforce_loss``, leave-one-out baseline)
        against the proxy with KL to μ (the step argument ``reference``), swept over β;
@@ -17,15 +20,19 @@ Stages (``configs/repro/pessimism.py``), each cached in the workdir:
      * ``prpo`` (``prpo_logz`` with the log-partition form): per step one update of an
        adversarial reward r (from the proxy) on ``preference.prpo_reward_loss``, then one
        REINFORCE update against r with KL to μ;
-     * ``p3o``: the same with the preference model on ``preference.p3o_preference_loss``;
-       the policy's reward for y is ``mean_{y′~D} σ(f(y) − f(y′))``.
+     * ``p3o``: the same with the preference model (from its fit on D) on
+       ``preference.p3o_preference_loss``, on pairs (y ~ π, y′ ∈ D); the policy's reward for
+       y is the mean of ``P(y ≻ y′)`` over ``comparisons`` responses y′ of D.
+     PRPO and P3O run at ``eta`` over ``pessimistic_kl_coeffs`` and at every η of
+     ``eta_sweep`` over its KL coefficients (``<method>_kl<β>_eta<η>``).
 Every ``eval_every`` steps a fresh batch from the policy (the same keys for every run)
 gives the gold reward, the proxy reward and KL(π || μ) (the mean over samples of
 ``Σ_t log π − log μ``, an unbiased sequence-level estimate).
 
-Outputs: ``runs/<run>.json`` (curves; a rerun with the same config skips them),
-``results.json``, ``results.md`` (peak and final gold per run, the done-when checks) and
-``pessimism_<method>.png`` / ``pessimism.png``.
+Outputs: ``runs/<run>.json`` (curves; a rerun skips a run whose own fields, ``_run_key``,
+are unchanged), ``results.json``, ``results.md`` (peak and final gold per run, the
+done-when checks) and ``pessimism_<method>.png`` / ``pessimism.png`` /
+``pessimism_eta.png`` (gold against steps per η).
 """
 import dataclasses
 import json
@@ -102,6 +109,37 @@ def scores(scorer, variables, seqs):
   return jnp.take_along_axis(aux['values'], last[:, None], axis=1)[:, 0]
 
 
+def join_pairs(first, second):
+  """Pairs of sequences [N, T] -> the joint sequences [N, 2T − 1] ``BOS y EOS y′ EOS``
+  (padding after): EOS never occurs inside a response, so it separates the two."""
+  n_first = jnp.sum(first != 0, axis=-1, keepdims=True)
+  n_second = jnp.sum(second != 0, axis=-1, keepdims=True)
+  t = first.shape[1]
+  pos = jnp.arange(2 * t - 1)[None]
+  from_first = jnp.take_along_axis(first, jnp.minimum(pos, t - 1), axis=1)
+  j = pos - n_first + 1  # index into ``second`` (its BOS at 0 is skipped)
+  from_second = jnp.take_along_axis(second, jnp.clip(j, 0, t - 1), axis=1)
+  return jnp.where(pos < n_first, from_first, jnp.where(j < n_second, from_second, 0))
+
+
+def preference_logits(scorer, variables, first, second, kind):
+  """The logit of ``P(y ≻ y′)`` for pairs (``first``, ``second`` [N, T]) [N].
+
+  ``kind='pair'``: a pairwise model g reads both responses jointly (``join_pairs``) and is
+  antisymmetrised, ``g(y, y′) − g(y′, y)``, so ``P(y ≻ y′) + P(y′ ≻ y) = 1`` and
+  ``P(y ≻ y) = 1/2`` for any parameters. ``kind='difference'``: ``f(y) − f(y′)`` with f a
+  scalar score (Bradley–Terry; its fit on D is the proxy reward model's)."""
+  n = first.shape[0]
+  if kind == 'pair':
+    both = jnp.concatenate([join_pairs(first, second), join_pairs(second, first)])
+  elif kind == 'difference':
+    both = jnp.concatenate([first, second])
+  else:
+    raise ValueError(f"kind={kind!r}; expected 'pair' or 'difference'.")
+  s = scores(scorer, variables, both)
+  return s[:n] - s[n:]
+
+
 # ---------------------------------------------------------------------------------------
 # Trainer-contract losses (``training.losses``): loss_fn(model, variables, batch, ctx).
 # ---------------------------------------------------------------------------------------
@@ -109,14 +147,14 @@ def _split(x, sizes):
   return jnp.split(x, np.cumsum(sizes)[:-1])
 
 
-def bt_reward_loss():
-  """Bradley–Terry NLL of a scalar-head model on pairs (``chosen``, ``rejected`` [N, T])."""
+def preference_fit_loss(kind):
+  """NLL of the labels on pairs (``chosen``, ``rejected`` [N, T]): ``−log σ(logit(y_w ≻
+  y_l))`` (``preference_logits``); with ``kind='difference'`` the Bradley–Terry reward
+  model's loss."""
   def loss_fn(model, variables, batch, ctx):
     del ctx
-    n = batch['chosen'].shape[0]
-    s_w, s_l = _split(scores(model, variables, jnp.concatenate(
-        [batch['chosen'], batch['rejected']])), [n, n])
-    return preference.bt_nll(s_w, s_l), {'accuracy': jnp.mean(s_w > s_l)}, {}
+    logit = preference_logits(model, variables, batch['chosen'], batch['rejected'], kind)
+    return preference.bt_nll(logit, jnp.zeros_like(logit)), {'accuracy': jnp.mean(logit > 0)}, {}
   return loss_fn
 
 
@@ -136,21 +174,29 @@ def offline_preference_loss(kind, beta):
   return loss_fn
 
 
-def adversary_loss(method, eta, log_partition_beta=None):
-  """The adversary's objective: PRPO's reward model or P3O's preference model, on
-  ``policy`` (the policy's samples; for ``prpo_logz``, K samples of μ), ``data`` (responses
-  of D) and the pairs ``chosen``/``rejected``."""
+def adversary_loss(method, eta, log_partition_beta=None, kind='pair'):
+  """The adversary's objective on ``chosen``/``rejected`` (D's pairs) and ``policy``,
+  ``data`` [N, T]. PRPO's reward model: ``policy`` holds the policy's samples (for
+  ``prpo_logz``: K samples of μ) and ``data`` responses of D. P3O's preference model (of
+  ``kind``, ``preference_logits``): row i of ``policy`` and of ``data`` is one pair
+  (y ~ π, y′ ∈ D)."""
   def loss_fn(model, variables, batch, ctx):
     del ctx
+    if method == 'p3o':
+      n = batch['policy'].shape[0]
+      logit = preference_logits(model, variables,
+                                jnp.concatenate([batch['policy'], batch['chosen']]),
+                                jnp.concatenate([batch['data'], batch['rejected']]), kind)
+      logit_pol, logit_d = logit[:n], logit[n:]
+      loss = preference.p3o_preference_loss(jax.nn.sigmoid(logit_pol), logit_d, eta)
+      return loss, {'bt_nll': preference.bt_nll(logit_d, jnp.zeros_like(logit_d)),
+                    'gap': jnp.mean(jax.nn.sigmoid(logit_pol)) - 0.5}, {}
     parts = [batch[k] for k in ('policy', 'data', 'chosen', 'rejected')]
     s_pol, s_data, s_w, s_l = _split(scores(model, variables, jnp.concatenate(parts)),
                                      [p.shape[0] for p in parts])
-    if method == 'p3o':
-      loss = preference.p3o_preference_loss(jax.nn.sigmoid(s_pol - s_data), s_w - s_l, eta)
-    else:
-      loss = preference.prpo_reward_loss(
-          s_pol[None] if log_partition_beta else s_pol, s_data, s_w, s_l, eta,
-          log_partition_beta)
+    loss = preference.prpo_reward_loss(
+        s_pol[None] if log_partition_beta else s_pol, s_data, s_w, s_l, eta,
+        log_partition_beta)
     return loss, {'bt_nll': preference.bt_nll(s_w, s_l),
                   'gap': jnp.mean(s_pol) - jnp.mean(s_data)}, {}
   return loss_fn
@@ -204,14 +250,16 @@ class Setup:
     self.sampling = decode.SamplingConfig()
     self._logp = jax.jit(lambda p, s: sequence_logprobs(self.model, {'params': p}, s))
     self._score = jax.jit(lambda p, s: scores(self.scorer, {'params': p}, s))
+    self._logit = jax.jit(lambda p, a, b, kind: preference_logits(
+        self.scorer, {'params': p}, a, b, kind), static_argnums=3)
 
   def init(self, key):
     dummy = jnp.zeros((1, self.length), jnp.int32)
-    return nn.unbox(self.model.init(key, dummy)['params'])
+    return nn.unbox(jax.jit(self.model.init)(key, dummy)['params'])
 
   def init_scorer(self, key, base_params):
     dummy = jnp.zeros((1, self.length), jnp.int32)
-    head = nn.unbox(self.scorer.init(key, dummy)['params'])['value_head']
+    head = nn.unbox(jax.jit(self.scorer.init)(key, dummy)['params'])['value_head']
     return value_lib.wrap_params(base_params, head)
 
   def sample(self, params, key, n):
@@ -232,6 +280,9 @@ class Setup:
 
   def score(self, params, seqs):
     return self._score(params, seqs)
+
+  def logit(self, params, first, second, kind):
+    return self._logit(params, first, second, kind)
 
 
 def _optimizer(learning_rate):
@@ -285,30 +336,31 @@ def pair_arrays(setup, pairs):
   return chosen, rejected
 
 
-def fit_reward_model(setup, mu_params, train, heldout, key):
-  """The proxy: BT on D's training pairs; returns (params, held-out accuracies)."""
-  cfg = setup.config.reward_model
+def fit_preference_model(setup, mu_params, train, heldout, key, kind, cfg, stream):
+  """A scalar-head model on μ's trunk fit on D's training pairs by ``preference_fit_loss``
+  (``kind='difference'``: the proxy reward model; ``'pair'``: P3O's pairwise model) with the
+  settings ``cfg`` (steps, batch, learning_rate) and the minibatch stream ``stream``;
+  returns (params, held-out accuracies)."""
   params = setup.init_scorer(key, mu_params)
   optimizer = _optimizer(cfg.learning_rate)
   opt_state = optimizer.init(params)
-  update = make_update(setup.scorer, bt_reward_loss(), optimizer)
+  update = make_update(setup.scorer, preference_fit_loss(kind), optimizer)
   chosen, rejected = pair_arrays(setup, train)
-  rng = np.random.default_rng([setup.config.seed, 2])
+  rng = np.random.default_rng([setup.config.seed, stream])
   for step in range(cfg.steps):
     idx = rng.choice(len(train), size=min(cfg.batch, len(train)), replace=False)
     params, opt_state, loss, _ = update(params, opt_state,
                                         {'chosen': chosen[idx], 'rejected': rejected[idx]},
                                         None, step)
-  h_chosen, h_rejected = pair_arrays(setup, heldout)
-  s_w, s_l = np.asarray(setup.score(params, h_chosen)), np.asarray(setup.score(params, h_rejected))
+  wins = np.asarray(setup.logit(params, *pair_arrays(setup, heldout), kind)) > 0
   g_w = setup.gold([c for _, c, _ in heldout])
   g_l = setup.gold([r for _, _, r in heldout])
   decided = g_w != g_l
-  stats = {'heldout_pairs': len(heldout), 'train_pairs': len(train),
+  stats = {'kind': kind, 'heldout_pairs': len(heldout), 'train_pairs': len(train),
            'final_train_bt_nll': float(loss),
-           'heldout_accuracy_vs_labels': float(np.mean(s_w > s_l)),
+           'heldout_accuracy_vs_labels': float(np.mean(wins)),
            'heldout_accuracy_vs_gold_order': float(np.mean(
-               (s_w > s_l)[decided] == (g_w > g_l)[decided])),
+               wins[decided] == (g_w > g_l)[decided])),
            'bayes_accuracy_vs_labels': float(np.mean(
                np.where(decided, 1 / (1 + np.exp(-np.abs(g_w - g_l))), 0.5)))}
   return params, stats
@@ -319,22 +371,31 @@ def _kl_label(beta):
 
 
 def run_names(config):
-  """{run name: (method, KL coefficient or DPO/IPO beta)} for ``config.methods``."""
+  """{run name: (method, KL coefficient or DPO/IPO beta, η or None)} for ``config.methods``
+  and the η sweep (``config.eta_sweep``: names ``<method>_kl<β>_eta<η>``)."""
   names = {}
   for method in config.methods:
     if method == 'reinforce':
-      names.update({f'reinforce_kl{_kl_label(b)}': (method, float(b)) for b in config.kl_coeffs})
+      names.update({f'reinforce_kl{_kl_label(b)}': (method, float(b), None)
+                    for b in config.kl_coeffs})
     elif method in ('dpo', 'ipo'):
-      names[method] = (method, float(config.dpo_beta))
+      names[method] = (method, float(config.dpo_beta), None)
     else:
-      names.update({f'{method}_kl{_kl_label(b)}': (method, float(b))
+      names.update({f'{method}_kl{_kl_label(b)}': (method, float(b), float(config.eta))
                     for b in config.pessimistic_kl_coeffs})
+  sweep = config.eta_sweep
+  for method in sweep.methods:
+    if method in config.methods:
+      names.update({f'{method}_kl{_kl_label(b)}_eta{e:g}': (method, float(b), float(e))
+                    for b in sweep.kl_coeffs for e in sweep.etas})
   return names
 
 
-def train_policy(setup, method, coeff, mu_params, proxy_params, train, data_seqs, ref_pool,
-                 seed):
-  """One run -> curves {step, gold, proxy, kl, ...} evaluated every ``eval_every`` steps."""
+def train_policy(setup, method, coeff, eta, mu_params, proxy_params, pref_params, train,
+                 data_seqs, ref_pool, seed):
+  """One run -> curves {step, gold, proxy, kl, ...} evaluated every ``eval_every`` steps.
+  ``eta``: PRPO/P3O's pessimism strength 1/η; ``pref_params``: P3O's preference model (of
+  ``config.preference_model.kind``), the adversary's start."""
   config, cfg = setup.config, setup.config.policy
   key = jax.random.key(seed)
   eval_key = jax.random.key(10_000 + seed)
@@ -361,15 +422,17 @@ def train_policy(setup, method, coeff, mu_params, proxy_params, train, data_seqs
     update = make_update(setup.model, losses.reinforce_loss(
         kl_coeff=coeff, kl_estimator=cfg.kl_estimator), optimizer)
   if method in PESSIMISTIC:
-    adv_params = proxy_params
+    kind, comparisons = config.preference_model.kind, config.preference_model.comparisons
+    adv_params = pref_params if method == 'p3o' else proxy_params
     adv_optimizer = _optimizer(config.adversary.learning_rate)
     adv_state = adv_optimizer.init(adv_params)
     adv_update = make_update(setup.scorer, adversary_loss(
-        'p3o' if method == 'p3o' else 'prpo', config.eta,
-        coeff if method == 'prpo_logz' else None), adv_optimizer)
-    p3o_reward = jax.jit(lambda p, s, d: jnp.mean(jax.nn.sigmoid(
-        scores(setup.scorer, {'params': p}, s)[:, None] -
-        scores(setup.scorer, {'params': p}, d)[None]), -1))
+        'p3o' if method == 'p3o' else 'prpo', eta,
+        coeff if method == 'prpo_logz' else None, kind), adv_optimizer)
+    # P3O: sample i meets responses i, i + 1, ..., i + comparisons − 1 of D's batch.
+    partner = (np.arange(cfg.batch)[:, None] + np.arange(comparisons)[None]) % cfg.batch
+    p3o_reward = jax.jit(lambda p, s, d: jnp.mean(jax.nn.sigmoid(preference_logits(
+        setup.scorer, {'params': p}, s, d, kind)).reshape(-1, comparisons), -1))
 
   for step in range(cfg.steps):
     if step % cfg.eval_every == 0:
@@ -387,13 +450,17 @@ def train_policy(setup, method, coeff, mu_params, proxy_params, train, data_seqs
     else:
       data = data_seqs[rng.choice(data_seqs.shape[0], size=cfg.batch, replace=False)]
       idx = rng.choice(len(train), size=min(cfg.batch, len(train)), replace=False)
-      policy = (ref_pool[rng.choice(ref_pool.shape[0], size=config.adversary.K, replace=False)]
-                if method == 'prpo_logz' else seqs)
+      if method == 'p3o':
+        policy, data = jnp.repeat(seqs, comparisons, axis=0), data[partner.reshape(-1)]
+      elif method == 'prpo_logz':
+        policy = ref_pool[rng.choice(ref_pool.shape[0], size=config.adversary.K, replace=False)]
+      else:
+        policy = seqs
       for _ in range(config.adversary.steps_per_policy_step):
         adv_params, adv_state, _, _ = adv_update(
             adv_params, adv_state, {'policy': policy, 'data': data, 'chosen': chosen[idx],
                                     'rejected': rejected[idx]}, None, step)
-      rewards = (p3o_reward(adv_params, seqs, data) if method == 'p3o'
+      rewards = (p3o_reward(adv_params, policy, data) if method == 'p3o'
                  else setup.score(adv_params, seqs))
     curves['train_reward'].append(float(np.mean(rewards)))
     params, opt_state, _, _ = update(params, opt_state, rl_batch(seqs, lp, rewards),
@@ -406,18 +473,62 @@ def _run_config(config):
   return json.loads(config.to_json())
 
 
+SWEEP_FIELDS = ('methods', 'seeds', 'kl_coeffs', 'pessimistic_kl_coeffs', 'eta_sweep')
+
+
+def _run_key(run_config, method, eta=None):
+  """The config fields a run of ``method`` depends on (with its own η, if given): saved with
+  the run and compared on a rerun, so changing another method's settings keeps it."""
+  key = {k: v for k, v in run_config.items() if k not in SWEEP_FIELDS}
+  if method not in PESSIMISTIC:
+    for k in ('eta', 'adversary'):
+      key.pop(k, None)
+  elif eta is not None:
+    key['eta'] = eta
+  if method != 'p3o':
+    key.pop('preference_model', None)
+  return key
+
+
 def _check(config):
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown or not config.methods:
     raise ConfigError(f'config.methods={tuple(config.methods)}; expected a non-empty subset of '
                       f'{METHODS}.')
-  if not config.eta > 0:
-    raise ConfigError(f'config.eta={config.eta} must be > 0.')
+  for name, etas in (('eta', [config.eta]), ('eta_sweep.etas', config.eta_sweep.etas)):
+    bad = [e for e in etas if not e > 0]
+    if bad:
+      raise ConfigError(f'config.{name} holds {bad[0]}; η must be > 0.')
+  if not set(config.eta_sweep.methods) <= set(PESSIMISTIC):
+    raise ConfigError(f'config.eta_sweep.methods={tuple(config.eta_sweep.methods)}; expected '
+                      f'a subset of {PESSIMISTIC}.')
   if config.adversary.K < 1:
     raise ConfigError(f'config.adversary.K={config.adversary.K} must be >= 1.')
+  if config.preference_model.kind not in ('pair', 'difference'):
+    raise ConfigError(f'config.preference_model.kind={config.preference_model.kind!r}; '
+                      "expected 'pair' or 'difference'.")
+  if not 1 <= config.preference_model.comparisons <= config.policy.batch:
+    raise ConfigError(f'config.preference_model.comparisons='
+                      f'{config.preference_model.comparisons} must be in [1, policy.batch].')
   if not 0 < config.data.heldout_fraction < 1:
     raise ConfigError(f'config.data.heldout_fraction={config.data.heldout_fraction} must be '
                       'in (0, 1).')
+
+
+def _cached_stage(root, name, stage_config, template, compute):
+  """``compute() -> (params, stats)`` cached as ``<name>.msgpack`` + ``<name>.json`` under
+  ``stage_config``; returns (params, {'stats', 'seconds'})."""
+  meta_path, params_path = root / f'{name}.json', root / f'{name}.msgpack'
+  if meta_path.exists() and json.loads(meta_path.read_text())['config'] == stage_config:
+    meta = json.loads(meta_path.read_text())
+    return _load(params_path, template), meta
+  t0 = time.time()
+  params, stats = compute()
+  meta = {'config': stage_config, 'stats': stats, 'seconds': round(time.time() - t0, 1)}
+  _save(params_path, params)
+  if workdir_lib.is_primary():
+    workdir_lib.write_text(meta_path, json.dumps(meta))
+  return params, meta
 
 
 def run(config, workdir):
@@ -447,35 +558,49 @@ def run(config, workdir):
   train, heldout = pairs[n_heldout:], pairs[:n_heldout]
   if fresh:
     t0 = time.time()
-    proxy_params, rm_stats = fit_reward_model(setup, mu_params, train, heldout,
-                                              jax.random.fold_in(key, 1))
+    proxy_params, rm_stats = fit_preference_model(
+        setup, mu_params, train, heldout, jax.random.fold_in(key, 1), 'difference',
+        config.reward_model, stream=2)
     _save(proxy_path, proxy_params)
     timings['reward_model'] = time.time() - t0
     workdir_lib.write_text(stage_file, json.dumps({'config': stage_config, 'rm': rm_stats,
                                                    'timings_s': timings}))
   stages = json.loads(stage_file.read_text())
   proxy_params = _load(proxy_path, setup.init_scorer(jax.random.fold_in(key, 1), mu_params))
+  names = run_names(config)
+  pref_params = proxy_params
+  if config.preference_model.kind == 'pair' and any(m == 'p3o' for m, _, _ in names.values()):
+    pm = dict(config.preference_model)
+    pm.pop('comparisons')
+    pref_params, meta = _cached_stage(
+        root, 'pair_model', dict(stage_config, preference_model=pm),
+        setup.init_scorer(jax.random.fold_in(key, 3), mu_params),
+        lambda: fit_preference_model(setup, mu_params, train, heldout,
+                                     jax.random.fold_in(key, 3), 'pair',
+                                     config.preference_model, stream=4))
+    stages = dict(stages, pm=meta['stats'],
+                  timings_s=dict(stages['timings_s'], pair_model=meta['seconds']))
+    logging.info('repro_pessimism: pairwise preference model %s', meta['stats'])
   data_seqs = jnp.asarray(encode(setup.tokenizer, sorted({y for _, c, r in train for y in (c, r)}),
                                  setup.length))
   ref_pool = setup.sample(mu_params, jax.random.fold_in(key, 2), config.adversary.pool)[0]
   logging.info('repro_pessimism: reward model %s', stages['rm'])
   run_config = _run_config(config)
-  for k in ('methods', 'seeds', 'kl_coeffs', 'pessimistic_kl_coeffs'):  # not a run's own
-    run_config.pop(k)
   runs = {}
-  for name, (method, coeff) in run_names(config).items():
+  for name, (method, coeff, eta) in names.items():
     for seed in config.seeds:
       path = root / 'runs' / f'{name}_s{seed}.json'
       if path.exists():
         saved = json.loads(path.read_text())
-        if saved['config'] == run_config:
-          runs.setdefault(name, []).append(saved)
+        if _run_key(saved['config'], method) == _run_key(run_config, method, eta):
+          runs.setdefault(name, []).append(dict(saved, eta=eta))
           continue
       t0 = time.time()
-      curves = train_policy(setup, method, coeff, mu_params, proxy_params, train, data_seqs,
-                            ref_pool, seed)
-      saved = {'config': run_config, 'method': method, 'coeff': coeff, 'seed': seed,
-               'seconds': round(time.time() - t0, 1), 'curves': curves}
+      curves = train_policy(setup, method, coeff, eta, mu_params, proxy_params, pref_params,
+                            train, data_seqs, ref_pool, seed)
+      saved = {'config': _run_key(run_config, method, eta), 'method': method, 'coeff': coeff,
+               'eta': eta, 'seed': seed, 'seconds': round(time.time() - t0, 1),
+               'curves': curves}
       logging.info('repro_pessimism: %s seed %d: gold %.2f -> %.2f (peak %.2f), proxy %.2f, '
                    'KL %.2f (%.0fs)', name, seed, curves['gold'][0], curves['gold'][-1],
                    max(curves['gold']), curves['proxy'][-1], curves['kl'][-1], saved['seconds'])
@@ -506,12 +631,13 @@ def analyse(setup, stages, runs):
   task = setup.task
   results = {'task': dataclasses.asdict(task),
              'gold_optimum': float(task.max_good_len), 'reward_model': stages['rm'],
+             'preference_model': stages.get('pm'),
              'runs': {}}
   for name, saved in runs.items():
     gold, proxy, kl = (_mean_curve(saved, k) for k in ('gold', 'proxy', 'kl'))
     peak = int(np.argmax(gold))
     results['runs'][name] = {
-        'method': saved[0]['method'], 'coeff': saved[0]['coeff'],
+        'method': saved[0]['method'], 'coeff': saved[0]['coeff'], 'eta': saved[0]['eta'],
         'seeds': [s['seed'] for s in saved], 'seconds': [s['seconds'] for s in saved],
         'gold_start': float(gold[0]), 'gold_peak': float(gold[peak]),
         'peak_step': int(saved[0]['curves']['step'][peak]), 'gold_final': float(gold[-1]),
@@ -537,28 +663,37 @@ def analyse(setup, stages, runs):
           'final_ge_95pct_of_peak': v['gold_final'] >= 0.95 * v['gold_peak'],
           'best_ge_best_baseline_best': (None if best_baseline is None
                                          else v['gold_peak'] >= best_baseline)}
+  checks['pessimistic_runs_passing_both'] = sorted(
+      n for n, c in checks.items() if isinstance(c, dict) and
+      c.get('final_ge_95pct_of_peak') and c.get('best_ge_best_baseline_best'))
   results['best_baseline_peak'] = best_baseline
   results['checks'] = checks
   return results
 
 
+def _accuracy_line(name, m):
+  return (f"{name} ({m['train_pairs']} training pairs): held-out accuracy "
+          f"{m['heldout_accuracy_vs_labels']:.3f} against the BT labels (the gold reward's own "
+          f"accuracy on them: {m['bayes_accuracy_vs_labels']:.3f} expected), "
+          f"{m['heldout_accuracy_vs_gold_order']:.3f} against the gold order "
+          f"({m['heldout_pairs']} held-out pairs).")
+
+
 def report(results) -> str:
   """The table of peak and final gold per run (results.md)."""
-  rm = results['reward_model']
-  lines = [f"Gold optimum {results['gold_optimum']:g}. Proxy reward model: "
-           f"{rm['train_pairs']} training pairs, held-out accuracy "
-           f"{rm['heldout_accuracy_vs_labels']:.3f} against the BT labels (the gold reward's "
-           f"own accuracy on them: {rm['bayes_accuracy_vs_labels']:.3f} expected), "
-           f"{rm['heldout_accuracy_vs_gold_order']:.3f} against the gold order "
-           f"({rm['heldout_pairs']} held-out pairs).", '',
-           'Curves are means over seeds; sd = spread of the per-seed final gold.', '',
-           '| run | coeff (KL β; DPO/IPO β) | seeds | gold start | gold peak (step) | '
-           'gold final | final/peak | proxy at peak → final | KL(π‖μ) final | length final |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+  lines = [f"Gold optimum {results['gold_optimum']:g}.",
+           _accuracy_line('Proxy reward model', results['reward_model'])]
+  if results['preference_model']:
+    lines.append(_accuracy_line('Pairwise preference model (P3O)', results['preference_model']))
+  lines += ['', 'Curves are means over seeds; sd = spread of the per-seed final gold.', '',
+            '| run | coeff (KL β; DPO/IPO β) | η | seeds | gold start | gold peak (step) | '
+            'gold final | final/peak | proxy at peak → final | KL(π‖μ) final | length final |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
   spread = lambda xs: f' (sd {np.std(xs):.2f})' if len(xs) > 1 else ''
   for name, v in results['runs'].items():
     ratio = '–' if v['final_over_peak'] is None else f"{v['final_over_peak']:.2f}"
-    lines.append(f"| {name} | {v['coeff']:g} | {v['seeds']} | {v['gold_start']:.2f} | "
+    eta = '–' if v['eta'] is None else f"{v['eta']:g}"
+    lines.append(f"| {name} | {v['coeff']:g} | {eta} | {v['seeds']} | {v['gold_start']:.2f} | "
                  f"{v['gold_peak']:.2f} ({v['peak_step']}) | {v['gold_final']:.2f}"
                  f"{spread(v['gold_final_per_seed'])} | {ratio} | "
                  f"{v['proxy_at_peak']:.2f} → {v['proxy_final']:.2f} | {v['kl_final']:.2f} | "
@@ -617,3 +752,21 @@ def plot(results, runs, root):
   fig.suptitle('gold reward (mean over seeds): baselines (dashed) and pessimistic methods '
                '(solid); dotted: the gold optimum', fontsize=10)
   save(fig, root / 'pessimism.png')
+
+  sweep = sorted({(v['method'], v['coeff']) for n, v in results['runs'].items()
+                  if v['method'] in PESSIMISTIC and n.rsplit('_', 1)[-1].startswith('eta')})
+  if sweep:
+    fig, axes = plt.subplots(1, len(sweep), figsize=(4 * len(sweep), 3.6), squeeze=False)
+    for ax, (method, coeff) in zip(axes[0], sweep):
+      same = sorted((v['eta'], n) for n, v in results['runs'].items()
+                    if (v['method'], v['coeff']) == (method, coeff))
+      for i, (eta, name) in enumerate(same):
+        ax.plot(runs[name][0]['curves']['step'], _mean_curve(runs[name], 'gold'),
+                color=f'C{i}', label=f'η = {eta:g}')
+      if results['best_baseline_peak'] is not None:
+        ax.axhline(results['best_baseline_peak'], color='k', lw=0.8, ls='--',
+                   label='best baseline peak')
+      ax.set(title=f'{method}, KL β = {coeff:g}', xlabel='optimisation step',
+             ylabel='gold reward')
+      ax.legend(fontsize=7)
+    save(fig, root / 'pessimism_eta.png')

@@ -90,12 +90,12 @@ class ReinforceKLTest(absltest.TestCase):
     targets, mask = np.asarray(batch['targets']), np.asarray(batch['loss_mask'])
     logp = np.asarray(logp_table)[np.arange(length), targets]  # [B, T]
     behaviour = (logp * mask)[:, :3]  # as generated: one column short, padded by rl_batch
-    batch = rp.rl_batch(seqs, jnp.asarray(behaviour), rewards)
+    batch = jax.jit(rp.rl_batch)(seqs, jnp.asarray(behaviour), rewards)
     beta = 0.3
     ctx = trainer_lib.StepContext(jax.random.key(0), 0, jnp.sum(batch['loss_mask']), 1,
                                   {'reference': ref})
-    loss, metrics, _ = losses.reinforce_loss(kl_coeff=beta, kl_estimator='k2')(
-        model, {'params': params}, batch, ctx)
+    loss_fn = losses.reinforce_loss(kl_coeff=beta, kl_estimator='k2')
+    loss, metrics, _ = jax.jit(lambda p: loss_fn(model, {'params': p}, batch, ctx))(params)
     # By hand: leave-one-out advantages; on-policy importance weights are 1.
     adv = np.array([1 - (-2 + 4) / 2, -2 - (1 + 4) / 2, 4 - (1 - 2) / 2])
     ref_logp = np.asarray(ref_table)[np.arange(length), targets]
@@ -114,42 +114,122 @@ def _tiny_config():
   return config
 
 
-class AdversaryTest(absltest.TestCase):
+class _PositionWeighted(nn.Module):
+  """A stub scorer: ``values[b, t] = Σ_{p ≤ t} w[tokens[b, p]] · (p + 1)`` with ``w``
+  initialised to ``0.01 · token id``, so a sequence's score (the value at its last real
+  token) is ``0.01 Σ_p token_p (p + 1)`` and depends on the order of the tokens."""
+  vocab: int = 259
 
-  def test_adversaries_lower_the_policy_samples_score(self):
-    """One side of the game on a tiny instance: from the same start and for the same steps,
-    PRPO's reward model (both forms) and P3O's preference model end with the policy's
-    samples scored lower relative to the data's than a plain Bradley–Terry fit does (the
-    pessimistic direction), while still ordering the pairs."""
+  @nn.compact
+  def __call__(self, tokens, **kwargs):
+    del kwargs
+    w = self.param('w', lambda *_: 0.01 * jnp.arange(self.vocab, dtype=jnp.float32))
+    values = jnp.cumsum(w[tokens] * (jnp.arange(tokens.shape[1]) + 1), axis=1)
+    return None, {'values': values}
+
+
+def _by_hand_score(seq):
+  seq = np.asarray(seq)
+  return 0.01 * float(np.sum(seq * (np.arange(len(seq)) + 1)))
+
+
+class PairModelTest(absltest.TestCase):
+  """P3O's pairwise preference model: the joint sequence, antisymmetry, and its losses."""
+
+  def test_join_pairs_by_hand(self):
+    first = jnp.asarray([[1, 10, 11, 2, 0], [1, 2, 0, 0, 0]])
+    second = jnp.asarray([[1, 20, 2, 0, 0], [1, 5, 6, 7, 2]])
+    np.testing.assert_array_equal(rp.join_pairs(first, second),
+                                  [[1, 10, 11, 2, 20, 2, 0, 0, 0], [1, 2, 5, 6, 7, 2, 0, 0, 0]])
+
+  def test_transformer_pair_model_is_antisymmetric(self):
+    """For any parameters (here a random trunk and head): P(y ≻ y′) + P(y′ ≻ y) = 1 and
+    P(y ≻ y) = 1/2 (``test_losses_by_hand`` checks the logit is g(y, y′) − g(y′, y))."""
     setup = rp.Setup(_tiny_config())
     key = jax.random.key(0)
     params = setup.init_scorer(key, setup.init(key))
+    params['value_head']['kernel'] = 100 * jax.random.normal(
+        key, params['value_head']['kernel'].shape)
     enc = lambda texts: jnp.asarray(rp.encode(setup.tokenizer, texts, setup.length))
-    batch = {'policy': enc(['abcdabcdabcdab', 'aaaaaaaaaaaaaa']), 'data': enc(['ab', 'ce']),
-             'chosen': enc(['abc', 'ad']), 'rejected': enc(['efg', 'he'])}
-    gap = lambda p: float(jnp.mean(setup.score(p, batch['policy'])) -
-                          jnp.mean(setup.score(p, batch['data'])))
+    a, b = enc(['abcd', 'h', 'aaaaaaaa']), enc(['efg', 'abcdabcd', 'a'])
+    ab, ba, aa = (np.asarray(setup.logit(params, x, y, 'pair'))
+                  for x, y in ((a, b), (b, a), (a, a)))
+    self.assertGreater(np.min(np.abs(ab)), 1e-3)  # a model that tells the pairs apart
+    np.testing.assert_allclose(jax.nn.sigmoid(ab) + jax.nn.sigmoid(ba), 1.0, atol=1e-6)
+    np.testing.assert_allclose(aa, 0.0, atol=1e-6)
 
-    def fit(loss_fn):
-      optimizer = rp._optimizer(3e-3)
-      update = rp.make_update(setup.scorer, loss_fn, optimizer)
-      p, state = params, optimizer.init(params)
-      for step in range(20):
-        p, state, _, _ = update(p, state, batch, None, step)
-      return p
+  def test_losses_by_hand(self):
+    """The pair model's fit loss and every adversary objective on the stub scorer against
+    numpy formulas on hand-computed scores; one gradient step of each adversary moves the
+    policy's samples down against the data's, relative to a step on its data fit alone."""
+    stub = _PositionWeighted()
+    variables = stub.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    rows = lambda *r: jnp.asarray(r, jnp.int32)
+    batch = {'policy': rows([1, 3, 3, 2, 0], [1, 4, 2, 0, 0]),
+             'data': rows([1, 5, 2, 0, 0], [1, 3, 4, 5, 2]),
+             'chosen': rows([1, 10, 2, 0, 0], [1, 7, 7, 2, 0]),
+             'rejected': rows([1, 20, 2, 0, 0], [1, 2, 0, 0, 0])}
+    eta = 2.0
+    cases = (('prpo', None, 'difference'), ('prpo', 0.5, 'difference'), ('p3o', None, 'pair'),
+             ('p3o', None, 'difference'))
 
-    plain = gap(fit(rp.bt_reward_loss()))
-    for method, logz in (('prpo', None), ('prpo', 0.5), ('p3o', None)):
-      p = fit(rp.adversary_loss(method, 1.0, logz))
-      self.assertLess(gap(p), plain - 0.02, (method, logz))
-      s_w, s_l = setup.score(p, batch['chosen']), setup.score(p, batch['rejected'])
-      self.assertTrue(np.all(np.asarray(s_w) > np.asarray(s_l)), (method, logz))
+    @jax.jit
+    def compute(v):
+      out = {kind: rp.preference_fit_loss(kind)(stub, v, batch, None)[0]
+             for kind in ('pair', 'difference')}
+      step = lambda loss_fn: jax.tree.map(lambda p, d: p - 0.05 * d, v, jax.grad(
+          lambda u: loss_fn(stub, u, batch, None)[0])(v))
+      for method, logz, kind in cases:
+        out[str((method, logz, kind))] = rp.adversary_loss(method, eta, logz, kind)(
+            stub, v, batch, None)[0]
+        gap = lambda u: jnp.mean(jax.nn.sigmoid(rp.preference_logits(
+            stub, u, batch['policy'], batch['data'], kind)))
+        out['gap' + str((method, logz, kind))] = (
+            gap(step(rp.adversary_loss(method, eta, logz, kind))) -
+            gap(step(rp.preference_fit_loss(kind))))
+      return out
 
-  def test_prpo_run_starts_at_mu(self):
-    """The alternating loop, 2 steps: at step 0 the policy is μ, so KL(π‖μ) is 0."""
+    out = jax.tree.map(float, compute(variables))
+    softplus = lambda z: np.log1p(np.exp(z))
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))
+    # The first pair: join(y_w, y_l) = [1, 10, 2, 20, 2] scores 0.01 (1 + 20 + 6 + 80 + 10)
+    # = 1.17 and join(y_l, y_w) = [1, 20, 2, 10, 2] 0.97: logit 0.2. The second: joins
+    # [1, 7, 7, 2, 2] -> 0.01 (1 + 14 + 21 + 8 + 10) = 0.54 and [1, 2, 7, 7, 2] -> 0.64.
+    pair_logit = np.array([0.2, -0.1])
+    np.testing.assert_allclose(out['pair'], np.mean(softplus(-pair_logit)), rtol=1e-5)
+    score = {k: np.array([_by_hand_score(r) for r in v]) for k, v in batch.items()}
+    diff_logit = score['chosen'] - score['rejected']
+    np.testing.assert_allclose(out['difference'], np.mean(softplus(-diff_logit)), rtol=1e-5)
+
+    def joint(x, y):  # [BOS y EOS] + [y′ EOS], by hand
+      x, y = np.asarray(x), np.asarray(y)
+      return np.concatenate([x[x != 0], y[y != 0][1:]])
+    pair_score = lambda xs, ys: np.array([_by_hand_score(joint(x, y)) for x, y in zip(xs, ys)])
+    pol_logit = (pair_score(batch['policy'], batch['data']) -
+                 pair_score(batch['data'], batch['policy']))
+    bt = lambda logit: np.mean(softplus(-logit)) / eta
+    logz = 0.5 * np.log(np.mean(np.exp(score['policy'] / 0.5)))
+    expected = {
+        ('prpo', None, 'difference'): np.mean(score['policy']) - np.mean(score['data']) +
+                                      bt(diff_logit),
+        ('prpo', 0.5, 'difference'): logz - np.mean(score['data']) + bt(diff_logit),
+        ('p3o', None, 'pair'): np.mean(sigmoid(pol_logit)) + bt(pair_logit),
+        ('p3o', None, 'difference'): np.mean(sigmoid(score['policy'] - score['data'])) +
+                                     bt(diff_logit)}
+    for case in cases:
+      np.testing.assert_allclose(out[str(case)], expected[case], rtol=1e-5, err_msg=str(case))
+      self.assertLess(out['gap' + str(case)], -1e-4, case)
+
+
+class LoopTest(absltest.TestCase):
+
+  def test_runs_start_at_mu(self):
+    """The alternating loop, 1 step of PRPO (log-partition form) and of P3O (pairwise model):
+    at step 0 the policy is μ, so KL(π‖μ) is 0."""
     config = _tiny_config()
-    config.policy.update(steps=2, batch=8, eval_batch=8, eval_every=1)
+    config.policy.update(steps=1, batch=8, eval_batch=8, eval_every=1)
     config.adversary.update(K=4)
+    config.preference_model.update(comparisons=2)
     setup = rp.Setup(config)
     key = jax.random.key(0)
     mu = setup.init(key)
@@ -157,23 +237,34 @@ class AdversaryTest(absltest.TestCase):
     pairs = [('', 'abc', 'efg'), ('', 'ad', 'h')] * 4
     data = jnp.asarray(rp.encode(setup.tokenizer, ['ab', 'cd', 'ef', 'gh'] * 2, setup.length))
     pool = setup.sample(mu, key, 8)[0]
-    curves = rp.train_policy(setup, 'prpo_logz', 0.1, mu, proxy, pairs, data, pool, seed=0)
-    self.assertEqual(curves['step'], [0, 1, 2])
-    self.assertAlmostEqual(curves['kl'][0], 0.0, places=4)
-    self.assertLen(curves['train_reward'], 2)
+    for method in ('prpo_logz', 'p3o'):
+      curves = rp.train_policy(setup, method, 0.1, 1.0, mu, proxy, proxy, pairs, data, pool,
+                               seed=0)
+      self.assertEqual(curves['step'], [0, 1], method)
+      self.assertAlmostEqual(curves['kl'][0], 0.0, places=4)
+      self.assertLen(curves['train_reward'], 1)
+      self.assertTrue(np.isfinite(curves['gold']).all())
 
 
 class BadInputTest(absltest.TestCase):
 
   def test_config_errors_name_the_field(self):
-    for field, value, pattern in (('eta', 0.0, 'config.eta'), ('eta', -1.0, 'config.eta'),
-                                  ('adversary.K', 0, 'config.adversary.K'),
-                                  ('methods', ('ppo',), 'config.methods')):
+    for field, value, pattern in (
+        ('eta', 0.0, 'config.eta'), ('eta', -1.0, 'config.eta'),
+        ('eta_sweep.etas', (10.0, 0.0), r'config.eta_sweep.etas holds 0.0'),
+        ('eta_sweep.methods', ('dpo',), 'config.eta_sweep.methods'),
+        ('adversary.K', 0, 'config.adversary.K'), ('methods', ('ppo',), 'config.methods'),
+        ('preference_model.kind', 'joint', 'config.preference_model.kind'),
+        ('preference_model.comparisons', 0, 'config.preference_model.comparisons')):
       config = pessimism_config.get_config()
-      node, name = (config.adversary, 'K') if field == 'adversary.K' else (config, field)
+      *parents, name = field.split('.')
+      node = config[parents[0]] if parents else config
       node[name] = value
       with self.assertRaisesRegex(ConfigError, pattern):
         rp._check(config)
+    with self.assertRaisesRegex(ValueError, "kind='joint'"):
+      rp.preference_logits(None, None, jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3), jnp.int32),
+                           'joint')
     with self.assertRaisesRegex(ValueError, 'eta'):
       preference.prpo_reward_loss([0.0], [0.0], [1.0], [0.0], eta=0.0)
     with self.assertRaisesRegex(ValueError, 'K=0'):

@@ -4,9 +4,10 @@
 
 or one method at a time (same workdir: μ, the dataset and the proxy are shared and cached)
 with ``configs/repro/pessimism.py:<method>``, method in ``rl.repro_pessimism.METHODS``
-(reinforce, dpo, ipo, prpo, prpo_logz, p3o). Writes ``results.md``, ``results.json``,
-``pessimism.png`` and ``pessimism_<method>.png`` into the workdir; finished runs are kept in
-``runs/`` and skipped by a rerun with the same fields.
+(reinforce, dpo, ipo, prpo, prpo_logz, p3o; ``prpo`` and ``p3o`` include their η sweep).
+Writes ``results.md``, ``results.json``, ``pessimism.png``, ``pessimism_<method>.png`` and
+``pessimism_eta.png`` into the workdir; finished runs are kept in ``runs/`` and skipped by a
+rerun whose own fields are unchanged.
 """
 from ml_collections import config_dict
 
@@ -35,6 +36,17 @@ def get_config(method='all'):
   config.kl_coeffs = (0.01, 0.1, 1.0)  # REINFORCE against the proxy
   config.dpo_beta = 0.1
   config.pessimistic_kl_coeffs = (0.01, 0.1, 1.0)  # PRPO / P3O
+  # η of the runs above: the adversary minimises (policy term) + (1/η)·(NLL on D), so a
+  # large η frees it from the data (more pessimism) and η -> 0 leaves the MLE fit (none).
   config.eta = 1.0
+  # η sweep, PRPO and P3O at η in {0.01, 0.1, 1 (above), 10, 100}: weaker and stronger
+  # pessimism than η = 1, at the two lower KL coefficients.
+  config.eta_sweep = dict(etas=(0.01, 0.1, 10.0, 100.0), kl_coeffs=(0.01, 0.1),
+                          methods=('prpo', 'p3o'))
   config.adversary = dict(learning_rate=1e-3, steps_per_policy_step=1, K=64, pool=1024)
+  # P3O's P(y ≻ y′): 'pair' reads [y ; EOS ; y′] jointly, logit = g(y, y′) − g(y′, y), fit on
+  # D; 'difference' is σ(f(y) − f(y′)) with f the proxy. The policy's reward for y is the
+  # mean of P(y ≻ y′) over ``comparisons`` responses y′ of D.
+  config.preference_model = dict(kind='pair', steps=300, batch=64, learning_rate=1e-3,
+                                 comparisons=1)
   return config
