@@ -27,7 +27,7 @@ STEPS = 16
 OVERRIDES = ['--config.model.embed_dim=32', '--config.model.num_layers=2',
              '--config.model.mlp_dim=64', '--config.data.seq_len=32',
              '--config.data.batch_size=8', '--config.data.shuffle_buffer=0', f'--config.train.steps={STEPS}',
-             '--config.train.checkpoint_every=1', '--config.train.keep_checkpoints=2',
+             '--config.train.checkpoint_every=4', '--config.train.keep_checkpoints=2',
              '--config.train.async_checkpointing=False', '--config.train.eval_every=0',
              '--config.train.log_every=1', '--config.train.tensorboard=False',
              '--config.train.report_unigram_entropy=False', '--config.sample.max_new_tokens=0']
