@@ -37,6 +37,7 @@ import optax
 from rl import losses, pav, repro_pav_search
 from rl import value as value_lib
 from rl.repro_pessimism import make_update
+from training import metrics as metrics_lib
 from training import workdir as workdir_lib
 
 VARIANTS = ('outcome', 'pav')
@@ -260,8 +261,7 @@ def report(results) -> str:
             f"{results['seeds']}; {results['steps']} updates x {results['batch']} episodes; "
             f"{results['eval_problems']} held-out problems, pass@1 at temperature 1."]
   if 'timings_s' in results:
-    lines.append(f"Wall time: {results['total_s'] / 60:.1f} min (" + ', '.join(
-        f'{k} {v / 60:.1f}' for k, v in results['timings_s'].items()) + ').')
+    lines.append(metrics_lib.wall_time_text(results['total_s'], results['timings_s']))
   return '\n'.join(lines) + '\n'
 
 

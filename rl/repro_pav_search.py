@@ -27,6 +27,7 @@ from rl import envs, pav, pav_search, rest
 from rl import episodes as ep
 from rl import value as value_lib
 from training import checkpoint as ckpt_lib
+from training import metrics as metrics_lib
 from training import workdir as workdir_lib
 
 
@@ -171,8 +172,7 @@ def report(results) -> str:
             f"Held-out problems: {results['test_problems']}; search seeds "
             f"{results['seeds']} (mean ± std); alpha {results['alpha']}."]
   if 'timings_s' in results:
-    lines.append(f"Wall time: {results['total_s'] / 60:.1f} min (" + ', '.join(
-        f'{k} {v / 60:.1f}' for k, v in results['timings_s'].items()) + ').')
+    lines.append(metrics_lib.wall_time_text(results['total_s'], results['timings_s']))
   return '\n'.join(lines) + '\n'
 
 

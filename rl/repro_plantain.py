@@ -193,8 +193,7 @@ def report(results) -> str:
     lines.append(f'{t}: rewinding at the final answer (plan judge) over rewinding at the '
                  f"plan: {r['token_ratio']:.2f}x the generated tokens in all, "
                  f"{r['overhead_ratio']:.2f}x the tokens spent beyond one response.")
-  lines += ['', f"Wall time {results['total_s'] / 60:.1f} min (" +
-            ', '.join(f'{k} {v / 60:.1f}' for k, v in results['timings_s'].items()) + ').']
+  lines += ['', metrics_lib.wall_time_text(results['total_s'], results['timings_s'])]
   return '\n'.join(lines) + '\n'
 
 

@@ -16,6 +16,12 @@ from training import workdir as workdir_lib
 METRICS_FILE = 'metrics.jsonl'
 
 
+def wall_time_text(total_s, timings_s):
+  """'Wall time: 12.3 min (sft 4.1, rl 8.2).': a reproduction's total and per-stage minutes."""
+  stages = ', '.join(f'{k} {v / 60:.1f}' for k, v in timings_s.items())
+  return f'Wall time: {total_s / 60:.1f} min ({stages}).'
+
+
 class MetricWriter:
   """``write(step, {'train/loss': ...})`` appends to ``metrics.jsonl`` and TensorBoard."""
 
