@@ -14,7 +14,8 @@ final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the
 that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
 invalid episode is wrong); ties count one half, NaN when one class is empty. And the
 memory recall (closed book): on the split's memorised questions, how often the policy,
-forced to answer at once, ranks the true value first among its relation's 8 values.
+forced to answer at once, ranks the true value first among its relation's values (64 with
+two-word values, chance 1/64).
 """
 import copy
 import functools
@@ -100,19 +101,24 @@ def _log_probs(model, variables, tokens):
   return jax.nn.log_softmax(model.apply(variables, tokens)[0].astype(np.float32), -1)
 
 
-def continuation_logprobs(model, variables, pad_id, contexts, continuations):
-  """log p(continuation | context), teacher-forced, one per pair of token id lists, in one
-  batch padded to few shapes (rows to a power of two, width to a multiple of 16)."""
+def continuation_logprobs(model, variables, pad_id, contexts, continuations, chunk=512):
+  """log p(continuation | context), teacher-forced, one per pair of token id lists, in
+  batches of at most ``chunk`` rows padded to few shapes (rows to a power of two, width to a
+  multiple of 16)."""
   if len(contexts) != len(continuations):
     raise ValueError(f'{len(contexts)} contexts but {len(continuations)} continuations.')
-  rows = [c + k for c, k in zip(contexts, continuations)]
-  tokens = np.full((ep.bucket(len(rows), 1), -(-max(map(len, rows)) // 16) * 16), pad_id,
-                   np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
-  logp = np.asarray(_log_probs(model, variables, tokens))
-  return np.asarray([sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
-                     for i, (c, k) in enumerate(zip(contexts, continuations))])
+  out = []
+  for lo in range(0, len(contexts), chunk):
+    pairs = list(zip(contexts[lo:lo + chunk], continuations[lo:lo + chunk]))
+    rows = [c + k for c, k in pairs]
+    tokens = np.full((ep.bucket(len(rows), 1), -(-max(map(len, rows)) // 16) * 16), pad_id,
+                     np.int32)
+    for i, row in enumerate(rows):
+      tokens[i, :len(row)] = row
+    logp = np.asarray(_log_probs(model, variables, tokens))
+    out += [sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
+            for i, (c, k) in enumerate(pairs)]
+  return np.asarray(out)
 
 
 def hedge_probabilities(model, variables, formatter, env, episodes, role='assistant'):
@@ -137,13 +143,13 @@ def memory_recall(model, variables, formatter, env, questions, role='assistant')
   for key in questions:
     episode = env.reset(np.random.default_rng(0), question=key)
     context = formatter.context(env.view(episode, role), role)
-    for value in collab.VALUES[key[2]]:
+    for value in env.values[key[2]]:
       contexts.append(context)
       continuations.append(formatter.tokenizer.encode(f'{collab.ANSWER} {value}') +
                            [formatter.end_id])
   scores = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
                                  continuations).reshape(len(questions), -1)
-  best = [collab.VALUES[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
+  best = [env.values[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
   return float(np.mean([b == env.facts[key] for b, key in zip(best, questions)]))
 
 

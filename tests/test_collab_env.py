@@ -58,6 +58,16 @@ class WorldTest(absltest.TestCase):
     other = 'places' if corpus == 'people' else 'people'
     self.assertEqual(env.search(other, subject, relation), 'result none')
 
+  def test_values_qualifier_and_base(self):
+    env, single = _env(), _env(value_words=1)
+    for relation, bases in collab.BASES.items():
+      self.assertLen(set(env.values[relation]), 64)
+      self.assertEqual({v.split()[1] for v in env.values[relation]}, set(bases))
+      self.assertEqual(single.values[relation], bases)
+    for (_, _, relation), value in env.facts.items():
+      self.assertIn(value, env.values[relation])
+    self.assertAlmostEqual(collab.f1('head pilot', 'head baker'), 0.5)  # half right
+
   def test_f1(self):
     self.assertEqual(collab.f1('baker', 'baker'), 1.0)
     self.assertEqual(collab.f1('', 'baker'), 0.0)
@@ -65,7 +75,8 @@ class WorldTest(absltest.TestCase):
 
   def test_bad_configs(self):
     for field, value in [('mode', 'team'), ('memorised_fraction', 1.5), ('max_calls', 0),
-                         ('train_relations', ('age',)), ('search_cost', -0.1)]:
+                         ('train_relations', ('age',)), ('search_cost', -0.1),
+                         ('value_words', 3)]:
       with self.assertRaisesRegex(ConfigError, field):
         config = collab.default_config()
         config[field] = value

@@ -19,7 +19,7 @@ def get_config():
   config = config_dict.ConfigDict()
   config.job = 'repro_collab'
   config.name = 'repro_collab'
-  config.seeds = (0,)  # ReST seeds (rollouts and fine-tuning); both SFTs use the first
+  config.seeds = (0, 1, 2)  # ReST seeds (rollouts and fine-tuning); both SFTs use the first
   config.splits = ('train', 'test', 'ood')  # every question of each, greedy actions
   config.stages = config_dict.ConfigDict(dict(
       sft=collab.get_config('sft'), oracle=collab.get_config('oracle'),

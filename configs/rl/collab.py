@@ -28,7 +28,7 @@ def get_config(stage='sft'):
   config.job = 'rl_rest' if stage == 'rest' else 'rl_sft'
   config.name = f'collab_{stage}'
   config.env = collab.default_config()
-  config.env.update(subjects_per_corpus=60, mode='society' if stage == 'rest' else 'single')
+  config.env.update(subjects_per_corpus=120, mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=512,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
@@ -52,7 +52,7 @@ def get_config(stage='sft'):
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=20, weight_decay=0.0)
   else:
-    config.train = base.train_config(steps=600, learning_rate=3e-3, warmup_steps=50,
-                                     eval_every=0, checkpoint_every=300, log_every=50)
+    config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
+                                     eval_every=0, checkpoint_every=400, log_every=50)
   config.sample.max_new_tokens = 0
   return config

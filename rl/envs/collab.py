@@ -4,7 +4,10 @@ miniature of arXiv:2503.14481 (PAPERS.md §6).
 World (deterministic from ``config.seed``): two disjoint synthetic fact corpora, ``people``
 (invented person names with a ``job`` and a ``pet``) and ``places`` (invented place names
 with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``kavo job
-baker``. A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
+head baker``: with ``value_words=2`` a value is a qualifier and a base word, 8 x 8 = 64 per
+relation, so that an answer guessed without knowledge is rarely right (1/64) and often half
+right (word-level F1 0.5); ``value_words=1`` keeps the 8 base words (a guess is right 1 time in
+8, and then outscores a search, which is what ReST learnt to exploit, docs/RESULTS.md). A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
 pretraining text (``pretraining_texts``): those questions are answerable from memory, the
 rest need retrieval; no other fact is in any training text but a tool result. Questions ask
 one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits ask the
@@ -12,7 +15,7 @@ relations ``train_relations`` (job, river); ``ood`` asks the others (pet, dish),
 the policy memorised in the same proportion but was never asked.
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
-turn ``result kavo job baker`` (or ``result none`` for an unknown key or the wrong corpus).
+turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
 
 Modes (``config.mode``):
   ``single``   roles user, assistant, tool. The assistant may ``search people|places
@@ -46,13 +49,13 @@ hedges from memory give the value when memorised and a uniform guess of the rela
 values otherwise; after a tool result the turn answers with the value, and the asker relays
 the helper's reply.
 
-Pretraining (``pretraining_texts``): each memorised fact as the statement ``kavo job baker``
-and, with ``qa_pretraining``, also as the question-answer text ``what is the job of kavo ?
-baker`` (plain text, not a conversation). A small model trained from scratch on statements
-alone does not recall them when asked a question about them (knowledge stored in one form is
-not extractable in another unless the training data shows both forms for the same facts,
-Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in for the
-varied forms a pretrained LLM has seen its knowledge in. Unmemorised facts appear in neither.
+Pretraining (``pretraining_texts``): each memorised fact as the statement ``kavo job head
+baker`` and, with ``qa_pretraining``, also as the question-answer text ``what is the job of
+kavo ? head baker`` (plain text, not a conversation). A small model trained from scratch on
+statements alone does not recall them when asked a question about them (knowledge stored in
+one form is not extractable in another unless the training data shows both forms for the same
+facts, Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in
+for the varied forms a pretrained LLM has seen its knowledge in. Unmemorised facts appear in neither.
 """
 import dataclasses
 from typing import Optional
@@ -63,11 +66,17 @@ import numpy as np
 from rl.envs import base
 
 CORPORA = {'people': ('job', 'pet'), 'places': ('river', 'dish')}
-VALUES = {
+BASES = {
     'job': ('baker', 'pilot', 'nurse', 'judge', 'farmer', 'singer', 'doctor', 'writer'),
     'pet': ('cat', 'dog', 'owl', 'fox', 'hare', 'goat', 'frog', 'crow'),
     'river': ('amber', 'silver', 'stone', 'willow', 'cedar', 'ember', 'misty', 'copper'),
     'dish': ('soup', 'stew', 'bread', 'rice', 'pie', 'curry', 'salad', 'noodles'),
+}
+QUALIFIERS = {
+    'job': ('head', 'night', 'young', 'chief', 'senior', 'field', 'court', 'city'),
+    'pet': ('grey', 'black', 'white', 'red', 'brown', 'spotted', 'tiny', 'old'),
+    'river': ('upper', 'lower', 'north', 'south', 'east', 'west', 'great', 'little'),
+    'dish': ('spicy', 'sweet', 'cold', 'hot', 'green', 'salty', 'smoked', 'baked'),
 }
 _SYLLABLES = ('ka', 'vo', 'li', 'ru', 'me', 'no', 'ta', 'si', 'be', 'do', 'fa', 'gu', 'ho',
               'ji', 'pe', 'zu')
@@ -89,6 +98,7 @@ def default_config() -> config_dict.ConfigDict:
       train_relations=('job', 'river'),
       test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
       qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
+      value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
   ))
 
 
@@ -163,7 +173,11 @@ class CollabEnv(base.Env):
     if unknown or not config.train_relations:
       raise ValueError(f'train_relations must be some of {relations}, got '
                        f'{tuple(config.train_relations)}.')
+    if config.value_words not in (1, 2):
+      raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
+    self.values = {r: BASES[r] if config.value_words == 1 else
+                   tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r]) for r in BASES}
     self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
                   ('system', 'user', 'asker') + tuple(CORPORA) + ('tool',))
     rng = np.random.default_rng(config.seed)
@@ -175,7 +189,7 @@ class CollabEnv(base.Env):
     for corpus, rels in CORPORA.items():
       for subject in self.subjects[corpus]:
         for relation in rels:
-          self.facts[(corpus, subject, relation)] = str(rng.choice(VALUES[relation]))
+          self.facts[(corpus, subject, relation)] = str(rng.choice(self.values[relation]))
     keys = sorted(self.facts)
     chosen = rng.permutation(len(keys))[:round(config.memorised_fraction * len(keys))]
     self.memorised = {keys[i] for i in chosen}
@@ -309,7 +323,7 @@ class CollabEnv(base.Env):
       tool = SEARCH if role == 'assistant' else DELEGATE
       return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
     memory = (episode.value if episode.memorised else
-              str(rng.choice(VALUES[episode.relation])))
+              str(rng.choice(self.values[episode.relation])))
     return f'{action} {memory}'
 
   def demonstration(self, rng: np.random.Generator, split: str = 'train',
