@@ -134,10 +134,45 @@ class EpisodeTest(parameterized.TestCase):
     invalid = play(search, search, search)  # a third tool call (max_calls=2)
     self.assertTrue(invalid.info['invalid'])
     self.assertAlmostEqual(invalid.reward, -0.2)
-    for text in ('', 'delegate people x job', 'answer', 'search people x'):
+    for text in ('', 'delegate people x job', 'answer', 'ask people x'):
       episode = play(text)
       self.assertTrue(episode.info['invalid'], text)
       self.assertEqual(episode.reward, 0.0)
+    self.assertEqual(env.search(corpus, 'nobody', relation), 'result none')
+
+  @parameterized.parameters('single', 'society')
+  def test_malformed_call_is_a_failed_call_with_an_error_observation(self, mode):
+    env = _env(mode=mode)
+    key = _question(env, False)
+    corpus, subject, relation = key
+    episode = env.reset(np.random.default_rng(0), question=key)
+    call = 'search mars' if mode == 'single' else 'delegate mars x job'
+    turns = [call, f'answer {env.facts[key]}']
+    episode = _play(env, episode, turns)
+    error = episode.turns[2]
+    self.assertEqual(error.role, 'tool')
+    self.assertTrue(error.text.startswith('error malformed call'), error.text)
+    self.assertFalse(episode.info['invalid'])
+    self.assertEqual(episode.info['first_action'], call.split()[0])
+    cost = 0.1 if mode == 'single' else 0.0  # a failed search costs c; delegating is free
+    self.assertAlmostEqual(episode.reward, 1.0 - cost)
+    self.assertEqual(episode.calls, 1)
+    # a helper's malformed search costs c and returns to the helper
+    if mode == 'society':
+      roomy = _env(mode=mode, max_calls=3)  # delegation, failed search, search
+      episode = _play(roomy, roomy.reset(np.random.default_rng(0), question=key),
+                      [f'delegate {corpus} {subject} {relation}', 'search x',
+                       f'search {subject} {relation}', f'answer {env.facts[key]}',
+                       f'answer {env.facts[key]}'])
+      self.assertEqual([t.role for t in episode.turns],
+                       ['user', 'asker', corpus, 'tool', corpus, 'tool', corpus, 'asker'])
+      self.assertTrue(episode.turns[3].text.startswith('error'))
+      self.assertTrue(episode.turns[5].text.startswith('result'))
+      self.assertFalse(episode.info['invalid'])
+      self.assertAlmostEqual(episode.reward, 0.8)
+    # failed calls count against max_calls
+    episode = _play(env, env.reset(np.random.default_rng(0), question=key), [call] * 3)
+    self.assertTrue(episode.info['invalid'])
 
 
 if __name__ == '__main__':

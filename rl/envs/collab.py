@@ -36,9 +36,13 @@ against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per se
 
 so hedging earns h exactly when the answer would be wrong and costs h when it would be
 right: with answer-correctness probability p, answering is better iff p > 1/2 (calibrated
-selective prediction). An action that does not parse, a tool call beyond ``max_calls``
-(searches and delegations), a role speaking out of turn or a turn cut at the token limit is
-invalid: reward ``-c * searches`` (F1 0, no hedge credit). ``oracle_turn`` is the action
+selective prediction). A malformed call (``search`` or ``delegate`` with arguments that do
+not parse, e.g. an unknown corpus) is a failed call: it counts against ``max_calls``, a
+malformed search costs c like any search, and the tool turn that follows is an error
+observation with the call's usage; a search that matches nothing returns ``result none``.
+Any other action that does not parse, a call beyond ``max_calls`` (searches and
+delegations), a role speaking out of turn or a turn cut at the token limit is invalid and
+ends the episode: reward ``-c * searches`` (F1 0, no hedge credit). ``oracle_turn`` is the action
 supervision of the baseline: search exactly when the fact is not memorised.
 
 Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``oracle`` plays
@@ -126,6 +130,11 @@ def f1(prediction: str, target: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
+def tool_word(role: str) -> str:
+  """The call a role makes: the asker delegates, the assistant and the helpers search."""
+  return DELEGATE if role == 'asker' else SEARCH
+
+
 def parse(text: str, role: str, mode: str) -> Optional[tuple]:
   """(action, arguments) of a model turn, or None when it does not parse for that role.
 
@@ -141,8 +150,7 @@ def parse(text: str, role: str, mode: str) -> Optional[tuple]:
     return (ANSWER, ' '.join(rest)) if rest else None
   if action == HEDGE:
     return (HEDGE, ' '.join(rest))
-  tool = SEARCH if role in ('assistant',) + tuple(CORPORA) else DELEGATE
-  if action != tool:
+  if action != tool_word(role):
     return None
   if role in CORPORA:  # a helper searches its own corpus
     rest = [role] + rest
@@ -246,13 +254,16 @@ class CollabEnv(base.Env):
     return [base.Turn('system', prompt)] + list(episode.turns)
 
   def scripted(self, episode: CollabEpisode, role: str) -> str:
-    """The tool's turn: the result of the last search."""
+    """The tool's turn: the result of the last search, or an error observation with the
+    call's usage when the call did not parse."""
     if role != 'tool':
       raise NotImplementedError(f'CollabEnv has no scripted {role!r}.')
-    words = episode.turns[-1].text.split()
-    corpus = words[1] if episode.turns[-1].role == 'assistant' else episode.turns[-1].role
-    subject, relation = words[-2:]
-    return self.search(corpus, subject, relation)
+    last = episode.turns[-1]
+    parsed = parse(last.text, last.role, self.mode)
+    if parsed is None:
+      corpus = '' if last.role in CORPORA else ' people|places'
+      return f'error malformed call , use {tool_word(last.role)}{corpus} SUBJECT RELATION'
+    return self.search(*parsed[1])
 
   def step(self, episode: CollabEpisode) -> None:
     turn = episode.turns[-1]
@@ -260,20 +271,23 @@ class CollabEnv(base.Env):
       episode.next_role = episode.helper or self.first_role
       return
     parsed = parse(turn.text, turn.role, self.mode) if turn.ended else None
+    words = turn.text.split()
+    malformed_call = (turn.ended and parsed is None and bool(words) and
+                      words[0] == tool_word(turn.role))
     if turn.role == self.first_role and episode.first_action is None:
-      episode.first_action = parsed[0] if parsed else 'invalid'
-    if parsed is None:
+      episode.first_action = words[0] if malformed_call else parsed[0] if parsed else 'invalid'
+    if parsed is None and not malformed_call:
       return self._end(episode, None)
-    action, argument = parsed
-    if action in (SEARCH, DELEGATE):
+    if malformed_call or parsed[0] in (SEARCH, DELEGATE):
       episode.calls += 1
       if episode.calls > self.config.max_calls:
         return self._end(episode, None)
-      if action == SEARCH:
+      if words[0] == SEARCH:
         episode.searches += 1
+      if malformed_call or parsed[0] == SEARCH:  # the tool answers (an error if malformed)
         episode.next_role = 'tool'
       else:
-        episode.helper = episode.next_role = argument[0]
+        episode.helper = episode.next_role = parsed[1][0]
       return
     if turn.role in CORPORA:  # a helper's reply goes back to the asker
       episode.helper, episode.next_role = None, 'asker'
