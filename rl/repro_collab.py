@@ -68,6 +68,8 @@ def run(config, workdir):
                     'per_seed': [r[split][m] for r in runs]} for m in METRICS + ('n',)}
         for split in config.splits}
   results['criteria'] = criteria(results['policies'])
+  results['criteria_per_seed'] = [
+      criteria(seed_view(results['policies'], i)) for i in range(len(config.seeds))]
   timings['total'] = time.time() - start
   results['timings_s'] = {k: round(v, 1) for k, v in timings.items()}
   if workdir_lib.is_primary():
@@ -176,8 +178,16 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
   return out
 
 
+def seed_view(policies, i):
+  """``policies`` with ReST's mean replaced by its seed ``i``'s value."""
+  view = dict(policies)
+  view['rest_single'] = {split: {m: {'mean': v['per_seed'][i]} for m, v in metrics.items()}
+                         for split, metrics in policies['rest_single'].items()}
+  return view
+
+
 def criteria(policies, split='test', ood='ood') -> dict:
-  """The done-when criteria of the reproduction, each with its numbers."""
+  """The done-when criteria of the reproduction (on the policies' ``mean`` values)."""
   mean = lambda p, s, m: policies[p][s][m]['mean']
   searches = mean('rest_single', split, 'searches')
   ratio = mean('in_context', split, 'searches') / searches if searches else float('inf')
@@ -185,7 +195,7 @@ def criteria(policies, split='test', ood='ood') -> dict:
       'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
           mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
           mean('rest_single', split, 'search_rate_memorised') <= 0.2),
-      f'F1 >= in-context F1 with 2-5x fewer searches (test; ratio {ratio:.2f})': bool(
+      'F1 >= in-context F1 with 2-5x fewer searches (test)': bool(
           mean('rest_single', split, 'f1') >= mean('in_context', split, 'f1') and
           2 <= ratio <= 5),
       'hedge AUROC >= 0.8 (test)': bool(mean('rest_single', split, 'hedge_auroc') >= 0.8),
@@ -195,7 +205,12 @@ def criteria(policies, split='test', ood='ood') -> dict:
 
 
 def report(results) -> str:
-  """The table (mean over seeds for ReST), the criteria and the timings (results.md)."""
+  """The table (ReST: mean ± sd over seeds), the criteria on the means and per seed, and
+  the timings (results.md)."""
+  def cell(value):
+    if len(value['per_seed']) < 2:
+      return f"{value['mean']:.3f}"
+    return f"{value['mean']:.3f} ± {np.std(value['per_seed'], ddof=1):.3f}"
   lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
            'searches / question | hedge rate | invalid rate | hedge AUROC | memory recall |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -203,9 +218,16 @@ def report(results) -> str:
     for policy, by_split in results['policies'].items():
       s = by_split[split]
       lines.append(f"| {policy} | {split} | {s['n']['mean']:.0f} | " +
-                   ' | '.join(f"{s[m]['mean']:.3f}" for m in METRICS) + ' |')
-  lines += [''] + [f"- {'holds' if ok else 'does not hold'}: {name}"
+                   ' | '.join(cell(s[m]) for m in METRICS) + ' |')
+  per_seed = results['criteria_per_seed']
+  lines += [''] + [f"- {'holds' if ok else 'does not hold'} on the means, in "
+                   f"{sum(c[name] for c in per_seed)} of {len(per_seed)} seeds: {name}"
                    for name, ok in results['criteria'].items()]
+  if 'test' in results['splits']:
+    searches = results['policies']['rest_single']['test']['searches']['per_seed']
+    in_context = results['policies']['in_context']['test']['searches']['mean']
+    lines.append('- in-context searches / ReST searches per seed (test): ' + ', '.join(
+        f'{in_context / s:.2f}' if s else 'inf' for s in searches))
   lines.append('')
   lines.append('Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min'
                                          for k, v in results['timings_s'].items()) + '.')

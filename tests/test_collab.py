@@ -135,12 +135,34 @@ class AurocTest(absltest.TestCase):
       repro_collab.auroc([0.1, 0.2], [1])
 
 
+class CriteriaTest(absltest.TestCase):
+
+  def test_hand_numbers_on_means_and_per_seed(self):
+    def metrics(per_seed, **values):
+      return {m: {'mean': float(np.mean(v)), 'per_seed': list(v)} if per_seed else {'mean': v}
+              for m, v in values.items()}
+    base = dict(search_rate_unmemorised=0.5, search_rate_memorised=0.5, f1=0.5, searches=0.9,
+                hedge_auroc=0.5)
+    policies = {p: {s: metrics(False, **base) for s in ('test', 'ood')}
+                for p in ('in_context', 'action_supervised')}
+    # seed 0 meets every criterion (ratio 0.9 / 0.3 = 3), seed 1 none
+    rest_values = dict(search_rate_unmemorised=(0.9, 0.1), search_rate_memorised=(0.1, 0.9),
+                       f1=(0.8, 0.2), searches=(0.3, 0.9), hedge_auroc=(0.9, 0.4))
+    policies['rest_single'] = {s: metrics(True, **rest_values) for s in ('test', 'ood')}
+    per_seed = [repro_collab.criteria(repro_collab.seed_view(policies, i)) for i in (0, 1)]
+    self.assertTrue(all(per_seed[0].values()))
+    self.assertFalse(any(per_seed[1].values()))
+    # the means: unmemorised 0.5, F1 0.5 (= in-context, ratio 1.5), AUROC 0.65, ood 0.5
+    self.assertFalse(any(repro_collab.criteria(policies).values()))
+
+
 class JobTest(absltest.TestCase):
 
   def test_tiny_run_writes_table_and_plot(self):
     config = repro_config.get_config()
     config.unlock()
     config.splits = ('test', 'ood')  # those of the criteria; 'train' deploys the same way
+    config.seeds = (0, 1)
     for name in config.stages:
       _tiny(config.stages[name])
     workdir = epath.Path(self.create_tempdir().full_path)
@@ -150,6 +172,10 @@ class JobTest(absltest.TestCase):
       for split in config.splits:
         self.assertEqual(results['policies'][policy][split]['n']['mean'], len(env.splits[split]))
     self.assertLen(results['criteria'], 4)
+    self.assertLen(results['criteria_per_seed'], 2)
+    f1 = results['policies']['rest_single']['test']['f1']
+    self.assertLen(f1['per_seed'], 2)
+    self.assertAlmostEqual(f1['mean'], np.mean(f1['per_seed']))
     for split in config.splits:
       recall = results['policies']['in_context'][split]['memory_recall']['mean']
       self.assertTrue(0 <= recall <= 1, recall)
