@@ -107,15 +107,20 @@ class Transcript:
 
 
 def transcript(formatter: Formatter, view, trained_roles, reward: float, group: int = 0,
-               info: Optional[dict] = None, demonstration: bool = False) -> Transcript:
+               info: Optional[dict] = None, demonstration: bool = False,
+               untrained_after: Optional[str] = None) -> Transcript:
   """A view as a ``Transcript``. ``policy_mask`` covers the generated tokens (with their
   end-of-turn token, when generated) of turns by ``trained_roles``; with ``demonstration``
-  every turn of those roles counts as the policy's (supervised data)."""
+  every turn of those roles counts as the policy's (supervised data). Turns after the first
+  turn of role ``untrained_after`` (e.g. a tool's result) are left out of the mask."""
   tokens, roles, mask, logprobs = [formatter.tokenizer.bos_id], [-1], [0], [0.0]
+  frozen = False
   for turn in view:
     ids = formatter.turn_ids(turn)
     role = formatter.roles.index(turn.role)
-    trained = turn.role in trained_roles and (demonstration or turn.logprobs is not None)
+    trained = (turn.role in trained_roles and not frozen and
+               (demonstration or turn.logprobs is not None))
+    frozen = frozen or turn.role == untrained_after
     body = len(ids) - 2 + (1 if demonstration or turn.ended else 0)  # + the generated <|end|>
     lps = (list(turn.logprobs) if turn.logprobs is not None else [])
     tokens += ids
@@ -229,11 +234,12 @@ def rollout(env: Env, episodes: list, actors: dict, formatter: Formatter, rng,
 
 
 def transcripts(env: Env, episodes: list, formatter: Formatter, role: str, trained_roles,
-                groups=None, demonstration: bool = False) -> list:
-  """``role``'s view of each finished episode as a Transcript."""
+                groups=None, demonstration: bool = False,
+                untrained_after: Optional[str] = None) -> list:
+  """``role``'s view of each finished episode as a Transcript (``transcript``)."""
   groups = range(len(episodes)) if groups is None else groups
   return [transcript(formatter, env.view(e, role), trained_roles, e.reward, g, e.info,
-                     demonstration) for e, g in zip(episodes, groups)]
+                     demonstration, untrained_after) for e, g in zip(episodes, groups)]
 
 
 BATCH_FIELDS = ('tokens', 'targets', 'positions', 'segment_ids', 'loss_mask',

@@ -1,9 +1,9 @@
 """Supervised warm start and ReST / ReST-EM on any environment of ``rl.envs``.
 
 ``sft``: demonstrations written by the environment itself (``env.demonstration``, with
-``sft.behaviour``), in equal shares from ``config.env`` updated by each of
-``sft.env_variants`` (e.g. both modes of an environment), become transcripts of each
-trained role's view; ``sft.pretraining_repeats`` copies of ``env.pretraining_texts()``
+``sft.behaviour``, on the questions of ``sft.split``), in equal shares from ``config.env``
+updated by each of ``sft.env_variants`` (e.g. both modes of an environment), become
+transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of ``env.pretraining_texts()``
 (plain text, every token trained) join them; a tokenizer with the reserved role tokens is
 built from all the text; the policy is trained with NLL on its roles' turns.
 
@@ -15,7 +15,8 @@ built from all the text; the policy is trained with NLL on its roles' turns.
            samples with reward >= tau_j, in the ``top_fraction`` of all samples and within
            ``margin`` of their prompt's best, at most ``max_per_prompt`` per prompt (the
            highest), and fine-tune ``steps_per_improve`` steps with NLL on the trained roles'
-           own tokens (each role from its own view).
+           own tokens (each role from its own view; with ``untrained_after_role``, only the
+           turns before that role's first turn).
   ReST-EM's ``restart_from_base`` fine-tunes from the initial policy every iteration (on
   samples from the current one).
   Evaluate on the environment's evaluation sets; metrics, samples and a checkpoint.
@@ -50,6 +51,7 @@ def default_sft_config() -> config_dict.ConfigDict:
       behaviour=config_dict.placeholder(str),  # env.demonstration's; None: the env's default
       env_variants=({},),  # updates of config.env, each giving an equal share of the demos
       pretraining_repeats=0,  # copies of env.pretraining_texts() in the SFT data
+      split='train',  # the env split whose questions the demonstrations ask
   ))
 
 
@@ -66,6 +68,10 @@ def default_rest_config() -> config_dict.ConfigDict:
       steps_per_improve=100,
       restart_from_base=False,  # ReST-EM
       trained_roles=('assistant', 'user'),  # each from its own view (self-play: both)
+      # '' trains every turn of the trained roles; a role (e.g. 'tool'): the turns after its
+      # first turn are left out of the loss, so Improve learns the decisions taken before a
+      # tool result, not the retrieved facts (which a small policy would memorise).
+      untrained_after_role='',
       eval_episodes=16,  # per evaluation setting, after each iteration
       final_eval_episodes=64,  # per setting, after the last iteration (and by rl_sft)
       eval_sets=('heldout', 'seen'),  # of env.eval_settings()
@@ -169,7 +175,9 @@ def sft(config, workdir):
   if not variants:
     raise workdir_lib.ConfigError('config.sft.env_variants is empty: use ({},) for config.env '
                                   'alone.')
-  kwargs = {} if config.sft.get('behaviour') is None else {'behaviour': config.sft.behaviour}
+  kwargs = {'split': config.sft.get('split', 'train')}
+  if config.sft.get('behaviour') is not None:
+    kwargs['behaviour'] = config.sft.behaviour
   demos, start = [], 0  # (variant env, its demonstrations); demo i has seed (seed, 1, i)
   for v, update in enumerate(variants):
     variant_config = copy.deepcopy(config.env)
@@ -366,7 +374,8 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   items, owners, too_long = [], [], 0
   for role in cfg.trained_roles:
     for i, t in enumerate(ep.transcripts(player.env, episodes, player.formatter, role, (role,),
-                                         groups)):
+                                         groups,
+                                         untrained_after=cfg.get('untrained_after_role') or None)):
       if len(t.tokens) > config.data.seq_len + 1:
         too_long += 1
       elif t.policy_mask.any():

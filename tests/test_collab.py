@@ -107,6 +107,36 @@ class SftDataTest(absltest.TestCase):
     self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
     self.assertEqual(t.policy_mask.tolist(), [0] + [1] * (len(t.tokens) - 1))
 
+  def test_untrained_after_the_tool_keeps_only_the_decision(self):
+    env = _env(mode='single', demo_fraction=0.25)
+    config = tokenizers.default_tokenizer_config()
+    config.update(kind='sentencepiece', vocab_size=320,
+                  reserved_tokens=ep.reserved_tokens(env.roles))
+    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
+    formatter = ep.Formatter(tokenizer, env.roles)
+    key = next(k for k in env.splits['demo'] if k not in env.memorised)
+    demo = env.demonstration(np.random.default_rng(0), 'demo', 'oracle', question=key)
+    self.assertEqual([t.role for t in demo.turns], ['user', 'assistant', 'tool', 'assistant'])
+
+    def trained(**kwargs):  # the text of the trained tokens
+      t = ep.transcript(formatter, env.view(demo, 'assistant'), ('assistant',), demo.reward,
+                        demonstration=True, **kwargs)
+      return tokenizer.decode(t.tokens[t.policy_mask == 1].tolist())
+
+    search, answer = demo.turns[1].text, demo.turns[3].text
+    self.assertEqual(trained(), search + answer)
+    self.assertEqual(trained(untrained_after='tool'), search)
+
+  def test_demo_split_is_apart_from_train_and_test(self):
+    env = _env(demo_fraction=0.25)
+    demo, train, test = (set(env.splits[s]) for s in ('demo', 'train', 'test'))
+    self.assertLen(demo, 20)  # a quarter of the 80 (subject, job | river) questions
+    self.assertFalse(demo & train or demo & test)
+    self.assertEqual(len(demo | train | test), 80)
+    self.assertNotIn('demo', _env().splits)
+    with self.assertRaisesRegex(ValueError, 'demo_fraction'):
+      _env(test_fraction=0.5, demo_fraction=0.5)
+
 
 class ContinuationLogprobsTest(absltest.TestCase):
 

@@ -10,8 +10,11 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
 ``CollabEnv.pretraining_texts``) plus format demonstrations whose actions ignore
 what is memorised (the in-context baseline and ReST's start); ``oracle``: the same facts
 plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both
-modes' demonstrations and are evaluated as the single agent; ``rest`` plays the society
-(every role the same policy). The whole reproduction is ``configs/repro/collab.py``.
+modes' demonstrations, which ask the questions of the ``demo`` split (none of ReST's
+``train`` facts appears in a demonstration's tool result), and are evaluated as the single
+agent; ``rest`` plays the society (every role the same policy) and trains only the turns
+before a tool result (``rest.untrained_after_role``: the decisions, not retrieved facts).
+The whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -28,7 +31,8 @@ def get_config(stage='sft'):
   config.job = 'rl_rest' if stage == 'rest' else 'rl_sft'
   config.name = f'collab_{stage}'
   config.env = collab.default_config()
-  config.env.update(subjects_per_corpus=120, mode='society' if stage == 'rest' else 'single')
+  config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
+                    mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=512,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
@@ -39,9 +43,10 @@ def get_config(stage='sft'):
   config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
                     behaviour='oracle' if stage == 'oracle' else 'generic',
                     env_variants=({'mode': 'single'}, {'mode': 'society'}),
-                    pretraining_repeats=10)
+                    pretraining_repeats=10, split='demo')
   config.rest = rest.default_rest_config()
-  config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA), eval_sets=('test', 'ood'),
+  config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA),
+                     untrained_after_role='tool', eval_sets=('test', 'ood'),
                      eval_modes=('greedy',), eval_episodes=32, final_eval_episodes=64)
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_turns=4, max_new_tokens=12)

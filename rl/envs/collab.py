@@ -7,12 +7,14 @@ with a ``river`` and a ``dish``). A fact is ``subject relation value``, e.g. ``k
 head baker``: with ``value_words=2`` a value is a qualifier and a base word, 8 x 8 = 64 per
 relation, so that an answer guessed without knowledge is rarely right (1/64) and often half
 right (word-level F1 0.5); ``value_words=1`` keeps the 8 base words (a guess is right 1 time in
-8, and then outscores a search, which is what ReST learnt to exploit, docs/RESULTS.md). A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
+8, and then outscores a search, which is what ReST learnt to exploit, docs/RESULTS.md).
+A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
 pretraining text (``pretraining_texts``): those questions are answerable from memory, the
 rest need retrieval; no other fact is in any training text but a tool result. Questions ask
-one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits ask the
-relations ``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts
-the policy memorised in the same proportion but was never asked.
+one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits (and, with
+``demo_fraction`` > 0, the ``demo`` split of the demonstrations) ask the relations
+``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts the policy
+memorised in the same proportion but was never asked.
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
@@ -59,7 +61,8 @@ kavo ? head baker`` (plain text, not a conversation). A small model trained from
 statements alone does not recall them when asked a question about them (knowledge stored in
 one form is not extractable in another unless the training data shows both forms for the same
 facts, Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in
-for the varied forms a pretrained LLM has seen its knowledge in. Unmemorised facts appear in neither.
+for the varied forms a pretrained LLM has seen its knowledge in.
+Unmemorised facts appear in neither.
 """
 import dataclasses
 from typing import Optional
@@ -101,6 +104,9 @@ def default_config() -> config_dict.ConfigDict:
       max_calls=2,
       train_relations=('job', 'river'),
       test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
+      # of those questions, the 'demo' split: the SFT demonstrations' questions, kept apart
+      # from 'train' (ReST's) so that no demonstration's tool result shows a train fact
+      demo_fraction=0.0,
       qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
       value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
   ))
@@ -169,9 +175,12 @@ class CollabEnv(base.Env):
     if not 1 <= config.subjects_per_corpus <= len(_SYLLABLES) ** 2 // 2:
       raise ValueError(f'subjects_per_corpus must be in [1, {len(_SYLLABLES) ** 2 // 2}], got '
                        f'{config.subjects_per_corpus}.')
-    for field in ('memorised_fraction', 'hedge_credit', 'test_fraction'):
+    for field in ('memorised_fraction', 'hedge_credit', 'test_fraction', 'demo_fraction'):
       if not 0 <= config[field] <= 1:
         raise ValueError(f'{field} must be in [0, 1], got {config[field]}.')
+    if config.test_fraction + config.demo_fraction >= 1:
+      raise ValueError(f'test_fraction + demo_fraction must be < 1 (some questions for '
+                       f"'train'), got {config.test_fraction} + {config.demo_fraction}.")
     if config.search_cost < 0:
       raise ValueError(f'search_cost must be >= 0, got {config.search_cost}.')
     if config.max_calls < 1:
@@ -204,9 +213,12 @@ class CollabEnv(base.Env):
     questions = [k for k in keys if k[2] in config.train_relations]
     order = rng.permutation(len(questions))
     n_test = round(config.test_fraction * len(questions))
+    n_demo = n_test + round(config.demo_fraction * len(questions))
     self.splits = {'test': [questions[i] for i in order[:n_test]],
-                   'train': [questions[i] for i in order[n_test:]],
+                   'train': [questions[i] for i in order[n_demo:]],
                    'ood': [k for k in keys if k[2] not in config.train_relations]}
+    if n_demo > n_test:
+      self.splits['demo'] = [questions[i] for i in order[n_test:n_demo]]
 
   @property
   def first_role(self) -> str:
