@@ -219,6 +219,10 @@ class JobTest(absltest.TestCase):
     self.assertEqual(json.loads((workdir / 'results.json').read_text())['splits'],
                      list(config.splits))
     self.assertIn('| rest_single | ood |', (workdir / 'results.md').read_text())
+    grown = (workdir / 'rest_s0' / 'samples' / 'grow_1.txt').read_text().splitlines()
+    for line in grown:  # the tool's turns are the environment's, never generated
+      if line.startswith('tool:'):
+        self.assertRegex(line, r'^tool: (result|error) ')
     self.assertGreater((workdir / 'collab.png').stat().length, 10_000)
 
 

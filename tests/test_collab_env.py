@@ -68,6 +68,12 @@ class WorldTest(absltest.TestCase):
       self.assertIn(value, env.values[relation])
     self.assertAlmostEqual(collab.f1('head pilot', 'head baker'), 0.5)  # half right
 
+  def test_the_tool_is_never_a_model_role(self):
+    for mode in ('single', 'society'):
+      env = _env(mode=mode)
+      self.assertIn('tool', env.roles)
+      self.assertNotIn('tool', env.speakers)  # self-play actors are drawn from speakers
+
   def test_f1(self):
     self.assertEqual(collab.f1('baker', 'baker'), 1.0)
     self.assertEqual(collab.f1('', 'baker'), 0.0)

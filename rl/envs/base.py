@@ -50,11 +50,13 @@ class Env(abc.ABC):
 
   roles: tuple  # every role that can speak, e.g. ('system', 'user', 'assistant')
   markup: tuple = ()  # tags inside a turn that are one reserved token each (rl.episodes)
+  scripted_roles: tuple = ()  # roles the environment always plays itself (e.g. a tool)
 
   @property
   def speakers(self) -> tuple:
-    """The roles that take turns, each with its own view ('system' only opens views)."""
-    return tuple(r for r in self.roles if r != 'system')
+    """The roles a model may play, each with its own view ('system' only opens views; the
+    ``scripted_roles`` are the environment's)."""
+    return tuple(r for r in self.roles if r != 'system' and r not in self.scripted_roles)
 
   @abc.abstractmethod
   def reset(self, rng: np.random.Generator, split: str = 'train', **overrides) -> Episode:

@@ -168,6 +168,8 @@ def parse(text: str, role: str, mode: str) -> Optional[tuple]:
 class CollabEnv(base.Env):
   """Questions answered from memory, by retrieval or by delegation (module docstring)."""
 
+  scripted_roles = ('tool',)  # retrieval: never a model's turn, in self-play too
+
   def __init__(self, config: Optional[config_dict.ConfigDict] = None):
     config = default_config() if config is None else config
     if config.mode not in ('single', 'society'):
