@@ -134,6 +134,20 @@ class SftDataTest(absltest.TestCase):
     self.assertFalse(demo & train or demo & test)
     self.assertEqual(len(demo | train | test), 80)
     self.assertNotIn('demo', _env().splits)
+    # an unmemorised demo fact is redrawn per demonstration and the tool returns it
+    key = next(k for k in env.splits['demo'] if k not in env.memorised)
+    demos = [env.demonstration(np.random.default_rng(i), 'demo', 'oracle', question=key)
+             for i in range(20)]
+    self.assertGreater(len({d.value for d in demos}), 5)
+    for d in demos:
+      tool = next(t.text for t in d.turns if t.role == 'tool')
+      self.assertEqual(tool, f'result {key[1]} {key[2]} {d.value}')
+      self.assertEqual(d.info['f1'], 1.0)
+    self.assertEqual(env.facts[key], env.reset(np.random.default_rng(0), 'demo',
+                                               question=key).value)  # the world is unchanged
+    known = next(k for k in env.splits['demo'] if k in env.memorised)
+    self.assertEqual(env.demonstration(np.random.default_rng(0), 'demo', question=known).value,
+                     env.facts[known])
     with self.assertRaisesRegex(ValueError, 'demo_fraction'):
       _env(test_fraction=0.5, demo_fraction=0.5)
 

@@ -277,7 +277,10 @@ class CollabEnv(base.Env):
     if parsed is None:
       corpus = '' if last.role in CORPORA else ' people|places'
       return f'error malformed call , use {tool_word(last.role)}{corpus} SUBJECT RELATION'
-    return self.search(*parsed[1])
+    corpus, subject, relation = parsed[1]
+    if (corpus, subject, relation) == (episode.corpus, episode.subject, episode.relation):
+      return f'result {subject} {relation} {episode.value}'  # the episode's fact (demo)
+    return self.search(corpus, subject, relation)
 
   def step(self, episode: CollabEpisode) -> None:
     turn = episode.turns[-1]
@@ -357,11 +360,15 @@ class CollabEnv(base.Env):
   def demonstration(self, rng: np.random.Generator, split: str = 'train',
                     behaviour: Optional[str] = None, **overrides) -> CollabEpisode:
     """A finished episode whose every turn the env wrote (SFT data); ``behaviour`` in
-    ``BEHAVIOURS`` (None: 'generic')."""
+    ``BEHAVIOURS`` (None: 'generic'). On the ``demo`` split an unmemorised fact is redrawn
+    for each demonstration (the tool returns the redrawn value), so the answer after a tool
+    result can only be learnt as a copy of it, not as the fact."""
     behaviour = behaviour or 'generic'
     if behaviour not in BEHAVIOURS:
       raise ValueError(f'behaviour must be one of {BEHAVIOURS} or None, got {behaviour!r}.')
     episode = self.reset(rng, split, **overrides)
+    if split == 'demo' and not episode.memorised:
+      episode.value = str(rng.choice(self.values[episode.relation]))
     while not episode.done:
       role = episode.next_role
       if role == 'tool':
