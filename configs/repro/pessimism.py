@@ -45,11 +45,12 @@ def get_config(method='all'):
   # η of the runs above: the adversary minimises (policy term) + (1/η)·(NLL on D), so a
   # large η frees it from the data (more pessimism) and η -> 0 leaves the MLE fit (none).
   config.eta = 1.0
-  # η sweep, PRPO and P3O at η in {0.01, 0.1, 1 (above), 10, 100}: weaker and stronger
-  # pessimism than η = 1, at the two lower KL coefficients, on the first stage seed only
-  # (all_stage_seeds=True: on every one).
-  config.eta_sweep = dict(etas=(0.01, 0.1, 10.0, 100.0), kl_coeffs=(0.01, 0.1),
-                          methods=('prpo', 'p3o'), all_stage_seeds=False)
+  # η sweep, PRPO and P3O at η in {0.01, 10}: weaker and stronger pessimism than η = 1
+  # (above), at the lowest KL coefficient, on the first stage seed only (all_stage_seeds=True:
+  # on every one). Cut for time (docs/RESULTS.md) from the grid etas=(0.01, 0.1, 10.0, 100.0),
+  # kl_coeffs=(0.01, 0.1), which is reachable by override.
+  config.eta_sweep = dict(etas=(0.01, 10.0), kl_coeffs=(0.01,), methods=('prpo', 'p3o'),
+                          all_stage_seeds=False)
   config.adversary = dict(learning_rate=1e-3, steps_per_policy_step=1, K=64, pool=1024)
   # P3O's P(y ≻ y′): 'pair' reads [y ; EOS ; y′] jointly, logit = g(y, y′) − g(y′, y), fit on
   # D; 'difference' is σ(f(y) − f(y′)) with f the proxy. The policy's reward for y is the
