@@ -1,7 +1,9 @@
 """Job ``repro_pessimism``: preference hacking and pessimism (PRPO, P3O; arXiv:2503.06810,
 PAPERS.md §7) in miniature, on the exact-gold setting of ``rl.envs.prefs``.
 
-Stages (``configs/repro/pessimism.py``), each cached in the workdir:
+Stages 1–3 are drawn from a stage seed and the whole pipeline runs once per seed of
+``config.stage_seeds`` (``run_stage_seed``), each in ``<workdir>/stage<seed>`` with its
+stages cached (``configs/repro/pessimism.py``):
   1. μ: a tiny Llama (byte tokenizer) fine-tuned on μ's demonstrations (``lm_loss``).
   2. D: ``pairs`` pairs sampled from μ, labelled by Bradley–Terry on the gold reward
      (``prefs.label_pairs``), written as ``prefs.jsonl`` and read back with
@@ -24,15 +26,20 @@ Stages (``configs/repro/pessimism.py``), each cached in the workdir:
        ``preference.p3o_preference_loss``, on pairs (y ~ π, y′ ∈ D); the policy's reward for
        y is the mean of ``P(y ≻ y′)`` over ``comparisons`` responses y′ of D.
      PRPO and P3O run at ``eta`` over ``pessimistic_kl_coeffs`` and at every η of
-     ``eta_sweep`` over its KL coefficients (``<method>_kl<β>_eta<η>``).
+     ``eta_sweep`` over its KL coefficients (``<method>_kl<β>_eta<η>``), on the first stage
+     seed only unless ``eta_sweep.all_stage_seeds``. Every run for each policy seed of
+     ``config.seeds``.
 Every ``eval_every`` steps a fresh batch from the policy (the same keys for every run)
 gives the gold reward, the proxy reward and KL(π || μ) (the mean over samples of
 ``Σ_t log π − log μ``, an unbiased sequence-level estimate).
 
-Outputs: ``runs/<run>.json`` (curves; a rerun skips a run whose own fields, ``_run_key``,
-are unchanged), ``results.json``, ``results.md`` (peak and final gold per run, the
-done-when checks) and ``pessimism_<method>.png`` / ``pessimism.png`` /
-``pessimism_eta.png`` (gold against steps per η).
+Outputs per stage seed: ``runs/<run>.json`` (curves; a rerun skips a run whose own fields,
+``_run_key``, are unchanged), ``results.json``, ``results.md`` (peak and final gold per run,
+the done-when checks) and ``pessimism_<method>.png`` / ``pessimism.png`` /
+``pessimism_eta.png`` (gold against steps per η). In the workdir: ``results.md`` /
+``results.json`` with the per-stage-seed table and the summary across stage seeds
+(``summarise``: mean ± sd, and in how many stage seeds each check holds) and
+``pessimism_stage_seeds.png``.
 """
 import dataclasses
 import json
@@ -50,7 +57,8 @@ from model import decode, registry
 from model.config_errors import ConfigError
 from rl import losses, preference, value as value_lib
 from rl.envs import prefs
-from training import losses as train_losses, tokenizers, trainer as trainer_lib
+from training import losses as train_losses, metrics as metrics_lib, tokenizers
+from training import trainer as trainer_lib
 from training import workdir as workdir_lib
 
 METHODS = ('reinforce', 'dpo', 'ipo', 'prpo', 'prpo_logz', 'p3o')
@@ -252,6 +260,14 @@ class Setup:
     self._score = jax.jit(lambda p, s: scores(self.scorer, {'params': p}, s))
     self._logit = jax.jit(lambda p, a, b, kind: preference_logits(
         self.scorer, {'params': p}, a, b, kind), static_argnums=3)
+    self._compiled = {}
+
+  def compiled(self, name, build):
+    """``build()`` (a jit-compiled function) once per ``name`` for the whole job: runs and
+    stage seeds with the same loss and settings share one compilation."""
+    if name not in self._compiled:
+      self._compiled[name] = build()
+    return self._compiled[name]
 
   def init(self, key):
     dummy = jnp.zeros((1, self.length), jnp.int32)
@@ -299,14 +315,16 @@ def _load(path, template):
   return flax.serialization.from_bytes(template, path.read_bytes())
 
 
-def train_mu(setup, key):
-  """μ: the tiny Llama fine-tuned on μ's demonstrations (``lm_loss``)."""
+def train_mu(setup, seed):
+  """μ: the tiny Llama fine-tuned on μ's demonstrations (``lm_loss``), from stage seed
+  ``seed``."""
   cfg = setup.config.sft
-  rng = np.random.default_rng(setup.config.seed)
-  params = setup.init(key)
+  rng = np.random.default_rng(seed)
+  params = setup.init(jax.random.fold_in(jax.random.key(seed), 0))
   optimizer = _optimizer(cfg.learning_rate)
   opt_state = optimizer.init(params)
-  update = make_update(setup.model, train_losses.lm_loss(), optimizer)
+  update = setup.compiled('sft', lambda: make_update(setup.model, train_losses.lm_loss(),
+                                                      optimizer))
   for step in range(cfg.steps):
     texts = [prefs.sample_demonstration(setup.task, rng) for _ in range(cfg.batch)]
     batch = lm_batch(jnp.asarray(encode(setup.tokenizer, texts, setup.length)))
@@ -316,11 +334,12 @@ def train_mu(setup, key):
   return params
 
 
-def build_dataset(setup, mu_params, path):
-  """``pairs`` pairs from μ, Bradley–Terry-labelled on gold, written as JSONL at ``path``."""
+def build_dataset(setup, seed, mu_params, path):
+  """``pairs`` pairs from μ, Bradley–Terry-labelled on gold (stage seed ``seed``), written
+  as JSONL at ``path``."""
   cfg = setup.config.data
-  rng = np.random.default_rng([setup.config.seed, 1])
-  key = jax.random.key(setup.config.seed + 1000)
+  rng = np.random.default_rng([seed, 1])
+  key = jax.random.key(seed + 1000)
   rows = []
   while len(rows) < cfg.pairs:
     key, k = jax.random.split(key)
@@ -336,17 +355,19 @@ def pair_arrays(setup, pairs):
   return chosen, rejected
 
 
-def fit_preference_model(setup, mu_params, train, heldout, key, kind, cfg, stream):
+def fit_preference_model(setup, seed, mu_params, train, heldout, key, kind, cfg, stream):
   """A scalar-head model on μ's trunk fit on D's training pairs by ``preference_fit_loss``
   (``kind='difference'``: the proxy reward model; ``'pair'``: P3O's pairwise model) with the
-  settings ``cfg`` (steps, batch, learning_rate) and the minibatch stream ``stream``;
-  returns (params, held-out accuracies)."""
+  settings ``cfg`` (steps, batch, learning_rate), the head initialised from ``key`` and the
+  minibatch stream ``stream`` of stage seed ``seed``; returns (params, held-out
+  accuracies)."""
   params = setup.init_scorer(key, mu_params)
   optimizer = _optimizer(cfg.learning_rate)
   opt_state = optimizer.init(params)
-  update = make_update(setup.scorer, preference_fit_loss(kind), optimizer)
+  update = setup.compiled(('fit', kind, cfg.learning_rate), lambda: make_update(
+      setup.scorer, preference_fit_loss(kind), optimizer))
   chosen, rejected = pair_arrays(setup, train)
-  rng = np.random.default_rng([setup.config.seed, stream])
+  rng = np.random.default_rng([seed, stream])
   for step in range(cfg.steps):
     idx = rng.choice(len(train), size=min(cfg.batch, len(train)), replace=False)
     params, opt_state, loss, _ = update(params, opt_state,
@@ -370,9 +391,9 @@ def _kl_label(beta):
   return f'{beta:g}'
 
 
-def run_names(config):
+def run_names(config, eta_sweep=True):
   """{run name: (method, KL coefficient or DPO/IPO beta, η or None)} for ``config.methods``
-  and the η sweep (``config.eta_sweep``: names ``<method>_kl<β>_eta<η>``)."""
+  and, if ``eta_sweep``, the η sweep (``config.eta_sweep``: names ``<method>_kl<β>_eta<η>``)."""
   names = {}
   for method in config.methods:
     if method == 'reinforce':
@@ -384,7 +405,7 @@ def run_names(config):
       names.update({f'{method}_kl{_kl_label(b)}': (method, float(b), float(config.eta))
                     for b in config.pessimistic_kl_coeffs})
   sweep = config.eta_sweep
-  for method in sweep.methods:
+  for method in sweep.methods if eta_sweep else ():
     if method in config.methods:
       names.update({f'{method}_kl{_kl_label(b)}_eta{e:g}': (method, float(b), float(e))
                     for b in sweep.kl_coeffs for e in sweep.etas})
@@ -416,23 +437,27 @@ def train_policy(setup, method, coeff, eta, mu_params, proxy_params, pref_params
     curves['length'].append(float(np.mean([len(t) for t in texts])))
 
   if method in ('dpo', 'ipo'):
-    update = make_update(setup.model, offline_preference_loss(method, coeff), optimizer)
+    update = setup.compiled((method, coeff), lambda: make_update(
+        setup.model, offline_preference_loss(method, coeff), optimizer))
     ref_w, ref_l = setup.logp(mu_params, chosen), setup.logp(mu_params, rejected)
   else:
-    update = make_update(setup.model, losses.reinforce_loss(
-        kl_coeff=coeff, kl_estimator=cfg.kl_estimator), optimizer)
+    update = setup.compiled(('reinforce', coeff), lambda: make_update(
+        setup.model, losses.reinforce_loss(kl_coeff=coeff, kl_estimator=cfg.kl_estimator),
+        optimizer))
   if method in PESSIMISTIC:
     kind, comparisons = config.preference_model.kind, config.preference_model.comparisons
     adv_params = pref_params if method == 'p3o' else proxy_params
     adv_optimizer = _optimizer(config.adversary.learning_rate)
     adv_state = adv_optimizer.init(adv_params)
-    adv_update = make_update(setup.scorer, adversary_loss(
-        'p3o' if method == 'p3o' else 'prpo', eta,
-        coeff if method == 'prpo_logz' else None, kind), adv_optimizer)
+    logz_beta = coeff if method == 'prpo_logz' else None
+    adv_update = setup.compiled(('adversary', method, eta, logz_beta), lambda: make_update(
+        setup.scorer, adversary_loss('p3o' if method == 'p3o' else 'prpo', eta, logz_beta,
+                                     kind), adv_optimizer))
     # P3O: sample i meets responses i, i + 1, ..., i + comparisons − 1 of D's batch.
     partner = (np.arange(cfg.batch)[:, None] + np.arange(comparisons)[None]) % cfg.batch
-    p3o_reward = jax.jit(lambda p, s, d: jnp.mean(jax.nn.sigmoid(preference_logits(
-        setup.scorer, {'params': p}, s, d, kind)).reshape(-1, comparisons), -1))
+    p3o_reward = setup.compiled('p3o_reward', lambda: jax.jit(
+        lambda p, s, d: jnp.mean(jax.nn.sigmoid(preference_logits(
+            setup.scorer, {'params': p}, s, d, kind)).reshape(-1, comparisons), -1)))
 
   for step in range(cfg.steps):
     if step % cfg.eval_every == 0:
@@ -473,7 +498,8 @@ def _run_config(config):
   return json.loads(config.to_json())
 
 
-SWEEP_FIELDS = ('methods', 'seeds', 'kl_coeffs', 'pessimistic_kl_coeffs', 'eta_sweep')
+SWEEP_FIELDS = ('methods', 'seeds', 'stage_seeds', 'kl_coeffs', 'pessimistic_kl_coeffs',
+                'eta_sweep')
 
 
 def _run_key(run_config, method, eta=None):
@@ -491,6 +517,11 @@ def _run_key(run_config, method, eta=None):
 
 
 def _check(config):
+  for name in ('stage_seeds', 'seeds'):
+    seeds = tuple(config[name])
+    if not seeds or len(set(seeds)) != len(seeds):
+      raise ConfigError(f'config.{name}={seeds}; expected a non-empty tuple of distinct '
+                        'seeds.')
   unknown = sorted(set(config.methods) - set(METHODS))
   if unknown or not config.methods:
     raise ConfigError(f'config.methods={tuple(config.methods)}; expected a non-empty subset of '
@@ -531,35 +562,37 @@ def _cached_stage(root, name, stage_config, template, compute):
   return params, meta
 
 
-def run(config, workdir):
-  """Runs (or reuses) every stage and run, then writes the table, JSON and plots."""
-  _check(config)
-  root = workdir_lib.path(workdir)
+def run_stage_seed(setup, stage_seed, root, eta_sweep):
+  """The pipeline for one stage seed, in its own directory ``root``: μ, D, the proxy and the
+  pairwise model from ``stage_seed`` (cached), then every policy run of ``run_names`` (the
+  η sweep only if ``eta_sweep``) for each policy seed of ``config.seeds`` (kept in
+  ``root/runs``). Writes the stage seed's table, JSON and plots; returns (results, runs)."""
+  config = setup.config
   (root / 'runs').mkdir(parents=True, exist_ok=True)
-  setup = Setup(config)
   start = time.time()
-  stage_config = {k: _run_config(config)[k] for k in
+  run_config = dict(_run_config(config), seed=stage_seed)
+  stage_config = {k: run_config[k] for k in
                   ('seed', 'task', 'model', 'sft', 'data', 'reward_model')}
   stage_file = root / 'stages.json'
   fresh = (not stage_file.exists() or
            json.loads(stage_file.read_text())['config'] != stage_config)
-  key = jax.random.key(config.seed)
+  key = jax.random.key(stage_seed)
   mu_path, proxy_path, data_path = root / 'mu.msgpack', root / 'proxy.msgpack', root / 'prefs.jsonl'
   timings = {}
   if fresh:
     t0 = time.time()
-    _save(mu_path, train_mu(setup, jax.random.fold_in(key, 0)))
+    _save(mu_path, train_mu(setup, stage_seed))
     timings['mu_sft'] = time.time() - t0
   mu_params = _load(mu_path, setup.init(jax.random.fold_in(key, 0)))
   if fresh:
-    build_dataset(setup, mu_params, data_path)
+    build_dataset(setup, stage_seed, mu_params, data_path)
   pairs = preference.load_preferences(str(data_path))
   n_heldout = max(1, int(round(config.data.heldout_fraction * len(pairs))))
   train, heldout = pairs[n_heldout:], pairs[:n_heldout]
   if fresh:
     t0 = time.time()
     proxy_params, rm_stats = fit_preference_model(
-        setup, mu_params, train, heldout, jax.random.fold_in(key, 1), 'difference',
+        setup, stage_seed, mu_params, train, heldout, jax.random.fold_in(key, 1), 'difference',
         config.reward_model, stream=2)
     _save(proxy_path, proxy_params)
     timings['reward_model'] = time.time() - t0
@@ -567,7 +600,7 @@ def run(config, workdir):
                                                    'timings_s': timings}))
   stages = json.loads(stage_file.read_text())
   proxy_params = _load(proxy_path, setup.init_scorer(jax.random.fold_in(key, 1), mu_params))
-  names = run_names(config)
+  names = run_names(config, eta_sweep)
   pref_params = proxy_params
   if config.preference_model.kind == 'pair' and any(m == 'p3o' for m, _, _ in names.values()):
     pm = dict(config.preference_model)
@@ -575,17 +608,17 @@ def run(config, workdir):
     pref_params, meta = _cached_stage(
         root, 'pair_model', dict(stage_config, preference_model=pm),
         setup.init_scorer(jax.random.fold_in(key, 3), mu_params),
-        lambda: fit_preference_model(setup, mu_params, train, heldout,
+        lambda: fit_preference_model(setup, stage_seed, mu_params, train, heldout,
                                      jax.random.fold_in(key, 3), 'pair',
                                      config.preference_model, stream=4))
     stages = dict(stages, pm=meta['stats'],
                   timings_s=dict(stages['timings_s'], pair_model=meta['seconds']))
-    logging.info('repro_pessimism: pairwise preference model %s', meta['stats'])
+    logging.info('repro_pessimism: stage seed %d: pairwise preference model %s', stage_seed,
+                 meta['stats'])
   data_seqs = jnp.asarray(encode(setup.tokenizer, sorted({y for _, c, r in train for y in (c, r)}),
                                  setup.length))
   ref_pool = setup.sample(mu_params, jax.random.fold_in(key, 2), config.adversary.pool)[0]
-  logging.info('repro_pessimism: reward model %s', stages['rm'])
-  run_config = _run_config(config)
+  logging.info('repro_pessimism: stage seed %d: reward model %s', stage_seed, stages['rm'])
   runs = {}
   for name, (method, coeff, eta) in names.items():
     for seed in config.seeds:
@@ -601,13 +634,14 @@ def run(config, workdir):
       saved = {'config': _run_key(run_config, method, eta), 'method': method, 'coeff': coeff,
                'eta': eta, 'seed': seed, 'seconds': round(time.time() - t0, 1),
                'curves': curves}
-      logging.info('repro_pessimism: %s seed %d: gold %.2f -> %.2f (peak %.2f), proxy %.2f, '
-                   'KL %.2f (%.0fs)', name, seed, curves['gold'][0], curves['gold'][-1],
-                   max(curves['gold']), curves['proxy'][-1], curves['kl'][-1], saved['seconds'])
+      logging.info('repro_pessimism: stage seed %d, %s seed %d: gold %.2f -> %.2f (peak %.2f), '
+                   'proxy %.2f, KL %.2f (%.0fs)', stage_seed, name, seed, curves['gold'][0],
+                   curves['gold'][-1], max(curves['gold']), curves['proxy'][-1],
+                   curves['kl'][-1], saved['seconds'])
       if workdir_lib.is_primary():
         workdir_lib.write_text(path, json.dumps(saved))
       runs.setdefault(name, []).append(saved)
-  results = analyse(setup, stages, runs)
+  results = dict(analyse(setup, stages, runs), stage_seed=stage_seed)
   results['total_s'] = round(time.time() - start, 1)
   results['compute_s'] = round(sum(stages['timings_s'].values()) + sum(
       s['seconds'] for saved in runs.values() for s in saved), 1)
@@ -615,7 +649,40 @@ def run(config, workdir):
     workdir_lib.write_text(root / 'results.json', json.dumps(results, indent=1))
     workdir_lib.write_text(root / 'results.md', report(results))
     plot(results, runs, root)
-  logging.info('repro_pessimism:\n%s', report(results))
+  logging.info('repro_pessimism: stage seed %d:\n%s', stage_seed, report(results))
+  return results, runs
+
+
+def run(config, workdir):
+  """Runs (or reuses) ``run_stage_seed`` for every seed of ``config.stage_seeds`` (in
+  ``<workdir>/stage<seed>``; the η sweep on the first stage seed only unless
+  ``eta_sweep.all_stage_seeds``), then writes the per-stage-seed table and the summary across
+  stage seeds (``summarise``: results.md, results.json, pessimism_stage_seeds.png)."""
+  _check(config)
+  root = workdir_lib.path(workdir)
+  setup = Setup(config)
+  start = time.time()
+  per_seed, low_kl_curves, timings = {}, {}, {}
+  for i, stage_seed in enumerate(config.stage_seeds):
+    t0 = time.time()
+    per_seed[stage_seed], runs = run_stage_seed(
+        setup, stage_seed, root / f'stage{stage_seed}',
+        eta_sweep=i == 0 or config.eta_sweep.all_stage_seeds)
+    timings[f'stage seed {stage_seed}'] = time.time() - t0
+    low = per_seed[stage_seed]['checks'].get('low_kl_baseline_hacked')
+    if low:
+      low_kl_curves[str(stage_seed)] = dict(
+          {k: _mean_curve(runs[low['run']], k).tolist() for k in ('gold', 'proxy')},
+          step=runs[low['run']][0]['curves']['step'], run=low['run'])
+  results = {'per_stage_seed': {str(s): r for s, r in per_seed.items()},
+             'summary': summarise(per_seed), 'low_kl_curves': low_kl_curves,
+             'total_s': round(time.time() - start, 1),
+             'timings_s': {k: round(v, 1) for k, v in timings.items()}}
+  if workdir_lib.is_primary():
+    workdir_lib.write_text(root / 'results.json', json.dumps(results, indent=1))
+    workdir_lib.write_text(root / 'results.md', stage_seed_report(results))
+    plot_stage_seeds(results, root)
+  logging.info('repro_pessimism:\n%s', stage_seed_report(results))
   return results
 
 
@@ -653,10 +720,15 @@ def analyse(setup, stages, runs):
   if reinforce:
     low = min(reinforce, key=lambda n: reinforce[n]['coeff'])
     v = reinforce[low]
-    checks['low_kl_baseline_hacked'] = {
-        'run': low, 'proxy_rises_after_gold_peak': v['proxy_final'] > v['proxy_at_peak'],
-        'gold_falls_after_peak': v['gold_final'] < v['gold_peak'] - 0.05 * abs(v['gold_peak'])}
+    rises = v['proxy_final'] > v['proxy_at_peak']
+    falls = v['gold_final'] < v['gold_peak'] - 0.05 * abs(v['gold_peak'])
+    checks['low_kl_baseline_hacked'] = {'run': low, 'proxy_rises_after_gold_peak': rises,
+                                        'gold_falls_after_peak': falls,
+                                        'hacked': rises and falls}
   best_baseline = max((v['gold_peak'] for v in baselines.values()), default=None)
+  results['best_baseline_run'] = max(baselines, key=lambda n: baselines[n]['gold_peak'],
+                                     default=None)
+  results['mu_gold'] = float(np.mean([v['gold_start'] for v in r.values()]))
   for name, v in r.items():
     if v['method'] in PESSIMISTIC:
       checks[name] = {
@@ -669,6 +741,51 @@ def analyse(setup, stages, runs):
   results['best_baseline_peak'] = best_baseline
   results['checks'] = checks
   return results
+
+
+def _mean_sd(values):
+  """{'mean', 'sd', 'values'}; sd is the sample standard deviation (ddof 1), 0 for one value."""
+  values = [float(v) for v in values]
+  return {'mean': float(np.mean(values)), 'values': values,
+          'sd': float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def _tally(flags):
+  flags = [bool(f) for f in flags]
+  return {'holds': sum(flags), 'of': len(flags)}
+
+
+def summarise(per_seed):
+  """Across stage seeds ({stage seed: ``analyse`` results}): mean ± sd of the held-out
+  accuracies, μ's gold and each run's peak and final gold (over the stage seeds that ran it),
+  and in how many stage seeds each done-when check holds."""
+  res = list(per_seed.values())
+  stages = {'proxy_heldout_accuracy': _mean_sd(
+                r['reward_model']['heldout_accuracy_vs_labels'] for r in res),
+            'mu_gold': _mean_sd(r['mu_gold'] for r in res)}
+  if all(r['best_baseline_run'] for r in res):
+    stages['best_baseline_peak'] = _mean_sd(r['best_baseline_peak'] for r in res)
+  if all(r['preference_model'] for r in res):
+    stages['pair_heldout_accuracy'] = _mean_sd(
+        r['preference_model']['heldout_accuracy_vs_labels'] for r in res)
+  runs = {}
+  for name in dict.fromkeys(n for r in res for n in r['runs']):
+    ran = {s: r for s, r in per_seed.items() if name in r['runs']}
+    runs[name] = {'stage_seeds': list(ran)}
+    for field in ('gold_peak', 'gold_final'):
+      runs[name][field] = _mean_sd(r['runs'][name][field] for r in ran.values())
+    if name in next(iter(ran.values()))['checks']:
+      checks = [r['checks'][name] for r in ran.values()]
+      runs[name].update({c: _tally(x[c] for x in checks) for c in
+                         ('final_ge_95pct_of_peak', 'best_ge_best_baseline_best')})
+      runs[name]['both'] = _tally(name in r['checks']['pessimistic_runs_passing_both']
+                                  for r in ran.values())
+  hacked = [r['checks']['low_kl_baseline_hacked'] for r in res
+            if 'low_kl_baseline_hacked' in r['checks']]
+  return {'stage_seeds': list(per_seed), 'stages': stages, 'runs': runs, 'criteria': {
+      'low_kl_baseline_hacked': _tally(h['hacked'] for h in hacked),
+      'some_pessimistic_run_passes_both': _tally(
+          r['checks']['pessimistic_runs_passing_both'] for r in res)}}
 
 
 def _accuracy_line(name, m):
@@ -705,6 +822,80 @@ def report(results) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def stage_seed_report(results) -> str:
+  """The per-stage-seed table, each run's peak / final gold per stage seed and the summary
+  across stage seeds (the job's results.md)."""
+  per_seed, summary = results['per_stage_seed'], results['summary']
+  pm = lambda x: f"{x['mean']:.2f} ± {x['sd']:.2f}"
+  policy_seeds = sorted({s for r in per_seed.values() for v in r['runs'].values()
+                         for s in v['seeds']})
+  lines = [f'Per stage seed (μ, D, the proxy and the pairwise model); policy seeds '
+           f'{policy_seeds}.', '',
+           '| stage seed | proxy held-out acc (labels / gold order) | pairwise model acc | '
+           'μ gold | low-KL REINFORCE: gold peak (step) → final, proxy at peak → final | hacked | '
+           'best baseline (peak) | pessimistic runs: final ≥ 95% of peak / best ≥ best '
+           'baseline / both |',
+           '|---|---|---|---|---|---|---|---|']
+  for seed, r in per_seed.items():
+    rm, pair = r['reward_model'], r['preference_model']
+    pair_text = '–' if not pair else f"{pair['heldout_accuracy_vs_labels']:.3f}"
+    low = r['checks'].get('low_kl_baseline_hacked')
+    if low:
+      v = r['runs'][low['run']]
+      low_text = (f"{low['run']}: {v['gold_peak']:.2f} ({v['peak_step']}) → "
+                  f"{v['gold_final']:.2f}, {v['proxy_at_peak']:.2f} → {v['proxy_final']:.2f}")
+      hacked = 'yes' if low['hacked'] else 'no'
+    else:
+      low_text, hacked = '–', '–'
+    pess = [c for c in r['checks'].values() if 'final_ge_95pct_of_peak' in c]
+    best = (f"{r['best_baseline_run']} ({r['best_baseline_peak']:.2f})"
+            if r['best_baseline_run'] else '–')
+    lines.append(
+        f"| {seed} | {rm['heldout_accuracy_vs_labels']:.3f} / "
+        f"{rm['heldout_accuracy_vs_gold_order']:.3f} | {pair_text} | {r['mu_gold']:.2f} | "
+        f"{low_text} | {hacked} | {best} | "
+        f"{sum(bool(c['final_ge_95pct_of_peak']) for c in pess)} / "
+        f"{sum(bool(c['best_ge_best_baseline_best']) for c in pess)} / "
+        f"{len(r['checks']['pessimistic_runs_passing_both'])} of {len(pess)} |")
+  seeds = list(per_seed)
+  lines += ['', 'Gold peak / final per run and stage seed (curves are means over policy '
+            'seeds); mean ± sd over the stage seeds that ran it (sd with ddof 1); the checks '
+            'count stage seeds.', '',
+            '| run | ' + ' | '.join(f'stage seed {s}' for s in seeds) +
+            ' | peak | final | final ≥ 95% of peak | best ≥ best baseline | both |',
+            '|---|' + '---|' * (len(seeds) + 5)]
+  tally = lambda t: f"{t['holds']}/{t['of']}" if t else '–'
+  for name, v in summary['runs'].items():
+    cells = [(f"{per_seed[s]['runs'][name]['gold_peak']:.2f} / "
+              f"{per_seed[s]['runs'][name]['gold_final']:.2f}")
+             if name in per_seed[s]['runs'] else '–' for s in seeds]
+    lines.append(f"| {name} | {' | '.join(cells)} | {pm(v['gold_peak'])} | "
+                 f"{pm(v['gold_final'])} | {tally(v.get('final_ge_95pct_of_peak'))} | "
+                 f"{tally(v.get('best_ge_best_baseline_best'))} | {tally(v.get('both'))} |")
+  st, crit = summary['stages'], summary['criteria']
+  lines += ['', 'Summary over stage seeds (mean ± sd): proxy held-out accuracy '
+            f"{pm(st['proxy_heldout_accuracy'])}"
+            + (f", pairwise model {pm(st['pair_heldout_accuracy'])}"
+               if 'pair_heldout_accuracy' in st else '')
+            + f", μ gold {pm(st['mu_gold'])}"
+            + (f", best baseline peak {pm(st['best_baseline_peak'])}"
+               if 'best_baseline_peak' in st else '') + '.',
+            f"Low-KL REINFORCE hacked (proxy up after the gold peak, gold falls > 5%): "
+            f"{tally(crit['low_kl_baseline_hacked'])} stage seeds. Some pessimistic run with "
+            f"final ≥ 95% of peak and best ≥ the best baseline: "
+            f"{tally(crit['some_pessimistic_run_passes_both'])} stage seeds.",
+            metrics_lib.wall_time_text(results['total_s'], results['timings_s'])]
+  return '\n'.join(lines) + '\n'
+
+
+def _save_figure(fig, path):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  with path.open('wb') as f:
+    fig.savefig(f, dpi=100)
+  plt.close(fig)
+
+
 def plot(results, runs, root):
   """Per method: gold and proxy against steps and against KL(π‖μ); all runs on one
   summary figure (gold against steps and against KL)."""
@@ -715,12 +906,6 @@ def plot(results, runs, root):
   by_method = {}
   for name, v in results['runs'].items():
     by_method.setdefault(v['method'], []).append(name)
-
-  def save(fig, path):
-    fig.tight_layout()
-    with path.open('wb') as f:
-      fig.savefig(f, dpi=100)
-    plt.close(fig)
 
   for method, names in by_method.items():
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -735,7 +920,7 @@ def plot(results, runs, root):
       ax.set(xlabel=xlabel, ylabel='reward (mean over samples)')
       ax.legend(fontsize=7)
     fig.suptitle(f'{method}: gold (solid) and proxy (dashed) reward', fontsize=10)
-    save(fig, root / f'pessimism_{method}.png')
+    _save_figure(fig, root / f'pessimism_{method}.png')
 
   fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
   colors = plt.cm.tab20(np.linspace(0, 1, 20))
@@ -751,7 +936,7 @@ def plot(results, runs, root):
   axes[1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
   fig.suptitle('gold reward (mean over seeds): baselines (dashed) and pessimistic methods '
                '(solid); dotted: the gold optimum', fontsize=10)
-  save(fig, root / 'pessimism.png')
+  _save_figure(fig, root / 'pessimism.png')
 
   sweep = sorted({(v['method'], v['coeff']) for n, v in results['runs'].items()
                   if v['method'] in PESSIMISTIC and n.rsplit('_', 1)[-1].startswith('eta')})
@@ -769,4 +954,36 @@ def plot(results, runs, root):
       ax.set(title=f'{method}, KL β = {coeff:g}', xlabel='optimisation step',
              ylabel='gold reward')
       ax.legend(fontsize=7)
-    save(fig, root / 'pessimism_eta.png')
+    _save_figure(fig, root / 'pessimism_eta.png')
+
+
+def plot_stage_seeds(results, root):
+  """pessimism_stage_seeds.png: per stage seed, the low-KL REINFORCE run's gold and proxy
+  against steps (left), and every run's peak and final gold (right)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  per_seed = results['per_stage_seed']
+  names = list(results['summary']['runs'])
+  fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={'width_ratios': [1, 2]})
+  for i, (seed, c) in enumerate(results['low_kl_curves'].items()):
+    axes[0].plot(c['step'], c['gold'], '-', color=f'C{i}', label=f'stage seed {seed} gold')
+    axes[0].plot(c['step'], c['proxy'], '--', color=f'C{i}', label=f'stage seed {seed} proxy')
+    axes[0].set_title(f"{c['run']}: gold (solid), proxy (dashed)", fontsize=9)
+  axes[0].set(xlabel='optimisation step', ylabel='reward')
+  axes[0].legend(fontsize=7)
+  x = np.arange(len(names))
+  for i, (seed, r) in enumerate(per_seed.items()):
+    ran = [j for j, n in enumerate(names) if n in r['runs']]
+    offset = 0.1 * (i - (len(per_seed) - 1) / 2)
+    axes[1].plot(x[ran] + offset, [r['runs'][names[j]]['gold_peak'] for j in ran], 'o',
+                 color=f'C{i}', label=f'stage seed {seed}: peak')
+    axes[1].plot(x[ran] + offset, [r['runs'][names[j]]['gold_final'] for j in ran], 'x',
+                 color=f'C{i}', label=f'stage seed {seed}: final')
+  axes[1].set_xticks(x, names, rotation=60, ha='right', fontsize=7)
+  axes[1].set(ylabel='gold reward')
+  axes[1].axhline(next(iter(per_seed.values()))['gold_optimum'], color='k', lw=0.6, ls=':')
+  axes[1].legend(fontsize=7, ncol=len(per_seed))
+  fig.suptitle('Stage seeds (μ, D, proxy, pairwise model): low-KL hacking and each run\'s '
+               'peak (o) and final (x) gold; dotted: the gold optimum', fontsize=10)
+  _save_figure(fig, root / 'pessimism_stage_seeds.png')

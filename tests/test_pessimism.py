@@ -246,6 +246,91 @@ class LoopTest(absltest.TestCase):
       self.assertTrue(np.isfinite(curves['gold']).all())
 
 
+def _fake_run(method, coeff, eta, gold, proxy):
+  """A saved run (one policy seed) with curves at steps 0, 10, 20."""
+  curves = {'step': [0, 10, 20], 'gold': gold, 'proxy': proxy, 'kl': [0.0, 1.0, 2.0],
+            'length': [4.0, 5.0, 6.0]}
+  return [{'method': method, 'coeff': coeff, 'eta': eta, 'seed': 0, 'seconds': 1.0,
+           'curves': curves}]
+
+
+class StageSeedSummaryTest(absltest.TestCase):
+
+  def test_summary_by_hand(self):
+    """Three stage seeds with hand-chosen curves: ``analyse`` per seed, then ``summarise``
+    against hand-computed means, sds (ddof 1) and counts of the done-when checks."""
+    setup = type('FakeSetup', (), {'task': TASK})()
+    # (REINFORCE gold, its proxy, DPO gold, PRPO gold, proxy held-out accuracy) per seed:
+    # seed 0 hacked (gold 3 -> 0 while the proxy rises), PRPO 3.5 -> 3.4 beats DPO's 2;
+    # seed 1 not hacked, PRPO collapses (3 -> 2) below DPO's 4; seed 2 not hacked (the
+    # proxy falls after the peak), PRPO flat at 4 but below REINFORCE's peak 5.
+    draws = {0: ([1, 3, 0], [1, 2, 3], [1, 2, 2], [1, 3.5, 3.4], 0.7),
+             1: ([1, 2, 2.5], [1, 2, 3], [1, 4, 4], [1, 3, 2], 0.8),
+             2: ([2, 5, 1], [1, 3, 2], [2, 2, 2], [2, 4, 4], 0.75)}
+    per_seed = {}
+    for seed, (rf, rf_proxy, dpo, prpo, acc) in draws.items():
+      runs = {'reinforce_kl0.01': _fake_run('reinforce', 0.01, None, rf, rf_proxy),
+              'dpo': _fake_run('dpo', 0.1, None, dpo, [0, 0, 0]),
+              'prpo_kl0.01': _fake_run('prpo', 0.01, 1.0, prpo, [0, 0, 0])}
+      stats = {'heldout_accuracy_vs_labels': acc, 'heldout_accuracy_vs_gold_order': acc}
+      per_seed[seed] = dict(rp.analyse(setup, {'rm': stats}, runs), stage_seed=seed)
+    self.assertEqual([per_seed[s]['best_baseline_run'] for s in draws],
+                     ['reinforce_kl0.01', 'dpo', 'reinforce_kl0.01'])
+    summary = rp.summarise(per_seed)
+    close = lambda x, mean, sd: np.testing.assert_allclose([x['mean'], x['sd']], [mean, sd],
+                                                           rtol=1e-6)
+    close(summary['stages']['proxy_heldout_accuracy'], 0.75, 0.05)
+    close(summary['stages']['mu_gold'], 4 / 3, math.sqrt(1 / 3))
+    close(summary['stages']['best_baseline_peak'], 4.0, 1.0)
+    prpo = summary['runs']['prpo_kl0.01']
+    close(prpo['gold_peak'], 3.5, 0.5)
+    close(prpo['gold_final'], 9.4 / 3, np.std([3.4, 2, 4], ddof=1))
+    self.assertEqual(prpo['stage_seeds'], [0, 1, 2])
+    tally = lambda k: {'holds': k, 'of': 3}
+    self.assertEqual((prpo['final_ge_95pct_of_peak'], prpo['best_ge_best_baseline_best'],
+                      prpo['both']), (tally(2), tally(1), tally(1)))
+    self.assertNotIn('both', summary['runs']['dpo'])
+    self.assertEqual(summary['criteria'], {'low_kl_baseline_hacked': tally(1),
+                                           'some_pessimistic_run_passes_both': tally(1)})
+    text = rp.stage_seed_report({'per_stage_seed': per_seed, 'summary': summary,
+                                 'total_s': 60.0, 'timings_s': {'stage seed 0': 60.0}})
+    self.assertIn('| prpo_kl0.01 | 3.50 / 3.40 | 3.00 / 2.00 | 4.00 / 4.00 | 3.50 ± 0.50 |',
+                  text)
+
+
+class JobTest(absltest.TestCase):
+
+  def test_two_stage_seeds_tiny(self):
+    """The job at a tiny size with stage seeds (3, 5): each draws its own μ, D and models in
+    its own directory, the η sweep runs on the first only, and the summary covers both."""
+    config = _tiny_config()
+    config.stage_seeds = (3, 5)
+    config.methods = ('reinforce', 'prpo')
+    config.kl_coeffs = config.pessimistic_kl_coeffs = (0.1,)
+    config.eta_sweep.update(etas=(10.0,), kl_coeffs=(0.1,), methods=('prpo',))
+    config.sft.update(steps=2, batch=8)
+    config.data.update(pairs=12)
+    config.reward_model.update(steps=2, batch=8)
+    config.policy.update(steps=2, batch=8, eval_batch=8, eval_every=1)
+    config.adversary.update(K=4, pool=8)
+    workdir = self.create_tempdir().full_path
+    results = rp.run(config, workdir)
+    per_seed = results['per_stage_seed']
+    self.assertEqual(list(per_seed), ['3', '5'])
+    self.assertEqual(set(per_seed['3']['runs']), {'reinforce_kl0.1', 'prpo_kl0.1',
+                                                   'prpo_kl0.1_eta10'})
+    self.assertEqual(set(per_seed['5']['runs']), {'reinforce_kl0.1', 'prpo_kl0.1'})
+    datasets = [open(os.path.join(workdir, f'stage{s}', 'prefs.jsonl')).read() for s in (3, 5)]
+    self.assertNotEqual(*datasets)
+    summary = results['summary']
+    self.assertEqual(summary['runs']['prpo_kl0.1']['stage_seeds'], [3, 5])
+    self.assertEqual(summary['runs']['prpo_kl0.1_eta10']['both']['of'], 1)
+    self.assertEqual(summary['criteria']['low_kl_baseline_hacked']['of'], 2)
+    for name in ('results.md', 'results.json', 'pessimism_stage_seeds.png',
+                 'stage5/pessimism.png'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+
+
 class BadInputTest(absltest.TestCase):
 
   def test_config_errors_name_the_field(self):
@@ -254,6 +339,9 @@ class BadInputTest(absltest.TestCase):
         ('eta_sweep.etas', (10.0, 0.0), r'config.eta_sweep.etas holds 0.0'),
         ('eta_sweep.methods', ('dpo',), 'config.eta_sweep.methods'),
         ('adversary.K', 0, 'config.adversary.K'), ('methods', ('ppo',), 'config.methods'),
+        ('stage_seeds', (), r'config.stage_seeds=\(\)'),
+        ('stage_seeds', (0, 1, 0), r'config.stage_seeds=\(0, 1, 0\)'),
+        ('seeds', (1, 1), r'config.seeds=\(1, 1\)'),
         ('preference_model.kind', 'joint', 'config.preference_model.kind'),
         ('preference_model.comparisons', 0, 'config.preference_model.comparisons')):
       config = pessimism_config.get_config()
