@@ -134,14 +134,18 @@ class CachedGenerationTest(parameterized.TestCase):
     rng = np.random.default_rng(1)
     return rng.integers(0, V, (len(self.LENGTHS), 9)).astype(np.int32), np.array(self.LENGTHS)
 
-  def _forward_logprobs(self, model, params, prompt, generated):
-    """log-probs of ``generated`` after ``prompt`` under the forward pass."""
-    seq = np.concatenate([prompt, generated])
-    tokens = np.zeros((1, -(-len(seq) // LB) * LB), np.int32)
-    tokens[0, :len(seq)] = seq
-    log_probs = jax.nn.log_softmax(jax.jit(model.apply)({'params': params}, tokens)[0][0])
-    n = len(prompt)
-    return np.array([log_probs[n - 1 + k, seq[n + k]] for k in range(len(generated))])
+  def _forward_logprobs(self, model, params, prompts, lengths, tokens, out_lengths):
+    """Per row, the log-probs of its ``out_lengths[r]`` generated ``tokens`` after its prompt
+    under the forward pass: one batch padded at the end to one whole-block length (causal:
+    the padding moves no earlier logit), so one compiled forward serves every row."""
+    seqs = [np.concatenate([p[:n], t[:m]]) for p, n, t, m in
+            zip(prompts, lengths, tokens, out_lengths)]
+    batch = np.zeros((len(seqs), -(-max(map(len, seqs)) // LB) * LB), np.int32)
+    for r, seq in enumerate(seqs):
+      batch[r, :len(seq)] = seq
+    log_probs = np.asarray(jax.nn.log_softmax(jax.jit(model.apply)({'params': params}, batch)[0]))
+    return [log_probs[r, n - 1 + np.arange(m), seq[n:]]
+            for r, (seq, n, m) in enumerate(zip(seqs, lengths, out_lengths))]
 
   @parameterized.parameters(dict(), dict(token_decoder='summation', token_embed_dim=8),
                             dict(predict_first_block=False, expansion_ratio=3),
@@ -155,11 +159,11 @@ class CachedGenerationTest(parameterized.TestCase):
                           jax.random.PRNGKey(1), stop_tokens=(stop,), pad_id=0,
                           prompt_lengths=lengths)
     tokens, logprobs = np.asarray(out.tokens), np.asarray(out.policy_logprobs)
-    for r, n in enumerate(lengths):
-      m = int(out.lengths[r])
+    out_lengths = np.asarray(out.lengths)
+    refs = self._forward_logprobs(model, params, prompts, lengths, tokens, out_lengths)
+    for r, (m, ref) in enumerate(zip(out_lengths, refs)):
       self.assertTrue(m == steps or tokens[r, m - 1] == stop)
       np.testing.assert_array_equal(tokens[r, m:], 0)
-      ref = self._forward_logprobs(model, params, prompts[r, :n], tokens[r, :m])
       np.testing.assert_allclose(logprobs[r, :m], ref, atol=2e-5, rtol=2e-5)
 
   def test_engine_matches_generate_alone(self):

@@ -2,6 +2,8 @@
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 from absl.testing import absltest, parameterized
 import flax.linen as nn
@@ -15,7 +17,7 @@ from model.layers import ModelConfig
 from model.llama import Llama
 from model.registry import build_model
 from training import optim
-from training import train, uptrain
+from training import uptrain
 from training.train import count_params
 from configs import base, recursive_tiny
 from tests.utils import F32_EPS, FORWARD_RTOL, assert_close, tiny_config
@@ -308,18 +310,43 @@ class EarlyExitTest(parameterized.TestCase):
 
 
 class UptrainTest(absltest.TestCase):
+  """The repro_relaxed_recursive job in miniature, then the uptrain job chain from the vanilla
+  it pretrained (one pretraining, one model shape for both)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    from configs.repro import relaxed_recursive  # pylint: disable=g-import-not-at-top
+    from training import repro_recursive  # pylint: disable=g-import-not-at-top
+    config = relaxed_recursive.get_config()
+    small = tiny_config()
+    config.model.update(embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    config.data = small.data
+    config.train.update(eval_batches=1, async_checkpointing=False)
+    config.repro.update(layers=4, pretrain_steps=2, uptrain_steps=1, post_steps=1,
+                        initializations=('stepwise',), lora_ranks=(2,))
+    cls.root = tempfile.mkdtemp()
+    cls.addClassCleanup(shutil.rmtree, cls.root)
+    cls.repro_dir = os.path.join(cls.root, 'repro')
+    cls.report = repro_recursive.run(config, cls.repro_dir)
+
+  def test_repro_tiny(self):
+    self.assertEqual(len(self.report['exits_after_post_training']), 2)
+    self.assertIn('relaxed_average_r2', self.report['eval_loss'])
+    for name in ('results.json', 'results.md', 'results.png'):
+      self.assertTrue(os.path.exists(os.path.join(self.repro_dir, name)))
 
   def test_pretrain_uptrain_posttrain(self):
-    """Vanilla (4 layers) -> relaxed 2x2 with KD -> early-exit post-training, exits only."""
-    root = self.create_tempdir().full_path
-    vanilla = tiny_config(num_layers=4)
+    """Vanilla (4 layers, the repro's) -> relaxed 2x2 with KD -> early-exit post-training,
+    exits only."""
+    root = self.root
+    vanilla = tiny_config()
     vanilla.train.steps = 2
-    train.train_and_evaluate(vanilla, f'{root}/vanilla')
 
     config = recursive_tiny.get_config()
     config.model = recursive_tiny.recursive_model_config(lora_rank=2)
     config.data, config.train = vanilla.data, vanilla.train
-    config.uptrain.update(source=f'{root}/vanilla', distill=1.0)
+    config.uptrain.update(source=f'{self.repro_dir}/vanilla', distill=1.0)
     config.train.trainable = ''
     rec_config, params, extra = uptrain.prepare(config)
     self.assertEqual(rec_config.model.num_layers, 4)
@@ -342,26 +369,6 @@ class UptrainTest(absltest.TestCase):
                                   before['layers_0']['mlp']['up']['kernel'])
     np.testing.assert_array_equal(after['lora_3']['q']['a'], before['lora_3']['q']['a'])
     self.assertFalse(np.array_equal(after['lora_0']['q']['b'], before['lora_0']['q']['b']))
-
-
-class ReproTest(absltest.TestCase):
-
-  def test_repro_tiny(self):
-    from configs.repro import relaxed_recursive  # pylint: disable=g-import-not-at-top
-    from training import repro_recursive  # pylint: disable=g-import-not-at-top
-    config = relaxed_recursive.get_config()
-    small = tiny_config()
-    config.model.update(embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
-    config.data = small.data
-    config.train.update(eval_batches=1, async_checkpointing=False)
-    config.repro.update(layers=4, pretrain_steps=2, uptrain_steps=1, post_steps=1,
-                        initializations=('stepwise',), lora_ranks=(2,))
-    workdir = self.create_tempdir().full_path
-    report = repro_recursive.run(config, workdir)
-    self.assertEqual(len(report['exits_after_post_training']), 2)
-    self.assertIn('relaxed_average_r2', report['eval_loss'])
-    for name in ('results.json', 'results.md', 'results.png'):
-      self.assertTrue(os.path.exists(os.path.join(workdir, name)))
 
 
 if __name__ == '__main__':

@@ -374,15 +374,25 @@ class Trainer:
           batches.set_state(data_state)
         logging.info('Resumed from step %d in %s', step, self.checkpointer.directory)
       else:
-        state = self._init(jax.random.PRNGKey(self.config.seed))
-        if init_params is not None:
-          state = self.with_params(state, init_params)
+        state = self._fresh_state(init_params)
     self.start_step = int(state['step'])
     workdir_lib.record_config(self.workdir, self.config, self.start_step)
     self.writer = metrics_lib.MetricWriter(
         self.workdir, tensorboard=self.config.train.get('tensorboard', True),
         resume_step=self.start_step if found is not None else None)
     return state
+
+  def _fresh_state(self, init_params):
+    """The state from ``config.seed``; with ``init_params``, its random parameters and their
+    optimizer state are not computed at all (XLA drops the unused part of the init: a smaller
+    program to compile and run) and ``with_params`` puts the given ones in."""
+    rng = jax.random.PRNGKey(self.config.seed)
+    if init_params is None:
+      return self._init(rng)
+    replaced = ('params', 'opt_state')
+    rest = jax.jit(lambda r: {k: v for k, v in self._init(r).items() if k not in replaced},
+                   out_shardings={k: s for k, s in self.shardings.items() if k not in replaced})
+    return self.with_params(rest(rng), init_params)
 
   def shard_params(self, params, model=None):
     """``params`` placed on the mesh by ``model``'s logical axes (default: the policy's),
