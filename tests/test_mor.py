@@ -47,10 +47,24 @@ def _model_and_params(**kw):
 
 
 @functools.lru_cache(maxsize=None)
+def _jit_apply(**kw):
+  """One jitted ``apply`` per model of ``_model_and_params``: tests that run it on a
+  ``(2, 10)`` batch share ``_forward``'s compiled program."""
+  model, _ = _model_and_params(**kw)
+  return jax.jit(model.apply)
+
+
+@functools.lru_cache(maxsize=None)
 def _forward(**kw):
   """Uncached logits and aux of a model of ``_model_and_params`` on ``_tokens(t=10)``."""
-  model, params = _model_and_params(**kw)
-  return jax.jit(model.apply)({'params': params}, _tokens(t=10))
+  _, params = _model_and_params(**kw)
+  return _jit_apply(**kw)({'params': params}, _tokens(t=10))
+
+
+@functools.lru_cache(maxsize=None)
+def _decoded(**kw):
+  """``_cached_logits`` of a model of ``_model_and_params`` on ``_tokens(t=10)``."""
+  return _cached_logits(*_model_and_params(**kw), _tokens(t=10))
 
 
 def _tokens(b=2, t=12, seed=0):
@@ -100,13 +114,16 @@ class ConfigTest(absltest.TestCase):
     training (top-k routing: outputs, losses, gradients) and in cached decoding."""
     # KV sharing: recursion 1 computes each layer's keys (fresh, explicit visibility) and the
     # later recursions read them (shared); the engine test covers the scanned cached path
-    # without sharing, and token choice runs the same _Block.
-    model, params = _model_and_params(kv_sharing=True)
+    # without sharing, and token choice runs the same _Block. causal_routing changes neither
+    # training (top-k) nor decoding, only uncached evaluation (mor.MoR.__call__): the loop's
+    # cached logits are DecodeTest's 'expert_kv_sharing' ones.
+    kw = dict(causal_routing=True, kv_sharing=True)
+    model, params = _model_and_params(**kw)
     scanned = mor.MoR(dataclasses.replace(model.cfg, scan_layers=True))
     stacked = param_layout.stack_layers(params, 'shared')
     self.assertEqual(jax.tree.structure(nn.meta.unbox(jax.eval_shape(
         scanned.init, jax.random.PRNGKey(0), _tokens())['params'])), jax.tree.structure(stacked))
-    tokens = _tokens()
+    tokens = _tokens(t=10)
 
     def loss(m, p):
       logits, aux = m.apply({'params': p}, tokens, train=True)
@@ -119,11 +136,11 @@ class ConfigTest(absltest.TestCase):
     g1 = param_layout.unstack_layers(g1, model.cfg.base_depth, 'shared')
     flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
     assert_close(flat(g1), flat(g0), FORWARD_RTOL)
-    assert_close(_cached_logits(scanned, stacked, tokens)[0],
-                 _cached_logits(model, params, tokens)[0], FORWARD_RTOL)
+    assert_close(_cached_logits(scanned, stacked, tokens)[0], _decoded(**kw)[0], FORWARD_RTOL)
 
   def test_one_parameter_set_per_shared_layer(self):
-    model, params = _model_and_params(num_layers=6, num_recursions=2)  # 1 + 2 + 1 layers
+    model = mor.MoR(_cfg(num_layers=6, num_recursions=2))  # 1 + 2 + 1 layers
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), _tokens())['params'])
     self.assertEqual(sorted(k for k in params if k.startswith('shared')),
                      ['shared_0', 'shared_1'])
     # DecoderBlock's tree, one kernel per projection: no per-recursion copies.
@@ -131,7 +148,7 @@ class ConfigTest(absltest.TestCase):
                      jax.tree.structure(params['first']))
     for name in ('q', 'k', 'v', 'o'):
       self.assertEqual(params['shared_0']['attn'][name]['kernel'].ndim, 3)
-    per_layer = sum(x.size for x in jax.tree.leaves(params['first']))
+    per_layer, _ = count_params(params['first'])
     _, non_emb = count_params(params)
     routers = 2 * model.cfg.embed_dim
     self.assertEqual(non_emb, 4 * per_layer + model.cfg.embed_dim + routers)
@@ -363,8 +380,10 @@ class EvalVariantsTest(absltest.TestCase):
 
   def test_trainer_logs_the_causal_routing_loss(self):
     config = tiny_config()
-    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 4,
-                                         'num_recursions': 2})
+    # One shared layer, twice (cycle): the trainer's eval-variant machinery does not depend
+    # on the depth, and each block application costs compile time.
+    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 2,
+                                         'num_recursions': 2, 'sharing': 'cycle'})
     config.train.update(steps=1, eval_every=1, eval_batches=1)
     workdir = self.create_tempdir().full_path
     summary = train.train_and_evaluate(config, workdir)
@@ -379,18 +398,19 @@ class EvalVariantsTest(absltest.TestCase):
     tokens = jnp.broadcast_to(_tokens(b=1, t=10), (64, 10)).at[:, -1].set(jnp.arange(64))
     seg = jnp.broadcast_to(jnp.array([1] * 5 + [2] * 5), tokens.shape)
     pos = jnp.broadcast_to(jnp.array(list(range(5)) * 2), tokens.shape)
-    earlier = lambda m: jax.jit(m.apply)({'params': params}, tokens, positions=pos,
-                                         segment_ids=seg)[0][:, :-1]
-    spread = lambda m: float(jnp.abs(earlier(m) - earlier(m)[:1]).max() /
-                             jnp.abs(earlier(m)).max())
+
+    def spread(m):
+      earlier = jax.jit(m.apply)({'params': params}, tokens, positions=pos,
+                                 segment_ids=seg)[0][:, :-1]
+      return float(jnp.abs(earlier - earlier[:1]).max() / jnp.abs(earlier).max())
+
     # Relative to the logits' size: top-k moves earlier logits (by 1.7% here, both documents)
     # far above float32 rounding; causal routing moves none (a few ulps allowed).
     self.assertGreater(spread(model), 1e-3)
     self.assertLess(spread(variant), 1e-6)
-    # One document per row, as cached decoding sees it.
-    tokens = _tokens(t=10)
-    logits, _ = jax.jit(variant.apply)({'params': params}, tokens)
-    np.testing.assert_allclose(logits, _cached_logits(model, params, tokens)[0], atol=2e-5,
+    # One document per row (_tokens(t=10)), as cached decoding sees it.
+    self.assertEqual(_model_and_params(causal_routing=True)[0].cfg, variant.cfg)
+    np.testing.assert_allclose(_forward(causal_routing=True)[0], _decoded()[0], atol=2e-5,
                                rtol=1e-4)
 
 
@@ -403,22 +423,21 @@ class DecodeTest(parameterized.TestCase):
       ('token_choice', dict(router='token_choice', router_func='softmax', alpha=1.0)),
   )
   def test_cached_decoding_equals_forward(self, kw):
-    model, params = _model_and_params(**kw)
     full, aux = _forward(**kw)
     depth = np.asarray(aux['depth'])
     self.assertGreater(len(np.unique(depth)), 1)  # routing really varies per token
-    logits, cache = _cached_logits(model, params, _tokens(t=10))
+    logits, cache = _decoded(**kw)
     assert_close(logits, full, FORWARD_RTOL)
     np.testing.assert_array_equal(cache['depth'][:, :10], depth)
 
   def test_generate_matches_forward_argmax(self):
     model, params = _model_and_params(causal_routing=True)
     prompts = _tokens(t=5)
-    out = decode.generate(model, params, prompts, 4, decode.SamplingConfig(greedy=True),
+    out = decode.generate(model, params, prompts, 5, decode.SamplingConfig(greedy=True),
                           jax.random.PRNGKey(0))
-    seq = jnp.concatenate([prompts, out.tokens], axis=1)
-    logits, _ = model.apply({'params': params}, seq)
-    np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:8], -1))
+    seq = jnp.concatenate([prompts, out.tokens], axis=1)  # (2, 10): _forward's program
+    logits, _ = _jit_apply(causal_routing=True)({'params': params}, seq)
+    np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:9], -1))
 
   def test_generate_with_loss_free_router_state(self):
     model, params = _model_and_params(**mor_tiny.token_choice(balancing='loss_free'))
@@ -427,7 +446,7 @@ class DecodeTest(parameterized.TestCase):
     out = decode.generate(model, variables, prompts, 4, decode.SamplingConfig(greedy=True),
                           jax.random.PRNGKey(0))
     seq = jnp.concatenate([prompts, out.tokens], axis=1)
-    logits, aux = model.apply(variables, seq)
+    logits, aux = jax.jit(model.apply)(variables, seq)
     np.testing.assert_array_equal(aux['depth'], 2)  # the bias sends every token to depth 2
     np.testing.assert_array_equal(out.tokens, jnp.argmax(logits[:, 4:8], -1))
 
@@ -490,12 +509,15 @@ class TrainingTest(parameterized.TestCase):
       logits, _ = model.apply({'params': params, 'router_state': {'bias': bias}},
                               tokens[:, :-1], train=True)
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    np.testing.assert_array_equal(jax.grad(ce)(bias), 0.0)
+    np.testing.assert_array_equal(jax.jit(jax.grad(ce))(bias), 0.0)
 
   def test_sharded_train_step_matches_single_device(self):
     config = tiny_config()
-    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 4,
-                                         'num_recursions': 2, 'z_loss': True,
+    # One shared layer, twice (cycle; the ends are vanilla DecoderBlocks, whose sharding
+    # test_train.ShardingTest covers): routers, shared layer, z-loss and warm-up on a mesh.
+    config.model = mor_tiny.mor_model(**{**config.model.to_dict(), 'num_layers': 2,
+                                         'num_recursions': 2, 'sharing': 'cycle',
+                                         'z_loss': True,
                                          'cap_warmup_step': 3})  # steps 0, 1: warming up
     batch = test_train._random_batch(config)
     p1, m1, _, before = test_train._one_step(config, (1, 1, 1), batch)
@@ -543,12 +565,13 @@ class ReproTest(absltest.TestCase):
     config = mor_isoflop.get_config()
     config.base.data.update(seq_len=32, batch_size=8, max_docs=20, shuffle_buffer=4)
     config.base.train.eval_batches = 1
-    shape = dict(embed_dim=16, num_layers=5, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    shape = dict(embed_dim=16, num_layers=3, num_heads=2, num_kv_heads=1, mlp_dim=32)
     config.variants = {'vanilla': config.variants.vanilla, 'mor_token_3':
                        config.variants.mor_token_3}
-    config.variants.mor_token_3.balancing = 'loss_free'  # + its router_state in the state
     for model in config.variants.values():
       model.update(shape)
+    # + its router_state in the state; one shared layer applied up to 3 times (cycle).
+    config.variants.mor_token_3.update(balancing='loss_free', sharing='cycle')
     config.flop_budget = 2 * repro_mor.train_flops_per_token(
         build_model(config.variants.vanilla), 32) * 8 * 32
     workdir = self.create_tempdir().full_path
