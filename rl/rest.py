@@ -265,6 +265,10 @@ def rest(config, workdir):
     raise workdir_lib.ConfigError('config.rest.init_workdir is empty: name the SFT workdir '
                                   'to start from (job rl_sft).')
   env = envs.make_env(config.env)
+  if cfg.get('untrained_after_role') and cfg.untrained_after_role not in env.roles:
+    raise workdir_lib.ConfigError(f'config.rest.untrained_after_role='
+                                  f'{cfg.untrained_after_role!r} is not a role of the '
+                                  f'environment {env.roles}.')
   init = workdir_lib.path(cfg.init_workdir)
   tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
   formatter = ep.Formatter(tokenizer, env.roles, env.markup)

@@ -275,6 +275,10 @@ class RestJobTest(absltest.TestCase):
     config = _tiny_stage('rest')
     with self.assertRaisesRegex(ValueError, 'init_workdir is empty'):
       rest.rest(config, self.create_tempdir().full_path)
+    misspelt = copy.deepcopy(config)
+    misspelt.rest.update(init_workdir='/nonexistent', untrained_after_role='tol')
+    with self.assertRaisesRegex(ValueError, "untrained_after_role='tol'"):
+      rest.rest(misspelt, self.create_tempdir().full_path)
     bad = copy.deepcopy(config.env)
     bad.name = 'clarfy'
     with self.assertRaisesRegex(ValueError, 'clarify'):
