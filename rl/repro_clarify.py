@@ -22,6 +22,7 @@ from scipy import stats as sp_stats
 
 from rl import envs, rest
 from rl.envs import clarify
+from training import figures
 from training import workdir as workdir_lib
 
 POLICIES = ('steerable', 'single_cost', 'sft')
@@ -191,9 +192,7 @@ def markdown(results) -> str:
 def plot(all_results, path):
   """Rates against the held-out costs (sampled actions: the policies' probabilities) and
   the mean reward of every policy and baseline, in each evaluation mode."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   modes = [m for m in ('sample', 'greedy') if m in all_results]
   fig, axes = plt.subplots(1, 2 + len(modes), figsize=(5 * (2 + len(modes)), 4))
   results = all_results[modes[0]]
@@ -218,7 +217,4 @@ def plot(all_results, path):
     ax.set_xticks(range(len(names)), names, rotation=35, ha='right', fontsize=8)
     ax.set(ylabel='mean reward, held-out costs', ylim=(0.5, 0.9),
            title=f'{mode} actions (policies: mean ± std over seeds)')
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)

@@ -31,6 +31,7 @@ from rl import envs, rest
 from rl import episodes as ep
 from rl.envs import collab
 from training import checkpoint as ckpt_lib
+from training import figures
 from training import tokenizers
 from training import workdir as workdir_lib
 
@@ -236,9 +237,7 @@ def report(results) -> str:
 
 def plot(results, path):
   """One panel per metric: policies side by side on each split."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   metrics = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
              'hedge_auroc')
   splits, policies = results['splits'], list(results['policies'])
@@ -251,7 +250,4 @@ def plot(results, path):
     ax.set_xticks(np.arange(len(splits)) + 0.4 - width / 2, splits)
     ax.set_title(metric, fontsize=9)
   axes[0].legend(fontsize=7)
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)

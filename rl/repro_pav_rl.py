@@ -37,6 +37,7 @@ import optax
 from rl import losses, pav, repro_pav_search
 from rl import value as value_lib
 from rl.repro_pessimism import make_update
+from training import figures
 from training import metrics as metrics_lib
 from training import workdir as workdir_lib
 
@@ -267,9 +268,7 @@ def report(results) -> str:
 
 def plot(results, path):
   """Held-out accuracy against sampled episodes: mean over seeds, ± std band."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for variant, label in (('outcome', 'outcome reward only'),
                          ('pav', f"PAV effective reward (alpha {results['alpha']})")):
@@ -281,7 +280,4 @@ def plot(results, path):
   ax.set(xlabel='sampled episodes', ylabel='held-out accuracy (pass@1)',
          title=f"online RL on arithmetic, {len(results['seeds'])} seeds (mean ± std)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)

@@ -27,6 +27,7 @@ from rl import envs, pav, pav_search, rest
 from rl import episodes as ep
 from rl import value as value_lib
 from training import checkpoint as ckpt_lib
+from training import figures
 from training import metrics as metrics_lib
 from training import workdir as workdir_lib
 
@@ -178,9 +179,7 @@ def report(results) -> str:
 
 def plot(results, path):
   """Accuracy against sampled tokens per problem: ORM best-of-N and PAV beam search."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   fig, axes = plt.subplots(1, 2 if results['sweep'] else 1, figsize=(11, 4), squeeze=False)
   ax = axes[0, 0]
   for name, rows, label in (('bon', results['bon'], 'ORM best-of-N'),
@@ -202,7 +201,4 @@ def plot(results, path):
                 yerr=[r['accuracy'][1] for r in rows], marker='o', capsize=3)
     ax.set(xscale='log', xlabel='prover Best-of-K', ylabel='accuracy',
            title=f"beam B={rows[0]['width']}, alpha={results['alpha']}")
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)

@@ -31,6 +31,7 @@ import optax
 from model.config_errors import ConfigError
 from rl import losses, pav
 from rl.envs import planted
+from training import figures
 from training import workdir as workdir_lib
 
 
@@ -262,9 +263,7 @@ def report(results) -> str:
 def plot(results, curves, path, final_path):
   """Success against sampled responses (mean ± std over seeds) per variant; final success
   and samples to success 0.5 against gamma."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   batch = results['batch']
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   colors = plt.cm.viridis(np.linspace(0, 0.95, len(curves) - 1))
@@ -285,10 +284,7 @@ def plot(results, curves, path, final_path):
   fig.suptitle(f"planted y*: outcome-only REINFORCE vs effective reward Q^π + "
                f"{results['alpha']:g}·A^μ_γ ({results['optimizer']}; mean ± std over "
                f"{len(results['seeds'])} seeds)", fontsize=10)
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   provers = [v for v in results['variants'].values() if v['gamma'] is not None]
@@ -317,7 +313,4 @@ def plot(results, curves, path, final_path):
   for ax in axes:
     ax.set(xscale='log', xlabel='prover γ')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  with final_path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, final_path)

@@ -57,6 +57,7 @@ from model import decode, registry
 from model.config_errors import ConfigError
 from rl import losses, preference, value as value_lib
 from rl.envs import prefs
+from training import figures
 from training import losses as train_losses, metrics as metrics_lib, tokenizers
 from training import trainer as trainer_lib
 from training import workdir as workdir_lib
@@ -888,20 +889,10 @@ def stage_seed_report(results) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _save_figure(fig, path):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=100)
-  plt.close(fig)
-
-
 def plot(results, runs, root):
   """Per method: gold and proxy against steps and against KL(π‖μ); all runs on one
   summary figure (gold against steps and against KL)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   optimum = results['gold_optimum']
   by_method = {}
   for name, v in results['runs'].items():
@@ -920,7 +911,7 @@ def plot(results, runs, root):
       ax.set(xlabel=xlabel, ylabel='reward (mean over samples)')
       ax.legend(fontsize=7)
     fig.suptitle(f'{method}: gold (solid) and proxy (dashed) reward', fontsize=10)
-    _save_figure(fig, root / f'pessimism_{method}.png')
+    figures.save(fig, root / f'pessimism_{method}.png', dpi=100)
 
   fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
   colors = plt.cm.tab20(np.linspace(0, 1, 20))
@@ -936,7 +927,7 @@ def plot(results, runs, root):
   axes[1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
   fig.suptitle('gold reward (mean over seeds): baselines (dashed) and pessimistic methods '
                '(solid); dotted: the gold optimum', fontsize=10)
-  _save_figure(fig, root / 'pessimism.png')
+  figures.save(fig, root / 'pessimism.png', dpi=100)
 
   sweep = sorted({(v['method'], v['coeff']) for n, v in results['runs'].items()
                   if v['method'] in PESSIMISTIC and n.rsplit('_', 1)[-1].startswith('eta')})
@@ -954,15 +945,13 @@ def plot(results, runs, root):
       ax.set(title=f'{method}, KL β = {coeff:g}', xlabel='optimisation step',
              ylabel='gold reward')
       ax.legend(fontsize=7)
-    _save_figure(fig, root / 'pessimism_eta.png')
+    figures.save(fig, root / 'pessimism_eta.png', dpi=100)
 
 
 def plot_stage_seeds(results, root):
   """pessimism_stage_seeds.png: per stage seed, the low-KL REINFORCE run's gold and proxy
   against steps (left), and every run's peak and final gold (right)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   per_seed = results['per_stage_seed']
   names = list(results['summary']['runs'])
   fig, axes = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={'width_ratios': [1, 2]})
@@ -986,4 +975,4 @@ def plot_stage_seeds(results, root):
   axes[1].legend(fontsize=7, ncol=len(per_seed))
   fig.suptitle('Stage seeds (μ, D, proxy, pairwise model): low-KL hacking and each run\'s '
                'peak (o) and final (x) gold; dotted: the gold optimum', fontsize=10)
-  _save_figure(fig, root / 'pessimism_stage_seeds.png')
+  figures.save(fig, root / 'pessimism_stage_seeds.png', dpi=100)

@@ -28,6 +28,7 @@ from rl import envs, plantain, ppo, rest
 from rl import episodes as ep
 from rl import value as value_lib
 from training import checkpoint as ckpt_lib
+from training import figures
 from training import metrics as metrics_lib
 from training import tokenizers
 from training import workdir as workdir_lib
@@ -200,9 +201,7 @@ def report(results) -> str:
 def plot(results, path, curves_path):
   """TTFR and pass@1 of the policies, pass@1 against tokens of the inference procedures;
   the PPO learning curves (mean and range over seeds) of both formats."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
   temps = list(results['inference'])
   fig, axes = plt.subplots(1, 1 + len(temps), figsize=(5.5 * (1 + len(temps)), 4))
   for name, s in results['policies'].items():
@@ -218,10 +217,7 @@ def plot(results, path, curves_path):
     ax.set(xlabel='generated tokens per problem', ylabel='pass@1 (sampled)',
            title=f'inference procedures, interleaved PPO policy, {t}')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, path)
   fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
   for ax, name in zip(axes, CURVES):
     for fmt, runs in results['curves'].items():
@@ -235,7 +231,4 @@ def plot(results, path, curves_path):
     if name == 'train/kl':  # k3 spikes on tokens the policy has made rare
       ax.set_yscale('symlog', linthresh=0.01)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  with curves_path.open('wb') as f:
-    fig.savefig(f, dpi=110)
-  plt.close(fig)
+  figures.save(fig, curves_path)
