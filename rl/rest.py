@@ -3,9 +3,10 @@
 ``sft``: demonstrations written by the environment itself (``env.demonstration``, with
 ``sft.behaviour``, on the questions of ``sft.split``), in equal shares from ``config.env``
 updated by each of ``sft.env_variants`` (e.g. both modes of an environment), become
-transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of ``env.pretraining_texts()``
-(plain text, every token trained) join them; a tokenizer with the reserved role tokens is
-built from all the text; the policy is trained with NLL on its roles' turns.
+transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of
+``env.pretraining_texts()`` (plain text, every token trained) join them; a tokenizer with the
+reserved role tokens is built from all the text; the policy is trained with NLL on its roles'
+turns.
 
 ``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
   Grow     ``prompts`` fresh episodes, ``samples_per_prompt`` rollouts of each from the

@@ -92,7 +92,8 @@ class ConfigTest(absltest.TestCase):
     cfg = _cfg(num_recursions=3)
     np.testing.assert_allclose(cfg.capacities, (1.0, 2 / 3, 1 / 3))
     self.assertEqual(cfg.top_ks(2048), (2048, 1365, 682))
-    self.assertEqual(_cfg(num_recursions=2, capacity=(1.0, 0.01)).top_ks(10), (10, 1))  # max(1, int(c * T))
+    # max(1, int(c * T))
+    self.assertEqual(_cfg(num_recursions=2, capacity=(1.0, 0.01)).top_ks(10), (10, 1))
 
   def test_bad_options_name_the_field(self):
     with self.assertRaisesRegex(ValueError, 'model.capacity'):

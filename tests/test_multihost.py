@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
 OVERRIDES = ['--config.model.embed_dim=32', '--config.model.num_layers=2',
              '--config.model.mlp_dim=64', '--config.data.seq_len=32',
-             '--config.data.batch_size=8', '--config.data.shuffle_buffer=0', f'--config.train.steps={STEPS}',
+             '--config.data.batch_size=8', '--config.data.shuffle_buffer=0',
+             f'--config.train.steps={STEPS}',
              '--config.train.checkpoint_every=4', '--config.train.keep_checkpoints=2',
              '--config.train.async_checkpointing=False', '--config.train.eval_every=0',
              '--config.train.log_every=1', '--config.train.tensorboard=False',
@@ -67,8 +68,8 @@ def _launch(workdir, data_flags):
       [sys.executable, '-m', 'launch.main', '--config=configs/vanilla_tiny.py',
        f'--workdir={workdir}', '--config.distributed=True',
        f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
-       *OVERRIDES, *data_flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
+       *OVERRIDES, *data_flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
 def _finish(procs, test):

@@ -3,8 +3,8 @@
 A resumed run passes ``resume_step``: records past that step (logged after the checkpoint
 it resumes from) are dropped from ``metrics.jsonl`` and TensorBoard, so every step appears
 once; a run that starts from scratch (``resume_step=None``) in a workdir with records but
-no checkpoint drops them all. The file goes through ``etils.epath``; on an object store, which cannot append, it is
-rewritten whole at each write.
+no checkpoint drops them all. The file goes through ``etils.epath``; on an object store, which
+cannot append, it is rewritten whole at each write.
 """
 import json
 import os
