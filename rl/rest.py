@@ -4,7 +4,8 @@
 ``sft.behaviour``, on the questions of ``sft.split``), in equal shares from ``config.env``
 updated by each of ``sft.env_variants`` (e.g. both modes of an environment), become
 transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of
-``env.pretraining_texts()`` (plain text, every token trained) join them; a tokenizer with the
+``env.pretraining_texts()`` (plain text, every token trained) and of each variant's
+``pretraining_episodes()`` (conversations, the trained roles' turns) join them; a tokenizer with the
 reserved role tokens is built from all the text; the policy is trained with NLL on its roles'
 turns.
 
@@ -51,7 +52,7 @@ def default_sft_config() -> config_dict.ConfigDict:
       roles=('assistant', 'user'),  # whose turns are trained (each from its own view)
       behaviour=config_dict.placeholder(str),  # env.demonstration's; None: the env's default
       env_variants=({},),  # updates of config.env, each giving an equal share of the demos
-      pretraining_repeats=0,  # copies of env.pretraining_texts() in the SFT data
+      pretraining_repeats=0,  # copies of the env's pretraining texts and episodes in the data
       split='train',  # the env split whose questions the demonstrations ask
   ))
 
@@ -188,7 +189,9 @@ def sft(config, workdir):
     demos.append((variant, [variant.demonstration(np.random.default_rng([config.seed, 1, i]),
                                                   **kwargs) for i in range(start, start + n)]))
     start += n
-  pretraining = list(env.pretraining_texts()) * config.sft.get('pretraining_repeats', 0)
+  repeats = config.sft.get('pretraining_repeats', 0)
+  pretraining = list(env.pretraining_texts()) * repeats
+  demos += [(variant, list(variant.pretraining_episodes()) * repeats) for variant, _ in demos]
   texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
   tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=texts, save=False)
   formatter = ep.Formatter(tokenizer, env.roles, env.markup)
@@ -364,8 +367,8 @@ def _iteration(trainer, player, state, step, iteration, position, base, config,
 def _grow(player, trainer, state, config, iteration, tokenizer):
   """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics).
 
-  The arrays hold one row per (episode, trained role) with the role's own turns as the
-  loss mask (each role learns from its own view: the self-play user from the one holding
+  The arrays hold one row per (episode as ``env.relabel`` rewrites it, trained role) with
+  the role's own turns as the loss mask (each role learns from its own view: the self-play user from the one holding
   the intent), ``episode_ids`` mapping rows to episodes, and per-episode ``ep_rewards`` and
   ``ep_groups`` for the Improve filter. Rows without a trained token (a role that did not
   speak) or longer than ``data.seq_len`` (rambling turns) are left out.
@@ -376,9 +379,10 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   with trainer.context():
     episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
                                    trainer_lib.model_variables(state), rng)
+  trained = [player.env.relabel(e, np_rng) for e in episodes]
   items, owners, too_long = [], [], 0
   for role in cfg.trained_roles:
-    for i, t in enumerate(ep.transcripts(player.env, episodes, player.formatter, role, (role,),
+    for i, t in enumerate(ep.transcripts(player.env, trained, player.formatter, role, (role,),
                                          groups,
                                          untrained_after=cfg.get('untrained_after_role') or None)):
       if len(t.tokens) > config.data.seq_len + 1:

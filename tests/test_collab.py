@@ -55,6 +55,16 @@ class DemonstrationTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'behaviour'):
       env.demonstration(np.random.default_rng(0), behaviour='always')
 
+  def test_generic_action_probabilities(self):
+    env = _env(mode='single', generic_actions=(0.5, 0.25, 0.25))
+    first = [env.demonstration(np.random.default_rng(i)).info['first_action']
+             for i in range(800)]
+    for action, p in (('search', 0.5), ('answer', 0.25), ('hedge', 0.25)):
+      self.assertAlmostEqual(first.count(action) / len(first), p, delta=0.06)
+    for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (0.5, 0.25, 0.2)):
+      with self.assertRaisesRegex(ValueError, 'generic_actions'):
+        _env(generic_actions=bad)
+
 
 def _tiny(config):
   config.unlock()
@@ -71,7 +81,7 @@ def _tiny(config):
   return config
 
 
-class SftDataTest(absltest.TestCase):
+class SftDataTest(parameterized.TestCase):
 
   def test_pretraining_texts_state_and_ask_only_memorised_facts(self):
     env = _env()
@@ -93,6 +103,21 @@ class SftDataTest(absltest.TestCase):
     episode = env.reset(np.random.default_rng(0), question=sorted(env.memorised)[0])
     self.assertEqual(episode.turns[0].text, question)  # the user's question, verbatim
     self.assertEqual(answer, episode.value)
+
+  @parameterized.parameters(('single', 'assistant'), ('society', 'asker'))
+  def test_quiz_conversations_answer_only_memorised_facts(self, mode, first_role):
+    env = _env(mode=mode)
+    quizzes = env.pretraining_episodes()
+    self.assertLen(quizzes, len(env.memorised))
+    for e in quizzes:
+      key = (e.corpus, e.subject, e.relation)
+      self.assertIn(key, env.memorised)
+      self.assertEqual([(t.role, t.text) for t in e.turns],
+                       [('user', env.question(e.subject, e.relation)),
+                        (first_role, f'answer {env.facts[key]}')])
+      self.assertEqual(env.view(e, first_role)[0].text, collab.QUIZ_PROMPT)
+    self.assertEqual({(e.corpus, e.subject, e.relation) for e in quizzes}, env.memorised)
+    self.assertEqual(_env(mode=mode, quiz_pretraining=False).pretraining_episodes(), [])
 
   def test_pretraining_transcript_trains_every_token_after_bos(self):
     config = tokenizers.default_tokenizer_config()
@@ -126,6 +151,39 @@ class SftDataTest(absltest.TestCase):
     search, answer = demo.turns[1].text, demo.turns[3].text
     self.assertEqual(trained(), search + answer)
     self.assertEqual(trained(untrained_after='tool'), search)
+
+  def test_relabel_trains_reading_not_the_retrieved_fact(self):
+    env = _env(mode='society')
+    config = tokenizers.default_tokenizer_config()
+    config.update(kind='sentencepiece', vocab_size=320,
+                  reserved_tokens=ep.reserved_tokens(env.roles))
+    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
+    formatter = ep.Formatter(tokenizer, env.roles)
+    unknown = next(k for k in env.splits['train'] if k not in env.memorised)
+    demo = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=unknown)
+    for t in demo.turns:  # as a rollout: the model's turns carry their ids and log-probs
+      if t.role != 'tool':
+        t.ids = formatter.encode(t.text)
+        t.logprobs = [-0.5] * (len(t.ids) + 1)
+    before = [t.text for t in demo.turns]
+    relabelled = env.relabel(demo, np.random.default_rng(1))
+    self.assertEqual([t.text for t in demo.turns], before)  # the rollout itself is kept
+    self.assertNotEqual(relabelled.value, demo.value)
+    self.assertIn(relabelled.value, env.values[unknown[2]])
+    self.assertEqual((relabelled.reward, relabelled.info), (demo.reward, demo.info))
+    self.assertEqual([t.text.replace(relabelled.value, demo.value) for t in relabelled.turns],
+                     before)
+    self.assertEqual([t.text for t in relabelled.turns[:3]], before[:3])  # up to the search
+    for role in (unknown[0], 'asker'):  # the answers after the result carry the new value
+      t = ep.transcript(formatter, env.view(relabelled, role), (role,), relabelled.reward)
+      trained = tokenizer.decode(t.tokens[t.policy_mask == 1].tolist())
+      self.assertIn(relabelled.value, trained)
+      self.assertNotIn(demo.value, trained)
+    known = next(k for k in env.splits['train'] if k in env.memorised)
+    answered = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=known)
+    self.assertIs(env.relabel(answered, np.random.default_rng(1)), answered)  # no retrieval
+    plain = _env(mode='society', counterfactual_retrieval=False)
+    self.assertIs(plain.relabel(demo, np.random.default_rng(1)), demo)
 
   def test_demo_split_is_apart_from_train_and_test(self):
     env = _env(demo_fraction=0.25)
@@ -226,7 +284,8 @@ class JobTest(absltest.TestCase):
     # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
     # delegated, the helper (society).
     sft = config.stages.sft
-    facts = len(env.pretraining_texts()) * sft.sft.pretraining_repeats
+    facts = (len(env.pretraining_texts()) + 2 * len(env.pretraining_episodes())) * \
+        sft.sft.pretraining_repeats  # texts and quizzes (assistant and asker)
     transcripts = json.loads((workdir / 'sft' / 'summary.json').read_text())['transcripts']
     self.assertGreater(transcripts, facts + sft.sft.episodes)
     self.assertLess(transcripts, facts + 3 * sft.sft.episodes // 2)

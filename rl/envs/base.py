@@ -88,6 +88,18 @@ class Env(abc.ABC):
     none)."""
     return []
 
+  def relabel(self, episode: Episode, rng: np.random.Generator) -> Episode:
+    """The finished episode as ReST trains on it (default: itself). An environment may
+    rewrite what the policy must not learn from its own rollouts, e.g. a retrieved fact
+    replaced by a counterfactual one, so that training teaches reading, not the fact."""
+    del rng
+    return episode
+
+  def pretraining_episodes(self) -> list:
+    """Finished conversations the policy learns before acting, every model turn trained
+    (``rl_sft``'s pretraining share, with ``pretraining_texts``; default: none)."""
+    return []
+
   def eval_settings(self) -> dict:
     """Named evaluation sets: ``{name: [reset overrides, with an optional 'split']}``."""
     return {'train': [{'split': 'train'}]}

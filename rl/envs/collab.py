@@ -61,10 +61,18 @@ kavo ? head baker`` (plain text, not a conversation). A small model trained from
 statements alone does not recall them when asked a question about them (knowledge stored in
 one form is not extractable in another unless the training data shows both forms for the same
 facts, Allen-Zhu & Li 2023, "Physics of language models 3.1"); the question form stands in
-for the varied forms a pretrained LLM has seen its knowledge in.
-Unmemorised facts appear in neither.
+for the varied forms a pretrained LLM has seen its knowledge in. With ``quiz_pretraining``,
+each memorised fact is also a closed-book quiz conversation (``pretraining_episodes``): the
+user's question, then the first role (assistant or asker) answers ``answer VALUE`` under its
+own system prompt ``QUIZ_PROMPT``. Plain text alone does not carry over to the chat: a policy
+trained on statements and question-answer text recalled 100% of its memorised facts as plain
+text but 19-41% when asked in a conversation (docs/RESULTS.md); the quiz stands in for the
+instruction tuning that makes a pretrained LLM's knowledge answerable in a chat. It shows no
+tool, no hedge and no unmemorised fact, so it teaches what is known, not when to search.
+Unmemorised facts appear in none of these.
 """
 import dataclasses
+import re
 from typing import Optional
 
 from ml_collections import config_dict
@@ -88,6 +96,7 @@ QUALIFIERS = {
 _SYLLABLES = ('ka', 'vo', 'li', 'ru', 'me', 'no', 'ta', 'si', 'be', 'do', 'fa', 'gu', 'ho',
               'ji', 'pe', 'zu')
 SEARCH, DELEGATE, ANSWER, HEDGE = 'search', 'delegate', 'answer', 'hedge'
+QUIZ_PROMPT = 'you are a quiz player . answer from memory .'
 BEHAVIOURS = ('generic', 'oracle')
 
 
@@ -108,7 +117,12 @@ def default_config() -> config_dict.ConfigDict:
       # from 'train' (ReST's) so that no demonstration's tool result shows a train fact
       demo_fraction=0.0,
       qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
+      quiz_pretraining=True,  # ... and as closed-book quiz conversations (docstring)
       value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
+      # probabilities of (tool call, answer, hedge) at a generic demonstration's deciding turn
+      generic_actions=(1 / 3, 1 / 3, 1 / 3),
+      # ReST trains on its rollouts with the retrieved fact's value replaced (``relabel``)
+      counterfactual_retrieval=True,
   ))
 
 
@@ -124,6 +138,7 @@ class CollabEpisode(base.Episode):
   calls: int = 0
   helper: Optional[str] = None  # the helper working on a delegation (society)
   first_action: Optional[str] = None
+  quiz: bool = False  # a closed-book quiz conversation (pretraining_episodes)
 
 
 def f1(prediction: str, target: str) -> float:
@@ -192,6 +207,10 @@ class CollabEnv(base.Env):
     if unknown or not config.train_relations:
       raise ValueError(f'train_relations must be some of {relations}, got '
                        f'{tuple(config.train_relations)}.')
+    probs = np.asarray(config.generic_actions, np.float64)
+    if probs.shape != (3,) or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:
+      raise ValueError('generic_actions must be 3 probabilities (tool call, answer, hedge) '
+                       f'summing to 1, got {tuple(config.generic_actions)}.')
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
@@ -242,6 +261,18 @@ class CollabEnv(base.Env):
                 for c, s, r in sorted(self.memorised)]
     return texts
 
+  def pretraining_episodes(self) -> list:
+    """With ``quiz_pretraining``, each memorised fact as a finished closed-book quiz
+    conversation: the question, then ``first_role`` answers ``answer VALUE`` under the quiz
+    system prompt (module docstring)."""
+    if not self.config.get('quiz_pretraining', False):
+      return []
+    return [CollabEpisode(turns=[base.Turn('user', self.question(s, r)),
+                                 base.Turn(self.first_role, f'{ANSWER} {self.facts[(c, s, r)]}')],
+                          done=True, corpus=c, subject=s, relation=r, value=self.facts[(c, s, r)],
+                          memorised=True, quiz=True)
+            for c, s, r in sorted(self.memorised)]
+
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
     value = self.facts.get((corpus, subject, relation))
@@ -259,7 +290,9 @@ class CollabEnv(base.Env):
 
   def view(self, episode: CollabEpisode, role: str) -> list:
     """The role's own system turn, then the shared conversation."""
-    if role in CORPORA:
+    if episode.quiz:
+      prompt = QUIZ_PROMPT
+    elif role in CORPORA:
       prompt = f'you are the {role} helper . you can search {role} facts .'
     elif self.mode == 'single':
       prompt = 'you are the assistant . you can search people or places facts .'
@@ -347,7 +380,7 @@ class CollabEnv(base.Env):
       return f'{ANSWER} {episode.value}'
     if role == 'asker' and last.role in CORPORA:
       return last.text
-    action = (SEARCH, ANSWER, HEDGE)[rng.integers(3)]
+    action = (SEARCH, ANSWER, HEDGE)[rng.choice(3, p=self.config.generic_actions)]
     if action == SEARCH:
       if role in CORPORA:
         return f'{SEARCH} {episode.subject} {episode.relation}'
@@ -356,6 +389,29 @@ class CollabEnv(base.Env):
     memory = (episode.value if episode.memorised else
               str(rng.choice(self.values[episode.relation])))
     return f'{action} {memory}'
+
+  def relabel(self, episode: CollabEpisode, rng: np.random.Generator) -> CollabEpisode:
+    """With ``counterfactual_retrieval``, a copy of a finished episode in which the question's
+    value, from the tool result that returned it on, is a different value of the relation
+    (drawn from ``rng``): trained on, the turns after a search teach reading the result and
+    the format, never the retrieved fact, which stays unmemorised (as the ``demo`` split's
+    demonstrations do). Episodes without such a result are returned unchanged."""
+    turns = episode.turns
+    found = f'result {episode.subject} {episode.relation} {episode.value}'
+    start = next((i for i, t in enumerate(turns) if t.role == 'tool' and t.text == found), None)
+    if not self.config.get('counterfactual_retrieval', False) or start is None:
+      return episode
+    others = [v for v in self.values[episode.relation] if v != episode.value]
+    value = str(others[rng.integers(len(others))])
+    pattern = re.compile(rf'(?<!\S){re.escape(episode.value)}(?!\S)')
+    relabelled = []
+    for t in turns[start:]:
+      text = pattern.sub(value, t.text)
+      if text != t.text:  # re-encoded from the text; still the policy's turn when it was
+        t = dataclasses.replace(t, text=text, ids=None,
+                                logprobs=None if t.logprobs is None else [])
+      relabelled.append(t)
+    return dataclasses.replace(episode, turns=turns[:start] + relabelled, value=value)
 
   def demonstration(self, rng: np.random.Generator, split: str = 'train',
                     behaviour: Optional[str] = None, **overrides) -> CollabEpisode:
