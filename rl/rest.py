@@ -343,7 +343,8 @@ def _iteration(trainer, player, state, step, iteration, position, base, config,
     end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
     if step >= end:
       continue
-    kept = improve_filter(arrays['ep_rewards'], arrays['ep_groups'], threshold, cfg.margin,
+    rewards = np.where(arrays['ep_candidates'], arrays['ep_rewards'], -np.inf)
+    kept = improve_filter(rewards, arrays['ep_groups'], threshold, cfg.margin,
                           cfg.max_per_prompt, cfg.top_fraction)
     rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
     if not len(rows):
@@ -368,7 +369,8 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics).
 
   The arrays hold one row per (episode as ``env.relabel`` rewrites it, trained role) with
-  the role's own turns as the loss mask (each role learns from its own view: the self-play user from the one holding
+  the role's own turns as the loss mask (an episode ``relabel`` rejects has no rows and is
+  never kept: ``ep_candidates``) (each role learns from its own view: the self-play user from the one holding
   the intent), ``episode_ids`` mapping rows to episodes, and per-episode ``ep_rewards`` and
   ``ep_groups`` for the Improve filter. Rows without a trained token (a role that did not
   speak) or longer than ``data.seq_len`` (rambling turns) are left out.
@@ -379,12 +381,14 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   with trainer.context():
     episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
                                    trainer_lib.model_variables(state), rng)
-  trained = [player.env.relabel(e, np_rng) for e in episodes]
+  relabelled = [player.env.relabel(e, np_rng) for e in episodes]
+  candidates = [i for i, e in enumerate(relabelled) if e is not None]
   items, owners, too_long = [], [], 0
   for role in cfg.trained_roles:
-    for i, t in enumerate(ep.transcripts(player.env, trained, player.formatter, role, (role,),
-                                         groups,
-                                         untrained_after=cfg.get('untrained_after_role') or None)):
+    transcripts = ep.transcripts(player.env, [relabelled[i] for i in candidates],
+                                 player.formatter, role, (role,), [groups[i] for i in candidates],
+                                 untrained_after=cfg.get('untrained_after_role') or None)
+    for i, t in zip(candidates, transcripts):
       if len(t.tokens) > config.data.seq_len + 1:
         too_long += 1
       elif t.policy_mask.any():
@@ -393,6 +397,7 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   arrays = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   arrays.update(episode_ids=np.asarray(owners, np.int32),
                 ep_rewards=np.asarray([e.reward for e in episodes], np.float32),
+                ep_candidates=np.asarray([e is not None for e in relabelled]),
                 ep_groups=np.asarray(groups, np.int32))
   play_lib.write_samples(trainer.workdir, f'grow_{iteration + 1}', player.env, episodes,
                          cfg.trained_roles[0])

@@ -12,7 +12,7 @@ from configs.repro import collab as repro_config
 from model.registry import build_model
 from rl import episodes as ep
 from rl import repro_collab
-from rl.envs import collab, make_env
+from rl.envs import base, collab, make_env
 from tests.utils import tiny_config
 from training import tokenizers
 
@@ -182,8 +182,30 @@ class SftDataTest(parameterized.TestCase):
     known = next(k for k in env.splits['train'] if k in env.memorised)
     answered = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=known)
     self.assertIs(env.relabel(answered, np.random.default_rng(1)), answered)  # no retrieval
-    plain = _env(mode='society', counterfactual_retrieval=False)
+    def answered(key, text):  # a single-turn episode: the asker answers at once
+      episode = env.reset(np.random.default_rng(0), question=key)
+      episode.turns.append(base.Turn('asker', text, ids=[], logprobs=[]))
+      env.step(episode)
+      return episode
+    lucky = answered(unknown, f'answer {env.facts[unknown]}')  # an unmemorised fact, guessed
+    self.assertEqual(lucky.reward, 1.0)
+    self.assertIsNone(env.relabel(lucky, np.random.default_rng(1)))
+    half = answered(unknown, f'hedge {env.facts[unknown].split()[0]} nobody')
+    self.assertIsNone(env.relabel(half, np.random.default_rng(1)))  # partly right: rejected
+    wrong = answered(unknown, 'hedge')
+    self.assertIs(env.relabel(wrong, np.random.default_rng(1)), wrong)
+    recalled = answered(known, f'answer {env.facts[known]}')  # a memorised fact: kept
+    self.assertIs(env.relabel(recalled, np.random.default_rng(1)), recalled)
+    plain = _env(mode='society', fixed_knowledge=False)
+    self.assertIs(plain.relabel(lucky, np.random.default_rng(1)), lucky)
     self.assertIs(plain.relabel(demo, np.random.default_rng(1)), demo)
+    # counterfactual_pool='all': drawn from every relation's values (here, mostly others')
+    wide = _env(mode='society', counterfactual_pool='all')
+    drawn = {wide.relabel(demo, np.random.default_rng(i)).value for i in range(40)}
+    self.assertTrue(drawn <= set(wide.counterfactual_values(unknown[2])) - {demo.value})
+    self.assertTrue(drawn - set(env.values[unknown[2]]))
+    with self.assertRaisesRegex(ValueError, 'counterfactual_pool'):
+      _env(counterfactual_pool='any')
 
   def test_demo_split_is_apart_from_train_and_test(self):
     env = _env(demo_fraction=0.25)
@@ -297,6 +319,9 @@ class JobTest(absltest.TestCase):
       if line.startswith('tool:'):
         self.assertRegex(line, r'^tool: (result|error) ')
     self.assertGreater((workdir / 'collab.png').stat().length, 10_000)
+    grown = np.load(workdir / 'rest_s0' / 'grown' / 'iteration_1.npz')
+    rejected = np.flatnonzero(~grown['ep_candidates'])  # lucky guesses (relabel): no rows
+    self.assertFalse(np.isin(grown['episode_ids'], rejected).any())
 
 
 if __name__ == '__main__':

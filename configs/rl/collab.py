@@ -7,14 +7,16 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
       --config.rest.init_workdir=workdirs/collab/sft
 
 ``sft``: the memorised facts as plain text (statements and question-answer text,
-``CollabEnv.pretraining_texts``) plus format demonstrations whose actions ignore
-what is memorised (the in-context baseline and ReST's start); ``oracle``: the same facts
-plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both
-modes' demonstrations, which ask the questions of the ``demo`` split (none of ReST's
-``train`` facts appears in a demonstration's tool result), and are evaluated as the single
-agent; ``rest`` plays the society (every role the same policy) and trains only the turns
-before a tool result (``rest.untrained_after_role``: the decisions, not retrieved facts).
-The whole reproduction is ``configs/repro/collab.py``.
+``CollabEnv.pretraining_texts``) and as closed-book quiz conversations
+(``pretraining_episodes``), plus format demonstrations whose actions ignore what is memorised
+(a tool call half the time, an answer or a hedge a quarter each: the in-context baseline and
+ReST's start); ``oracle``: the same facts plus ``oracle_turn`` demonstrations (the
+action-supervised baseline). Both train on both modes' demonstrations, which ask the
+questions of the ``demo`` split (none of ReST's ``train`` facts appears in a demonstration's
+tool result), and are evaluated as the single agent; ``rest`` plays the society (every role
+the same policy) and trains on its rollouts with each retrieved value replaced by a
+counterfactual one (``CollabEnv.relabel``: the turns after a search teach reading the
+result, not the fact). The whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -32,12 +34,13 @@ def get_config(stage='sft'):
   config.name = f'collab_{stage}'
   config.env = collab.default_config()
   config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
+                    generic_actions=(0.5, 0.25, 0.25),
                     mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=512,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
-  config.data.seq_len = 96 if stage == 'rest' else 64  # demonstrations: at most 58 tokens
+  config.data.seq_len = 96 if stage == 'rest' else 80  # demonstrations: at most 74 tokens
   config.data.batch_size = 64
   config.sft = rest.default_sft_config()
   config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
@@ -46,7 +49,7 @@ def get_config(stage='sft'):
                     pretraining_repeats=10, split='demo')
   config.rest = rest.default_rest_config()
   config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA),
-                     untrained_after_role='tool', eval_sets=('test', 'ood'),
+                     eval_sets=('test', 'ood'),
                      eval_modes=('greedy',), eval_episodes=32, final_eval_episodes=64)
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_turns=4, max_new_tokens=12)
@@ -57,7 +60,7 @@ def get_config(stage='sft'):
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=20, weight_decay=0.0)
   else:
-    config.train = base.train_config(steps=800, learning_rate=3e-3, warmup_steps=50,
+    config.train = base.train_config(steps=1200, learning_rate=3e-3, warmup_steps=50,
                                      eval_every=0, checkpoint_every=400, log_every=50)
   config.sample.max_new_tokens = 0
   return config

@@ -88,10 +88,11 @@ class Env(abc.ABC):
     none)."""
     return []
 
-  def relabel(self, episode: Episode, rng: np.random.Generator) -> Episode:
-    """The finished episode as ReST trains on it (default: itself). An environment may
-    rewrite what the policy must not learn from its own rollouts, e.g. a retrieved fact
-    replaced by a counterfactual one, so that training teaches reading, not the fact."""
+  def relabel(self, episode: Episode, rng: np.random.Generator) -> Optional[Episode]:
+    """The finished episode as ReST trains on it (default: itself), or None when it must not
+    be trained on. An environment may rewrite what the policy must not learn from its own
+    rollouts, e.g. a retrieved fact replaced by a counterfactual one, so that training
+    teaches reading, not the fact."""
     del rng
     return episode
 

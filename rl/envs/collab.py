@@ -121,8 +121,11 @@ def default_config() -> config_dict.ConfigDict:
       value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
       # probabilities of (tool call, answer, hedge) at a generic demonstration's deciding turn
       generic_actions=(1 / 3, 1 / 3, 1 / 3),
-      # ReST trains on its rollouts with the retrieved fact's value replaced (``relabel``)
-      counterfactual_retrieval=True,
+      # ReST never learns a fact from its rollouts (``relabel``): what is known stays fixed
+      fixed_knowledge=True,
+      # the values a counterfactual retrieved value (demo split, relabel) is drawn from:
+      # 'relation' (the question's) or 'all' (every relation's: reading is learnt for any value)
+      counterfactual_pool='relation',
   ))
 
 
@@ -211,6 +214,9 @@ class CollabEnv(base.Env):
     if probs.shape != (3,) or (probs < 0).any() or abs(probs.sum() - 1) > 1e-6:
       raise ValueError('generic_actions must be 3 probabilities (tool call, answer, hedge) '
                        f'summing to 1, got {tuple(config.generic_actions)}.')
+    if config.get('counterfactual_pool', 'relation') not in ('relation', 'all'):
+      raise ValueError("counterfactual_pool must be 'relation' or 'all', got "
+                       f'{config.counterfactual_pool!r}.')
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
@@ -390,18 +396,33 @@ class CollabEnv(base.Env):
               str(rng.choice(self.values[episode.relation])))
     return f'{action} {memory}'
 
+  def counterfactual_values(self, relation: str) -> tuple:
+    """The values a counterfactual retrieved value is drawn from (``counterfactual_pool``)."""
+    if self.config.get('counterfactual_pool', 'relation') == 'all':
+      return tuple(v for r in sorted(self.values) for v in self.values[r])
+    return self.values[relation]
+
   def relabel(self, episode: CollabEpisode, rng: np.random.Generator) -> CollabEpisode:
-    """With ``counterfactual_retrieval``, a copy of a finished episode in which the question's
-    value, from the tool result that returned it on, is a different value of the relation
-    (drawn from ``rng``): trained on, the turns after a search teach reading the result and
-    the format, never the retrieved fact, which stays unmemorised (as the ``demo`` split's
-    demonstrations do). Episodes without such a result are returned unchanged."""
+    """With ``fixed_knowledge``, ReST learns when to search, never a fact: what the policy
+    knows stays what it memorised in pretraining, as in the paper, where a few lucky
+    rollouts cannot teach an LLM facts over thousands of questions.
+
+    - An episode whose tool result returned the question's fact becomes a copy in which the
+      value, from that result on, is a counterfactual one (``counterfactual_values``, drawn
+      from ``rng``): trained on, the turns after the search teach reading the result and the
+      format, not the retrieved fact (as the ``demo`` split's demonstrations do).
+    - An unmemorised question answered, fully or partly right, without retrieving its fact
+      (a lucky guess) is rejected (None): its reward stands, but training on it would teach
+      the fact.
+    - Any other episode is returned unchanged."""
+    if not self.config.get('fixed_knowledge', False):
+      return episode
     turns = episode.turns
     found = f'result {episode.subject} {episode.relation} {episode.value}'
     start = next((i for i, t in enumerate(turns) if t.role == 'tool' and t.text == found), None)
-    if not self.config.get('counterfactual_retrieval', False) or start is None:
-      return episode
-    others = [v for v in self.values[episode.relation] if v != episode.value]
+    if start is None:
+      return None if not episode.memorised and episode.info.get('f1', 0) > 0 else episode
+    others = [v for v in self.counterfactual_values(episode.relation) if v != episode.value]
     value = str(others[rng.integers(len(others))])
     pattern = re.compile(rf'(?<!\S){re.escape(episode.value)}(?!\S)')
     relabelled = []
@@ -424,7 +445,7 @@ class CollabEnv(base.Env):
       raise ValueError(f'behaviour must be one of {BEHAVIOURS} or None, got {behaviour!r}.')
     episode = self.reset(rng, split, **overrides)
     if split == 'demo' and not episode.memorised:
-      episode.value = str(rng.choice(self.values[episode.relation]))
+      episode.value = str(rng.choice(self.counterfactual_values(episode.relation)))
     while not episode.done:
       role = episode.next_role
       if role == 'tool':
