@@ -54,9 +54,9 @@ def get_config(stage='sft'):
   config.rollout = play.default_rollout_config()
   config.rollout.update(max_turns=4, max_new_tokens=12)
   if stage == 'rest':
-    config.rest.update(iterations=3, prompts=256, samples_per_prompt=8, max_per_prompt=1,
+    config.rest.update(iterations=6, prompts=256, samples_per_prompt=8, max_per_prompt=1,
                        thresholds=(0.25,), steps_per_improve=60)
-    config.train = base.train_config(steps=0, learning_rate=1e-3, schedule='constant',
+    config.train = base.train_config(steps=0, learning_rate=3e-4, schedule='constant',
                                      warmup_steps=0, eval_every=0, checkpoint_every=10_000,
                                      log_every=20, weight_decay=0.0)
   else:
