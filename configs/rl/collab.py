@@ -40,7 +40,7 @@ def get_config(stage='sft'):
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
-  config.data.seq_len = 96 if stage == 'rest' else 80  # demonstrations: at most 74 tokens
+  config.data.seq_len = 96  # demonstrations: at most 85 tokens (the tokenizer is each stage's)
   config.data.batch_size = 64
   config.sft = rest.default_sft_config()
   config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),

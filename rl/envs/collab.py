@@ -49,11 +49,19 @@ supervision of the baseline: search exactly when the fact is not memorised.
 
 Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``oracle`` plays
 ``oracle_turn``; behaviour ``generic`` shows the action format only: every deciding turn
-(the first turn of the assistant, the asker or a delegated helper) draws its action
-uniformly from (tool call, answer, hedge) whether or not the fact is memorised; answers and
-hedges from memory give the value when memorised and a uniform guess of the relation's
-values otherwise; after a tool result the turn answers with the value, and the asker relays
-the helper's reply.
+(the first turn of the assistant, the asker or a delegated helper) draws its action from
+(tool call, answer, hedge) with probabilities ``generic_actions`` whether or not the fact is
+memorised; answers and hedges from memory give the value when memorised and a uniform guess
+of the relation's values otherwise; after a tool result the turn answers with the value, and
+the asker relays the helper's reply.
+
+Fixed knowledge (``fixed_knowledge``, ``relabel``): ReST trains on its own rollouts, and a
+rollout can teach a fact in two ways, by the answer after a tool result and by a lucky guess
+that wins its group. With a few hundred questions revisited every iteration both happen
+(docs/RESULTS.md), unlike the paper's thousands of questions and an LLM that does not learn a
+fact from one rollout. So the rollouts are trained on with the retrieved value replaced by a
+counterfactual one, and a lucky guess is never kept: ReST learns when to search, and what
+the policy knows stays what it memorised.
 
 Pretraining (``pretraining_texts``): each memorised fact as the statement ``kavo job head
 baker`` and, with ``qa_pretraining``, also as the question-answer text ``what is the job of
