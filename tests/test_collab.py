@@ -66,6 +66,15 @@ class DemonstrationTest(parameterized.TestCase):
         _env(generic_actions=bad)
 
 
+def _formatter(env):
+  """A small SentencePiece tokenizer of the env's pretraining texts and its formatter."""
+  config = tokenizers.default_tokenizer_config()
+  config.update(kind='sentencepiece', vocab_size=320,
+                reserved_tokens=ep.reserved_tokens(env.roles))
+  tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
+  return tokenizer, ep.Formatter(tokenizer, env.roles)
+
+
 def _tiny(config):
   config.unlock()
   config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
@@ -120,12 +129,8 @@ class SftDataTest(parameterized.TestCase):
     self.assertEqual(_env(mode=mode, quiz_pretraining=False).pretraining_episodes(), [])
 
   def test_pretraining_transcript_trains_every_token_after_bos(self):
-    config = tokenizers.default_tokenizer_config()
-    config.update(kind='sentencepiece', vocab_size=320,
-                  reserved_tokens=ep.reserved_tokens(_env().roles))
     env = _env()
-    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
-    formatter = ep.Formatter(tokenizer, env.roles)
+    tokenizer, formatter = _formatter(env)
     text = env.pretraining_texts()[-1]
     t = ep.text_transcript(formatter, text)
     self.assertEqual(t.tokens[0], tokenizer.bos_id)
@@ -134,11 +139,7 @@ class SftDataTest(parameterized.TestCase):
 
   def test_untrained_after_the_tool_keeps_only_the_decision(self):
     env = _env(mode='single', demo_fraction=0.25)
-    config = tokenizers.default_tokenizer_config()
-    config.update(kind='sentencepiece', vocab_size=320,
-                  reserved_tokens=ep.reserved_tokens(env.roles))
-    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
-    formatter = ep.Formatter(tokenizer, env.roles)
+    tokenizer, formatter = _formatter(env)
     key = next(k for k in env.splits['demo'] if k not in env.memorised)
     demo = env.demonstration(np.random.default_rng(0), 'demo', 'oracle', question=key)
     self.assertEqual([t.role for t in demo.turns], ['user', 'assistant', 'tool', 'assistant'])
@@ -154,11 +155,7 @@ class SftDataTest(parameterized.TestCase):
 
   def test_relabel_trains_reading_not_the_retrieved_fact(self):
     env = _env(mode='society')
-    config = tokenizers.default_tokenizer_config()
-    config.update(kind='sentencepiece', vocab_size=320,
-                  reserved_tokens=ep.reserved_tokens(env.roles))
-    tokenizer = tokenizers.make_tokenizer(config, texts=env.pretraining_texts())
-    formatter = ep.Formatter(tokenizer, env.roles)
+    tokenizer, formatter = _formatter(env)
     unknown = next(k for k in env.splits['train'] if k not in env.memorised)
     demo = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=unknown)
     for t in demo.turns:  # as a rollout: the model's turns carry their ids and log-probs
