@@ -3,11 +3,12 @@
 
 Stages (``configs/repro/collab.py``), each a resumable workdir under the job's workdir:
 ``sft`` (the in-context baseline: the memorised facts as text and quiz conversations plus
-format demonstrations whose actions ignore what is memorised; ReST starts from it), ``oracle`` (the
-action-supervised baseline: the facts plus ``oracle_turn`` demonstrations) and, per seed,
-``rest_s<seed>`` (ReST on the society: asker, people and places helpers, one policy, the
-tool scripted, knowledge fixed by ``CollabEnv.relabel``). Deployment (``deploy``): each policy alone with both tools (mode 'single'),
-greedy actions, on every question of each split. Metrics per split: search rate on
+format demonstrations whose actions ignore what is memorised; ReST starts from it),
+``oracle`` (the action-supervised baseline: the facts plus ``oracle_turn`` demonstrations)
+and, per seed, ``rest_s<seed>`` (ReST on the society: asker, people and places helpers, one
+policy, the tool scripted, knowledge fixed by ``CollabEnv.relabel``). Deployment
+(``deploy``): each policy alone with both tools (mode 'single'), greedy actions, on every
+question of each split. Metrics per split: search rate on
 memorised and unmemorised questions, F1, searches per question, hedge rate, invalid rate and
 the hedge AUROC: over the split's questions, the score is the policy's probability that its
 final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of

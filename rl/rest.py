@@ -5,9 +5,9 @@
 updated by each of ``sft.env_variants`` (e.g. both modes of an environment), become
 transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of
 ``env.pretraining_texts()`` (plain text, every token trained) and of each variant's
-``pretraining_episodes()`` (conversations, the trained roles' turns) join them; a tokenizer with the
-reserved role tokens is built from all the text; the policy is trained with NLL on its roles'
-turns.
+``pretraining_episodes()`` (conversations, the trained roles' turns) join them; a tokenizer
+with the reserved role tokens is built from all the text; the policy is trained with NLL on
+its roles' turns.
 
 ``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
   Grow     ``prompts`` fresh episodes, ``samples_per_prompt`` rollouts of each from the
@@ -369,10 +369,10 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   """Grow for ``iteration``: rollouts of the current policy -> (arrays, metrics).
 
   The arrays hold one row per (episode as ``env.relabel`` rewrites it, trained role) with
-  the role's own turns as the loss mask (an episode ``relabel`` rejects has no rows and is
-  never kept: ``ep_candidates``) (each role learns from its own view: the self-play user from the one holding
-  the intent), ``episode_ids`` mapping rows to episodes, and per-episode ``ep_rewards`` and
-  ``ep_groups`` for the Improve filter. Rows without a trained token (a role that did not
+  the role's own turns as the loss mask (each role learns from its own view: the self-play
+  user from the one holding the intent), ``episode_ids`` mapping rows to episodes, and
+  per-episode ``ep_rewards``, ``ep_groups`` and ``ep_candidates`` for the Improve filter (an
+  episode ``relabel`` rejects has no rows and is never kept). Rows without a trained token (a role that did not
   speak) or longer than ``data.seq_len`` (rambling turns) are left out.
   """
   cfg = config.rest

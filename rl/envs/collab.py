@@ -167,6 +167,14 @@ def tool_word(role: str) -> str:
   return DELEGATE if role == 'asker' else SEARCH
 
 
+def _call(episode, role: str) -> str:
+  """The well-formed tool call of ``role`` for the episode's question (a helper names no
+  corpus: it searches its own)."""
+  if role in CORPORA:
+    return f'{SEARCH} {episode.subject} {episode.relation}'
+  return f'{tool_word(role)} {episode.corpus} {episode.subject} {episode.relation}'
+
+
 def parse(text: str, role: str, mode: str) -> Optional[tuple]:
   """(action, arguments) of a model turn, or None when it does not parse for that role.
 
@@ -379,16 +387,14 @@ class CollabEnv(base.Env):
     memorised, then answer with the value (a helper always searches)."""
     if episode.turns[-1].role == 'tool' or (role == 'asker' and episode.turns[-1].role in CORPORA):
       return f'{ANSWER} {episode.value}'
-    if role in CORPORA:
-      return f'{SEARCH} {episode.subject} {episode.relation}'
-    if episode.memorised:
-      return f'{ANSWER} {episode.value}'
-    tool = SEARCH if role == 'assistant' else DELEGATE
-    return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
+    if role in CORPORA or not episode.memorised:
+      return _call(episode, role)
+    return f'{ANSWER} {episode.value}'
 
   def generic_turn(self, episode: CollabEpisode, role: str, rng: np.random.Generator) -> str:
     """A format demonstration's turn (module docstring): the action of a deciding turn is
-    uniform, independent of whether the fact is memorised."""
+    drawn with probabilities ``generic_actions``, independent of whether the fact is
+    memorised."""
     last = episode.turns[-1]
     if last.role == 'tool':
       return f'{ANSWER} {episode.value}'
@@ -396,10 +402,7 @@ class CollabEnv(base.Env):
       return last.text
     action = (SEARCH, ANSWER, HEDGE)[rng.choice(3, p=self.config.generic_actions)]
     if action == SEARCH:
-      if role in CORPORA:
-        return f'{SEARCH} {episode.subject} {episode.relation}'
-      tool = SEARCH if role == 'assistant' else DELEGATE
-      return f'{tool} {episode.corpus} {episode.subject} {episode.relation}'
+      return _call(episode, role)
     memory = (episode.value if episode.memorised else
               str(rng.choice(self.values[episode.relation])))
     return f'{action} {memory}'
@@ -410,7 +413,8 @@ class CollabEnv(base.Env):
       return tuple(v for r in sorted(self.values) for v in self.values[r])
     return self.values[relation]
 
-  def relabel(self, episode: CollabEpisode, rng: np.random.Generator) -> CollabEpisode:
+  def relabel(self, episode: CollabEpisode,
+              rng: np.random.Generator) -> Optional[CollabEpisode]:
     """With ``fixed_knowledge``, ReST learns when to search, never a fact: what the policy
     knows stays what it memorised in pretraining, as in the paper, where a few lucky
     rollouts cannot teach an LLM facts over thousands of questions.
