@@ -343,7 +343,8 @@ def _iteration(trainer, player, state, step, iteration, position, base, config,
     end = iteration * per_iteration + (j + 1) * cfg.steps_per_improve
     if step >= end:
       continue
-    rewards = np.where(arrays['ep_candidates'], arrays['ep_rewards'], -np.inf)
+    candidates = arrays.get('ep_candidates', True)  # Grow files saved before relabel: all
+    rewards = np.where(candidates, arrays['ep_rewards'], -np.inf)
     kept = improve_filter(rewards, arrays['ep_groups'], threshold, cfg.margin,
                           cfg.max_per_prompt, cfg.top_fraction)
     rows = np.flatnonzero(np.isin(arrays['episode_ids'], kept))
