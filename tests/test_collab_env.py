@@ -58,6 +58,42 @@ class WorldTest(absltest.TestCase):
     other = 'places' if corpus == 'people' else 'people'
     self.assertEqual(env.search(other, subject, relation), 'result none')
 
+  def test_memorise_by_subject_knows_all_or_none_of_a_subject(self):
+    env, by_fact = _env(memorise_by='subject'), _env()
+    self.assertEqual(env.facts, by_fact.facts)  # the same world, another memory
+    self.assertLen(env.memorised, 80)
+    for corpus, names in env.subjects.items():
+      known = {s for s in names if (corpus, s, collab.CORPORA[corpus][0]) in env.memorised}
+      self.assertLen(known, 20)  # half of each corpus's subjects
+      for relation in collab.CORPORA[corpus]:
+        self.assertEqual({s for s in names if (corpus, s, relation) in env.memorised}, known)
+    self.assertNotEqual(env.memorised, by_fact.memorised)
+
+  def test_fresh_unknown_subjects(self):
+    env, rng = _env(unknown_subjects='fresh'), np.random.default_rng(0)
+    world = set(env.subjects['people']) | set(env.subjects['places'])
+    self.assertLen(env.spare_names, 240 - 80)
+    self.assertFalse(world & set(env.spare_names))
+    for split in ('train', 'test'):
+      episodes = [env.reset(rng, split) for _ in range(60)]
+      for e in episodes:
+        self.assertEqual(e.subject in world, e.memorised or split == 'test')
+        self.assertIn(e.value, env.values[e.relation])
+    fresh = [_oracle(env, env.reset(rng, 'train')) for _ in range(40)]
+    unknown = [e for e in fresh if not e.memorised]
+    self.assertGreater(len({e.subject for e in unknown}), len(unknown) // 2)  # rarely repeats
+    for e in unknown:  # the tool knows the new subject's fact, and only that one
+      tool = next(t.text for t in e.turns if t.role == 'tool')
+      self.assertEqual(tool, f'result {e.subject} {e.relation} {e.value}')
+      self.assertEqual(e.info['f1'], 1.0)
+      self.assertEqual(env.search(e.corpus, e.subject, e.relation), 'result none')
+    key = _question(env, memorised=False)  # a question named explicitly stays the world's
+    self.assertEqual(env.reset(rng, 'train', question=key).subject, key[1])
+    three = _env(name_syllables=3, subjects_per_corpus=120, unknown_subjects='fresh')
+    self.assertEqual({len(s) for s in three.subjects['people']}, {6})
+    with self.assertRaisesRegex(ValueError, 'spare|outside the corpora'):
+      _env(subjects_per_corpus=120, unknown_subjects='fresh')
+
   def test_values_qualifier_and_base(self):
     env, single = _env(), _env(value_words=1)
     for relation, bases in collab.BASES.items():
@@ -82,7 +118,8 @@ class WorldTest(absltest.TestCase):
   def test_bad_configs(self):
     for field, value in [('mode', 'team'), ('memorised_fraction', 1.5), ('max_calls', 0),
                          ('train_relations', ('age',)), ('search_cost', -0.1),
-                         ('value_words', 3)]:
+                         ('value_words', 3), ('memorise_by', 'relation'),
+                         ('unknown_subjects', 'new'), ('name_syllables', 4)]:
       with self.assertRaisesRegex(ConfigError, field):
         config = collab.default_config()
         config[field] = value

@@ -8,9 +8,22 @@ head baker``: with ``value_words=2`` a value is a qualifier and a base word, 8 x
 relation, so that an answer guessed without knowledge is rarely right (1/64) and often half
 right (word-level F1 0.5); ``value_words=1`` keeps the 8 base words (a guess is right 1 time in
 8, and then outscores a search, which is what ReST learnt to exploit, docs/RESULTS.md).
-A fixed fraction ``memorised_fraction`` of each corpus's facts is the policy's
+A fixed fraction ``memorised_fraction`` of the facts is the policy's
 pretraining text (``pretraining_texts``): those questions are answerable from memory, the
-rest need retrieval; no other fact is in any training text but a tool result. Questions ask
+rest need retrieval; no other fact is in any training text but a tool result. With
+``memorise_by='fact'`` each fact is memorised on its own (a subject's job can be known and
+its pet not); with ``'subject'``, all of a subject's facts or none, so that knowing a fact is
+knowing its entity, the signal LLMs are found to gate answering on (Ferrando et al. 2025,
+"Do I know this entity?"). Invented names have ``name_syllables`` syllables.
+
+Unknown entities (``unknown_subjects``): with ``'fixed'`` every question is about a world
+subject, so the train split's few hundred questions can be learnt one by one, the decision
+with them. With ``'fresh'``, each unmemorised question of the ``train`` and ``demo`` splits
+(drawn at random, not named by ``question=``) is asked about a newly drawn name from
+``spare_names`` with a uniformly drawn value, which the tool returns: as for an LLM over
+thousands of questions, an unknown entity is one never seen before, and the decision cannot
+be fitted per question. ``test`` and ``ood`` ask the world's subjects, the unmemorised ones
+seen in no training text. Questions ask
 one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits (and, with
 ``demo_fraction`` > 0, the ``demo`` split of the demonstrations) ask the relations
 ``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts the policy
@@ -80,6 +93,7 @@ tool, no hedge and no unmemorised fact, so it teaches what is known, not when to
 Unmemorised facts appear in none of these.
 """
 import dataclasses
+import itertools
 import re
 from typing import Optional
 
@@ -116,6 +130,14 @@ def default_config() -> config_dict.ConfigDict:
       mode='society',  # or 'single'
       subjects_per_corpus=40,
       memorised_fraction=0.5,
+      # 'fact': each fact memorised independently; 'subject': all of a subject's facts or none
+      # (knowing an entity, docstring)
+      memorise_by='fact',
+      # 'fixed': every question is about a world subject; 'fresh': an unmemorised question
+      # of the train and demo splits is asked about a newly drawn subject each time (unknown
+      # entities are an open set, docstring); needs spare names (``name_syllables``)
+      unknown_subjects='fixed',
+      name_syllables=2,  # syllables per invented name: 2 gives 240 names, 3 gives 3,600
       search_cost=0.1,
       hedge_credit=0.3,
       max_calls=2,
@@ -208,9 +230,22 @@ class CollabEnv(base.Env):
     config = default_config() if config is None else config
     if config.mode not in ('single', 'society'):
       raise ValueError(f"mode must be 'single' or 'society', got {config.mode!r}.")
-    if not 1 <= config.subjects_per_corpus <= len(_SYLLABLES) ** 2 // 2:
-      raise ValueError(f'subjects_per_corpus must be in [1, {len(_SYLLABLES) ** 2 // 2}], got '
-                       f'{config.subjects_per_corpus}.')
+    syllables = config.get('name_syllables', 2)
+    if syllables not in (2, 3):
+      raise ValueError(f'name_syllables must be 2 or 3, got {syllables}.')
+    names = [''.join(p) for p in itertools.product(_SYLLABLES, repeat=syllables)
+             if all(a != b for a, b in zip(p, p[1:]))]
+    if not 1 <= config.subjects_per_corpus <= len(names) // 2:
+      raise ValueError(f'subjects_per_corpus must be in [1, {len(names) // 2}] with '
+                       f'{syllables}-syllable names, got {config.subjects_per_corpus}.')
+    self.fresh = config.get('unknown_subjects', 'fixed')
+    if self.fresh not in ('fixed', 'fresh'):
+      raise ValueError("unknown_subjects must be 'fixed' or 'fresh', got "
+                       f'{config.unknown_subjects!r}.')
+    self.fresh = self.fresh == 'fresh'
+    if self.fresh and 2 * config.subjects_per_corpus == len(names):
+      raise ValueError("unknown_subjects='fresh' needs names outside the corpora: use "
+                       'name_syllables=3 or fewer subjects_per_corpus.')
     for field in ('memorised_fraction', 'hedge_credit', 'test_fraction', 'demo_fraction'):
       if not 0 <= config[field] <= 1:
         raise ValueError(f'{field} must be in [0, 1], got {config[field]}.')
@@ -233,6 +268,9 @@ class CollabEnv(base.Env):
     if config.get('counterfactual_pool', 'relation') not in ('relation', 'all'):
       raise ValueError("counterfactual_pool must be 'relation' or 'all', got "
                        f'{config.counterfactual_pool!r}.')
+    if config.get('memorise_by', 'fact') not in ('fact', 'subject'):
+      raise ValueError("memorise_by must be 'fact' or 'subject', got "
+                       f'{config.memorise_by!r}.')
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
@@ -241,18 +279,23 @@ class CollabEnv(base.Env):
     self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
                   ('system', 'user', 'asker') + tuple(CORPORA) + ('tool',))
     rng = np.random.default_rng(config.seed)
-    names = [a + b for a in _SYLLABLES for b in _SYLLABLES if a != b]
     names = [names[i] for i in rng.permutation(len(names))]
     n = config.subjects_per_corpus
     self.subjects = {'people': names[:n], 'places': names[n:2 * n]}  # disjoint
+    self.spare_names = names[2 * n:]  # the subjects of fresh unknown questions
     self.facts = {}  # (corpus, subject, relation) -> value
     for corpus, rels in CORPORA.items():
       for subject in self.subjects[corpus]:
         for relation in rels:
           self.facts[(corpus, subject, relation)] = str(rng.choice(self.values[relation]))
     keys = sorted(self.facts)
-    chosen = rng.permutation(len(keys))[:round(config.memorised_fraction * len(keys))]
-    self.memorised = {keys[i] for i in chosen}
+    if config.get('memorise_by', 'fact') == 'fact':
+      chosen = rng.permutation(len(keys))[:round(config.memorised_fraction * len(keys))]
+      self.memorised = {keys[i] for i in chosen}
+    else:
+      known = {(c, s) for c in sorted(CORPORA) for s in
+               rng.permutation(self.subjects[c])[:round(config.memorised_fraction * n)]}
+      self.memorised = {k for k in keys if k[:2] in known}
     questions = [k for k in keys if k[2] in config.train_relations]
     order = rng.permutation(len(questions))
     n_test = round(config.test_fraction * len(questions))
@@ -305,10 +348,14 @@ class CollabEnv(base.Env):
       raise ValueError(f'split={split!r}; expected one of {sorted(self.splits)}.')
     key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
     corpus, subject, relation = key
+    value, memorised = self.facts[key], key in self.memorised
+    if (self.fresh and not memorised and split in ('train', 'demo') and
+        'question' not in overrides):  # an unknown entity never asked before
+      subject = self.spare_names[rng.integers(len(self.spare_names))]
+      value = str(rng.choice(self.values[relation]))
     return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation))],
                          next_role=self.first_role, corpus=corpus, subject=subject,
-                         relation=relation, value=self.facts[key],
-                         memorised=key in self.memorised)
+                         relation=relation, value=value, memorised=memorised)
 
   def view(self, episode: CollabEpisode, role: str) -> list:
     """The role's own system turn, then the shared conversation."""
