@@ -128,6 +128,22 @@ class SftDataTest(parameterized.TestCase):
     self.assertEqual({(e.corpus, e.subject, e.relation) for e in quizzes}, env.memorised)
     self.assertEqual(_env(mode=mode, quiz_pretraining=False).pretraining_episodes(), [])
 
+  def test_unknown_entity_quizzes_hedge_about_names_of_no_corpus(self):
+    env = _env(mode='single', quiz_unknown=30, unknown_subjects='fresh')
+    quizzes = env.pretraining_episodes()[len(env.memorised):]
+    self.assertLen(quizzes, 30)
+    world = {s for names in env.subjects.values() for s in names}
+    self.assertEqual({e.subject for e in quizzes}, set(env.quiz_names))
+    self.assertFalse(set(env.quiz_names) & (world | set(env.spare_names)))  # fresh ones apart
+    for e in quizzes:
+      self.assertEqual([(t.role, t.text) for t in e.turns],
+                       [('user', env.question(e.subject, e.relation)), ('assistant', 'hedge')])
+      self.assertIn(e.relation, collab.CORPORA[e.corpus])
+      self.assertEqual(env.view(e, 'assistant')[0].text, collab.QUIZ_PROMPT)
+    self.assertEqual({e.relation for e in quizzes}, {'job', 'pet', 'river', 'dish'})
+    with self.assertRaisesRegex(ValueError, 'quiz_unknown'):
+      _env(subjects_per_corpus=120, quiz_unknown=1)
+
   def test_pretraining_transcript_trains_every_token_after_bos(self):
     env = _env()
     tokenizer, formatter = _formatter(env)

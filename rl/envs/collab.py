@@ -90,7 +90,11 @@ trained on statements and question-answer text recalled 100% of its memorised fa
 text but 19-41% when asked in a conversation (docs/RESULTS.md); the quiz stands in for the
 instruction tuning that makes a pretrained LLM's knowledge answerable in a chat. It shows no
 tool, no hedge and no unmemorised fact, so it teaches what is known, not when to search.
-Unmemorised facts appear in none of these.
+Unmemorised facts appear in none of these. With ``quiz_unknown`` > 0, that many quiz
+conversations ask about unknown entities (``quiz_names``: names of no corpus, apart from
+the fresh questions' ``spare_names``), answered with a bare ``hedge``: the "I don't know"
+that instruction tuning teaches an LLM alongside its knowledge, closed book and with no
+tool, so it says what is unknown, not when to search.
 """
 import dataclasses
 import itertools
@@ -148,6 +152,9 @@ def default_config() -> config_dict.ConfigDict:
       demo_fraction=0.0,
       qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
       quiz_pretraining=True,  # ... and as closed-book quiz conversations (docstring)
+      # how many quiz conversations ask about an unknown entity (a spare name), answered with
+      # a bare ``hedge``: "I don't know" taught with the knowledge (docstring)
+      quiz_unknown=0,
       value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
       # probabilities of (tool call, answer, hedge) at a generic demonstration's deciding turn
       generic_actions=(1 / 3, 1 / 3, 1 / 3),
@@ -282,7 +289,12 @@ class CollabEnv(base.Env):
     names = [names[i] for i in rng.permutation(len(names))]
     n = config.subjects_per_corpus
     self.subjects = {'people': names[:n], 'places': names[n:2 * n]}  # disjoint
-    self.spare_names = names[2 * n:]  # the subjects of fresh unknown questions
+    quiz_unknown = config.get('quiz_unknown', 0)
+    if not 0 <= quiz_unknown <= len(names) - 2 * n - self.fresh:
+      raise ValueError(f'quiz_unknown must be in [0, {len(names) - 2 * n - self.fresh}] (the '
+                       f'names outside the corpora), got {quiz_unknown}.')
+    self.quiz_names = names[2 * n:2 * n + quiz_unknown]  # unknown entities of the quiz
+    self.spare_names = names[2 * n + quiz_unknown:]  # the subjects of fresh unknown questions
     self.facts = {}  # (corpus, subject, relation) -> value
     for corpus, rels in CORPORA.items():
       for subject in self.subjects[corpus]:
@@ -336,7 +348,17 @@ class CollabEnv(base.Env):
                                  base.Turn(self.first_role, f'{ANSWER} {self.facts[(c, s, r)]}')],
                           done=True, corpus=c, subject=s, relation=r, value=self.facts[(c, s, r)],
                           memorised=True, quiz=True)
-            for c, s, r in sorted(self.memorised)]
+            for c, s, r in sorted(self.memorised)] + self._unknown_quizzes()
+
+  def _unknown_quizzes(self) -> list:
+    """``quiz_unknown`` quiz conversations about the names in ``quiz_names``, each
+    answered with a bare ``hedge``; their relations cycle over every relation."""
+    corpus_of = {r: c for c, rels in CORPORA.items() for r in rels}
+    return [CollabEpisode(turns=[base.Turn('user', self.question(name, r)),
+                                 base.Turn(self.first_role, HEDGE)],
+                          done=True, corpus=corpus_of[r], subject=name, relation=r,
+                          quiz=True)
+            for name, r in zip(self.quiz_names, itertools.cycle(corpus_of))]
 
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
