@@ -34,7 +34,8 @@ def get_config(stage='sft'):
   config.name = f'collab_{stage}'
   config.env = collab.default_config()
   config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
-                    generic_actions=(0.5, 0.25, 0.25),
+                    generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
+                    unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
                     mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=512,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
