@@ -16,7 +16,11 @@ that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedg
 invalid episode is wrong); ties count one half, NaN when one class is empty. And the
 memory recall (closed book): on the split's memorised questions, how often the policy,
 forced to answer at once, ranks the true value first among its relation's values (64 with
-two-word values, chance 1/64).
+two-word values, chance 1/64). The policy's mean group ``reward``, and the best achievable
+with its own knowledge (``best_achievable``): per question, the best of answering with its
+closed-book answer, hedging and one search (read right), as ``best_reward`` and how often
+searching is best on memorised questions (``best_search_rate_memorised``): the search rate
+that the first criterion's "at most 20%" can be checked against.
 """
 import copy
 import functools
@@ -38,7 +42,8 @@ from training import workdir as workdir_lib
 
 POLICIES = ('in_context', 'action_supervised', 'rest_single')
 METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
-           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'memory_recall')
+           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'memory_recall', 'reward',
+           'best_reward', 'best_search_rate_memorised')
 
 
 def run(config, workdir):
@@ -138,11 +143,11 @@ def hedge_probabilities(model, variables, formatter, env, episodes, role='assist
                                       [hedge] * len(contexts)))
 
 
-def memory_recall(model, variables, formatter, env, questions, role='assistant'):
-  """Closed-book recall: the share of ``questions`` (keys of ``env.facts``) whose value is
-  the most likely of its relation's values as the whole first turn ``answer VALUE``."""
+def closed_book_answers(model, variables, formatter, env, questions, role='assistant'):
+  """Per question (a key of ``env.facts``), the value of its relation the policy finds most
+  likely as the whole first turn ``answer VALUE`` (closed book)."""
   if not questions:
-    return float('nan')
+    return []
   contexts, continuations = [], []
   for key in questions:
     episode = env.reset(np.random.default_rng(0), question=key)
@@ -153,8 +158,27 @@ def memory_recall(model, variables, formatter, env, questions, role='assistant')
                            [formatter.end_id])
   scores = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
                                  continuations).reshape(len(questions), -1)
-  best = [env.values[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
-  return float(np.mean([b == env.facts[key] for b, key in zip(best, questions)]))
+  return [env.values[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
+
+
+def memory_recall(model, variables, formatter, env, questions, role='assistant'):
+  """Closed-book recall: the share of ``questions`` whose ``closed_book_answers`` is the
+  true value."""
+  if not questions:
+    return float('nan')
+  answers = closed_book_answers(model, variables, formatter, env, questions, role)
+  return float(np.mean([a == env.facts[key] for a, key in zip(answers, questions)]))
+
+
+def best_achievable(env, questions, answers) -> dict:
+  """The best achievable with the policy's own knowledge (``CollabEnv.best_action`` per
+  question, given its closed-book ``answers``): mean group reward and how often searching is
+  best on memorised questions."""
+  best = [env.best_action(collab.f1(a, env.facts[q])) for q, a in zip(questions, answers)]
+  known = [action == collab.SEARCH for q, (action, _) in zip(questions, best)
+           if q in env.memorised]
+  return {'best_reward': float(np.mean([r for _, r in best])),
+          'best_search_rate_memorised': float(np.mean(known)) if known else float('nan')}
 
 
 def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
@@ -173,10 +197,13 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
                max_turns)
     p_hedge = hedge_probabilities(model, variables, formatter, env, episodes)
     wrong = [e.info.get('f1', 0.0) < 1 for e in episodes]
-    recall = memory_recall(model, variables, formatter, env,
-                           [q for q in env.splits[split] if q in env.memorised])
+    questions = env.splits[split]
+    answers = closed_book_answers(model, variables, formatter, env, questions)
+    recall = [a == env.facts[q] for q, a in zip(questions, answers) if q in env.memorised]
     out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
-                      memory_recall=recall, n=len(episodes))
+                      memory_recall=float(np.mean(recall)) if recall else float('nan'),
+                      reward=float(np.mean([e.reward for e in episodes])),
+                      **best_achievable(env, questions, answers), n=len(episodes))
   return out
 
 
@@ -214,8 +241,9 @@ def report(results) -> str:
       return f"{value['mean']:.3f}"
     return f"{value['mean']:.3f} ± {np.std(value['per_seed'], ddof=1):.3f}"
   lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
-           'searches / question | hedge rate | invalid rate | hedge AUROC | memory recall |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           'searches / question | hedge rate | invalid rate | hedge AUROC | memory recall | '
+           'reward | best reward | best search rate, memorised |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for split in results['splits']:
     for policy, by_split in results['policies'].items():
       s = by_split[split]

@@ -150,6 +150,27 @@ class EpisodeTest(parameterized.TestCase):
                                'search_rate_unmemorised': 1.0, 'hedge_rate': 0.0,
                                'invalid_rate': 0.5})
 
+  def test_best_action_is_the_best_reward_of_answer_hedge_and_search(self):
+    env = _env()  # search_cost 0.1, hedge_credit 0.3
+    self.assertEqual(env.best_action(1.0), ('answer', 1.0))
+    self.assertEqual(env.best_action(0.5), ('search', 0.9))
+    self.assertEqual(env.best_action(0.0), ('search', 0.9))
+    costly = _env(search_cost=0.8)
+    self.assertEqual(costly.best_action(0.0), ('hedge', 0.3))  # "I don't know"
+    self.assertEqual(costly.best_action(0.5), ('answer', 0.5))  # hedging it: 0.5 as well
+    action, reward = costly.best_action(0.25)  # hedged answer: 0.7 * 0.25 + 0.3 * 0.75
+    self.assertEqual(action, 'hedge')
+    self.assertAlmostEqual(reward, 0.4)
+    single = _env(mode='single')
+    corpus, subject, relation = question = _question(single, memorised=True)
+    value = single.facts[question]
+    for f, answer in ((0.0, 'x y'), (0.5, value.split()[0] + ' x'), (1.0, value)):
+      action, best = single.best_action(f)
+      turns = ([f'search {corpus} {subject} {relation}', f'answer {value}']
+               if action == 'search' else [f'{action} {answer}'])
+      episode = single.reset(np.random.default_rng(0), question=question)
+      self.assertAlmostEqual(_play(single, episode, turns).reward, best)  # what the env gives
+
   def test_society_turn_order(self):
     env = _env(mode='society')
     key = _question(env, False)

@@ -451,6 +451,17 @@ class CollabEnv(base.Env):
                     'memorised': episode.memorised, 'invalid': parsed is None,
                     'first_action': episode.first_action}
 
+  def best_action(self, closed_book_f1: float) -> tuple:
+    """(action, group reward) of the best first action for a policy whose closed-book
+    answer to the question has F1 ``closed_book_f1`` and that reads a retrieved fact right:
+    answer from memory, hedge that answer, a bare hedge, or one search then the fact. The
+    best achievable with that policy's knowledge (module docstring's rewards)."""
+    f, h = closed_book_f1, self.config.hedge_credit
+    options = {ANSWER: f, HEDGE: max((1 - h) * f + h * (1 - f), h),
+               SEARCH: 1 - self.config.search_cost}
+    action = max(options, key=options.get)  # ties: the first (answer, then hedge)
+    return action, options[action]
+
   def oracle_turn(self, episode: CollabEpisode, role: str) -> str:
     """The action-supervised baseline's turn: retrieve exactly when the fact is not
     memorised, then answer with the value (a helper always searches)."""
