@@ -16,7 +16,9 @@ questions of the ``demo`` split (none of ReST's ``train`` facts appears in a dem
 tool result), and are evaluated as the single agent; ``rest`` plays the society (every role
 the same policy) and trains on its rollouts with each retrieved value replaced by a
 counterfactual one (``CollabEnv.relabel``: the turns after a search teach reading the
-result, not the fact). The whole reproduction is ``configs/repro/collab.py``.
+result, not the fact). The world (``rl/envs/collab.py``): memory by entity, every unmemorised
+train or demo question about a newly drawn name (3-syllable names), and 240 quizzes about
+unknown entities answered ``hedge``. The whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest

@@ -8,13 +8,17 @@ head baker``: with ``value_words=2`` a value is a qualifier and a base word, 8 x
 relation, so that an answer guessed without knowledge is rarely right (1/64) and often half
 right (word-level F1 0.5); ``value_words=1`` keeps the 8 base words (a guess is right 1 time in
 8, and then outscores a search, which is what ReST learnt to exploit, docs/RESULTS.md).
-A fixed fraction ``memorised_fraction`` of the facts is the policy's
-pretraining text (``pretraining_texts``): those questions are answerable from memory, the
-rest need retrieval; no other fact is in any training text but a tool result. With
-``memorise_by='fact'`` each fact is memorised on its own (a subject's job can be known and
-its pet not); with ``'subject'``, all of a subject's facts or none, so that knowing a fact is
-knowing its entity, the signal LLMs are found to gate answering on (Ferrando et al. 2025,
-"Do I know this entity?"). Invented names have ``name_syllables`` syllables.
+A fixed fraction ``memorised_fraction`` of the facts is the policy's pretraining text
+(``pretraining_texts``): those questions are answerable from memory, the rest need
+retrieval; no other fact is in any training text but a tool result. Questions ask one
+relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits (and, with
+``demo_fraction`` > 0, the ``demo`` split of the demonstrations) ask the relations
+``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts the policy
+memorised in the same proportion but was never asked. With ``memorise_by='fact'`` each fact
+is memorised on its own (a subject's job can be known and its pet not); with ``'subject'``,
+all of a subject's facts or none, so that knowing a fact is knowing its entity, the signal
+LLMs are found to gate answering on (Ferrando et al. 2025, "Do I know this entity?").
+Invented names have ``name_syllables`` syllables.
 
 Unknown entities (``unknown_subjects``): with ``'fixed'`` every question is about a world
 subject, so the train split's few hundred questions can be learnt one by one, the decision
@@ -23,11 +27,7 @@ with them. With ``'fresh'``, each unmemorised question of the ``train`` and ``de
 ``spare_names`` with a uniformly drawn value, which the tool returns: as for an LLM over
 thousands of questions, an unknown entity is one never seen before, and the decision cannot
 be fitted per question. ``test`` and ``ood`` ask the world's subjects, the unmemorised ones
-seen in no training text. Questions ask
-one relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits (and, with
-``demo_fraction`` > 0, the ``demo`` split of the demonstrations) ask the relations
-``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts the policy
-memorised in the same proportion but was never asked.
+seen in no training text.
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
@@ -245,11 +245,11 @@ class CollabEnv(base.Env):
     if not 1 <= config.subjects_per_corpus <= len(names) // 2:
       raise ValueError(f'subjects_per_corpus must be in [1, {len(names) // 2}] with '
                        f'{syllables}-syllable names, got {config.subjects_per_corpus}.')
-    self.fresh = config.get('unknown_subjects', 'fixed')
-    if self.fresh not in ('fixed', 'fresh'):
+    unknown_subjects = config.get('unknown_subjects', 'fixed')
+    if unknown_subjects not in ('fixed', 'fresh'):
       raise ValueError("unknown_subjects must be 'fixed' or 'fresh', got "
-                       f'{config.unknown_subjects!r}.')
-    self.fresh = self.fresh == 'fresh'
+                       f'{unknown_subjects!r}.')
+    self.fresh = unknown_subjects == 'fresh'  # unmemorised train/demo questions: new names
     if self.fresh and 2 * config.subjects_per_corpus == len(names):
       raise ValueError("unknown_subjects='fresh' needs names outside the corpora: use "
                        'name_syllables=3 or fewer subjects_per_corpus.')
