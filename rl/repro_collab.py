@@ -161,15 +161,6 @@ def closed_book_answers(model, variables, formatter, env, questions, role='assis
   return [env.values[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
 
 
-def memory_recall(model, variables, formatter, env, questions, role='assistant'):
-  """Closed-book recall: the share of ``questions`` whose ``closed_book_answers`` is the
-  true value."""
-  if not questions:
-    return float('nan')
-  answers = closed_book_answers(model, variables, formatter, env, questions, role)
-  return float(np.mean([a == env.facts[key] for a, key in zip(answers, questions)]))
-
-
 def best_achievable(env, questions, answers) -> dict:
   """The best achievable with the policy's own knowledge (``CollabEnv.best_action`` per
   question, given its closed-book ``answers``): mean group reward and how often searching is

@@ -373,8 +373,8 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   the role's own turns as the loss mask (each role learns from its own view: the self-play
   user from the one holding the intent), ``episode_ids`` mapping rows to episodes, and
   per-episode ``ep_rewards``, ``ep_groups`` and ``ep_candidates`` for the Improve filter (an
-  episode ``relabel`` rejects has no rows and is never kept). Rows without a trained token (a role that did not
-  speak) or longer than ``data.seq_len`` (rambling turns) are left out.
+  episode ``relabel`` rejects has no rows and is never kept). Rows without a trained token
+  (a role that did not speak) or longer than ``data.seq_len`` (rambling turns) are left out.
   """
   cfg = config.rest
   np_rng = np.random.default_rng([config.seed, 2, iteration])

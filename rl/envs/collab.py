@@ -341,24 +341,27 @@ class CollabEnv(base.Env):
   def pretraining_episodes(self) -> list:
     """With ``quiz_pretraining``, each memorised fact as a finished closed-book quiz
     conversation: the question, then ``first_role`` answers ``answer VALUE`` under the quiz
-    system prompt (module docstring)."""
+    system prompt, followed by the ``quiz_unknown`` unknown-entity quizzes (module
+    docstring)."""
     if not self.config.get('quiz_pretraining', False):
       return []
-    return [CollabEpisode(turns=[base.Turn('user', self.question(s, r)),
-                                 base.Turn(self.first_role, f'{ANSWER} {self.facts[(c, s, r)]}')],
-                          done=True, corpus=c, subject=s, relation=r, value=self.facts[(c, s, r)],
-                          memorised=True, quiz=True)
+    return [self._quiz(c, s, r, f'{ANSWER} {self.facts[(c, s, r)]}',
+                       value=self.facts[(c, s, r)], memorised=True)
             for c, s, r in sorted(self.memorised)] + self._unknown_quizzes()
 
   def _unknown_quizzes(self) -> list:
     """``quiz_unknown`` quiz conversations about the names in ``quiz_names``, each
     answered with a bare ``hedge``; their relations cycle over every relation."""
     corpus_of = {r: c for c, rels in CORPORA.items() for r in rels}
-    return [CollabEpisode(turns=[base.Turn('user', self.question(name, r)),
-                                 base.Turn(self.first_role, HEDGE)],
-                          done=True, corpus=corpus_of[r], subject=name, relation=r,
-                          quiz=True)
+    return [self._quiz(corpus_of[r], name, r, HEDGE)
             for name, r in zip(self.quiz_names, itertools.cycle(corpus_of))]
+
+  def _quiz(self, corpus, subject, relation, reply, **fields) -> CollabEpisode:
+    """A finished quiz conversation: the question, then ``first_role``'s ``reply``."""
+    return CollabEpisode(turns=[base.Turn('user', self.question(subject, relation)),
+                                base.Turn(self.first_role, reply)],
+                         done=True, corpus=corpus, subject=subject, relation=relation,
+                         quiz=True, **fields)
 
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
