@@ -127,6 +127,11 @@ class SftDataTest(parameterized.TestCase):
       self.assertEqual(env.view(e, first_role)[0].text, collab.QUIZ_PROMPT)
     self.assertEqual({(e.corpus, e.subject, e.relation) for e in quizzes}, env.memorised)
     self.assertEqual(_env(mode=mode, quiz_pretraining=False).pretraining_episodes(), [])
+    role_env = _env(mode=mode, quiz_prompt='role')  # the role's own prompt, as when deployed
+    quiz = role_env.pretraining_episodes()[0]
+    deployed = role_env.reset(np.random.default_rng(0), question=(quiz.corpus, quiz.subject,
+                                                                  quiz.relation))
+    self.assertEqual(role_env.view(quiz, first_role)[0], role_env.view(deployed, first_role)[0])
 
   def test_unknown_entity_quizzes_hedge_about_names_of_no_corpus(self):
     env = _env(mode='single', quiz_unknown=30, unknown_subjects='fresh')

@@ -119,7 +119,8 @@ class WorldTest(absltest.TestCase):
     for field, value in [('mode', 'team'), ('memorised_fraction', 1.5), ('max_calls', 0),
                          ('train_relations', ('age',)), ('search_cost', -0.1),
                          ('value_words', 3), ('memorise_by', 'relation'),
-                         ('unknown_subjects', 'new'), ('name_syllables', 4)]:
+                         ('unknown_subjects', 'new'), ('name_syllables', 4),
+                         ('quiz_prompt', 'user')]:
       with self.assertRaisesRegex(ConfigError, field):
         config = collab.default_config()
         config[field] = value

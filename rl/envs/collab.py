@@ -94,7 +94,9 @@ Unmemorised facts appear in none of these. With ``quiz_unknown`` > 0, that many 
 conversations ask about unknown entities (``quiz_names``: names of no corpus, apart from
 the fresh questions' ``spare_names``), answered with a bare ``hedge``: the "I don't know"
 that instruction tuning teaches an LLM alongside its knowledge, closed book and with no
-tool, so it says what is unknown, not when to search.
+tool, so it says what is unknown, not when to search. With ``quiz_prompt='role'`` every quiz
+is under the first role's own system prompt instead (tools offered, none used), so the
+quizzes also show that role answering what it knows from memory and hedging on the rest.
 """
 import dataclasses
 import itertools
@@ -155,6 +157,9 @@ def default_config() -> config_dict.ConfigDict:
       # how many quiz conversations ask about an unknown entity (a spare name), answered with
       # a bare ``hedge``: "I don't know" taught with the knowledge (docstring)
       quiz_unknown=0,
+      # the quizzes' system prompt: 'quiz' (QUIZ_PROMPT, a conversation apart from the
+      # roles') or 'role' (the first role's own prompt, tools offered but not used)
+      quiz_prompt='quiz',
       value_words=2,  # 2: 'head baker', 64 values per relation; 1: 'baker', 8 (docstring)
       # probabilities of (tool call, answer, hedge) at a generic demonstration's deciding turn
       generic_actions=(1 / 3, 1 / 3, 1 / 3),
@@ -278,6 +283,8 @@ class CollabEnv(base.Env):
     if config.get('memorise_by', 'fact') not in ('fact', 'subject'):
       raise ValueError("memorise_by must be 'fact' or 'subject', got "
                        f'{config.memorise_by!r}.')
+    if config.get('quiz_prompt', 'quiz') not in ('quiz', 'role'):
+      raise ValueError(f"quiz_prompt must be 'quiz' or 'role', got {config.quiz_prompt!r}.")
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
@@ -384,7 +391,7 @@ class CollabEnv(base.Env):
 
   def view(self, episode: CollabEpisode, role: str) -> list:
     """The role's own system turn, then the shared conversation."""
-    if episode.quiz:
+    if episode.quiz and self.config.get('quiz_prompt', 'quiz') == 'quiz':
       prompt = QUIZ_PROMPT
     elif role in CORPORA:
       prompt = f'you are the {role} helper . you can search {role} facts .'
