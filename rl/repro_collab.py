@@ -13,7 +13,11 @@ memorised and unmemorised questions, F1, searches per question, hedge rate, inva
 the hedge AUROC: over the split's questions, the score is the policy's probability that its
 final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of
 that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
-invalid episode is wrong); ties count one half, NaN when one class is empty. And the
+invalid episode is wrong); ties count one half, NaN when one class is empty. The decision
+AUROC, threshold-free: over the split's questions, the score is the first action's log-odds
+of answering over searching, log p(``answer``) - log p(``search``) (first tokens, at the
+question), and the label is memorised; it says how well the policy ranks what it knows,
+whatever threshold its greedy action puts on that ranking. And the
 memory recall (closed book): on the split's memorised questions, how often the policy,
 forced to answer at once, ranks the true value first among its relation's values (64 with
 two-word values, chance 1/64). The policy's mean group ``reward``, and the best achievable
@@ -42,8 +46,8 @@ from training import workdir as workdir_lib
 
 POLICIES = ('in_context', 'action_supervised', 'rest_single')
 METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
-           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'memory_recall', 'reward',
-           'best_reward', 'best_search_rate_memorised')
+           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'decision_auroc', 'memory_recall',
+           'reward', 'best_reward', 'best_search_rate_memorised')
 
 
 def run(config, workdir):
@@ -143,6 +147,21 @@ def hedge_probabilities(model, variables, formatter, env, episodes, role='assist
                                       [hedge] * len(contexts)))
 
 
+def answer_margins(model, variables, formatter, env, questions, role='assistant'):
+  """Per question (a key of ``env.facts``), log p(``answer``) - log p(``search``) of
+  ``role``'s first action (the first token of each word) at the question."""
+  contexts, continuations = [], []
+  for key in questions:
+    episode = env.reset(np.random.default_rng(0), question=key)
+    context = formatter.context(env.view(episode, role), role)
+    for action in (collab.ANSWER, collab.SEARCH):
+      contexts.append(context)
+      continuations.append(formatter.tokenizer.encode(action)[:1])
+  logp = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
+                               continuations)
+  return logp[0::2] - logp[1::2]
+
+
 def closed_book_answers(model, variables, formatter, env, questions, role='assistant'):
   """Per question (a key of ``env.facts``), the value of its relation the policy finds most
   likely as the whole first turn ``answer VALUE`` (closed book)."""
@@ -191,7 +210,10 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
     questions = env.splits[split]
     answers = closed_book_answers(model, variables, formatter, env, questions)
     recall = [a == env.facts[q] for q, a in zip(questions, answers) if q in env.memorised]
+    known = [q in env.memorised for q in questions]
+    margins = answer_margins(model, variables, formatter, env, questions)
     out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
+                      decision_auroc=auroc(margins, known),
                       memory_recall=float(np.mean(recall)) if recall else float('nan'),
                       reward=float(np.mean([e.reward for e in episodes])),
                       **best_achievable(env, questions, answers), n=len(episodes))
@@ -232,9 +254,9 @@ def report(results) -> str:
       return f"{value['mean']:.3f}"
     return f"{value['mean']:.3f} ± {np.std(value['per_seed'], ddof=1):.3f}"
   lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
-           'searches / question | hedge rate | invalid rate | hedge AUROC | memory recall | '
-           'reward | best reward | best search rate, memorised |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           'searches / question | hedge rate | invalid rate | hedge AUROC | decision AUROC | '
+           'memory recall | reward | best reward | best search rate, memorised |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for split in results['splits']:
     for policy, by_split in results['policies'].items():
       s = by_split[split]

@@ -321,6 +321,8 @@ class JobTest(absltest.TestCase):
     for split in config.splits:
       recall = results['policies']['in_context'][split]['memory_recall']['mean']
       self.assertTrue(0 <= recall <= 1, recall)
+      decision = results['policies']['action_supervised'][split]['decision_auroc']['mean']
+      self.assertTrue(0 <= decision <= 1, decision)  # both classes in every split here
       for policy in repro_collab.POLICIES:  # one search is always there: at least 1 - c
         best = results['policies'][policy][split]['best_reward']['mean']
         self.assertTrue(1 - env.config.search_cost - 1e-9 <= best <= 1, best)
