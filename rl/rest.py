@@ -21,6 +21,10 @@ its roles' turns.
            turns before that role's first turn).
   ReST-EM's ``restart_from_base`` fine-tunes from the initial policy every iteration (on
   samples from the current one).
+  With ``pretraining_mix`` > 0, that share of each Improve step's rows is drawn from the
+  environment's pretraining texts and episodes (rehearsal, as PPO-ptx mixes pretraining
+  gradients into RLHF, Ouyang et al. 2022), so fine-tuning on rollouts does not wear away
+  what pretraining taught.
   Evaluate on the environment's evaluation sets; metrics, samples and a checkpoint.
 Resuming: an iteration has a fixed number of steps, so the step says where the loop stood;
 the Grow output of the running iteration is saved (``grown/iteration_K.npz``) and batch
@@ -81,6 +85,9 @@ def default_rest_config() -> config_dict.ConfigDict:
       # action); 'greedy': the argmax policy. Sets other than the first mode's are named
       # '<set>_<mode>'.
       eval_modes=('sample', 'greedy'),
+      # share of each Improve step's rows drawn from the environment's pretraining texts and
+      # episodes (rehearsal, as PPO-ptx mixes pretraining gradients into RLHF); 0: none
+      pretraining_mix=0.0,
   ))
 
 
@@ -199,11 +206,7 @@ def sft(config, workdir):
   items = [ep.text_transcript(formatter, text) for text in pretraining]
   for variant, d in demos:
     variant_formatter = ep.Formatter(tokenizer, variant.roles, variant.markup)
-    for role in config.sft.roles:
-      if role in variant.speakers:
-        items += [t for t in ep.transcripts(variant, d, variant_formatter, role, (role,),
-                                            demonstration=True)
-                  if t.policy_mask.any()]  # the role spoke
+    items += _role_transcripts(variant, d, variant_formatter, config.sft.roles)
   arrays = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout)
@@ -220,6 +223,20 @@ def sft(config, workdir):
                                final=True))
   _write_json(workdir, 'summary.json', summary)
   return summary
+
+
+def _role_transcripts(env, episodes, formatter, roles):
+  """Each role's transcript of each finished episode it spoke in (its turns trained)."""
+  return [t for role in roles if role in env.speakers
+          for t in ep.transcripts(env, episodes, formatter, role, (role,), demonstration=True)
+          if t.policy_mask.any()]
+
+
+def pretraining_items(env, formatter, roles):
+  """The environment's pretraining texts and its pretraining episodes as ``roles`` see
+  them: one copy of SFT's pretraining share (ReST's rehearsal data)."""
+  return ([ep.text_transcript(formatter, text) for text in env.pretraining_texts()] +
+          _role_transcripts(env, env.pretraining_episodes(), formatter, roles))
 
 
 def _save_tokenizer(trainer, tokenizer):
@@ -246,6 +263,15 @@ def improve_filter(rewards, groups, threshold, margin, max_per_prompt, top_fract
     good = [i for i in order if rewards[i] >= threshold and rewards[i] >= best - margin]
     kept += good[:max_per_prompt]
   return np.asarray(sorted(kept), np.int64)
+
+
+def with_rehearsal(data, rehearsal, mix, rng):
+  """``data``'s rows followed by rows of ``rehearsal`` drawn by ``rng`` (without
+  replacement while there are enough), so that they make up the share ``mix`` of the
+  result."""
+  n = round(len(data['tokens']) * mix / (1 - mix))
+  pick = rng.choice(len(rehearsal['tokens']), n, replace=n > len(rehearsal['tokens']))
+  return {k: np.concatenate([data[k], rehearsal[k][pick]]) for k in data}
 
 
 def _save_arrays(path, arrays):
@@ -280,6 +306,16 @@ def rest(config, workdir):
   _, base = ckpt_lib.load_model(init)
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout, cfg.trained_roles)
+  mix = cfg.get('pretraining_mix', 0.0)
+  if not 0 <= mix < 1:
+    raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={mix} must be in [0, 1).')
+  rehearsal = None
+  if mix:
+    items = pretraining_items(env, formatter, cfg.trained_roles)
+    if not items:
+      raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={mix}, but the environment '
+                                    f'{config.env.name!r} has no pretraining data.')
+    rehearsal = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
   with trainer:
     base = jax.device_get(base)
@@ -302,7 +338,7 @@ def rest(config, workdir):
         if not preempted:
           state, step, preempted = _iteration(trainer, player, state, step, iteration,
                                               position, base, config, tokenizer,
-                                              preemption)
+                                              preemption, rehearsal)
         if preempted:
           break
         iteration, position = iteration + 1, 0
@@ -323,10 +359,11 @@ def _with_base_state(trainer, state, base):
 
 
 def _iteration(trainer, player, state, step, iteration, position, base, config,
-               tokenizer, preemption):
+               tokenizer, preemption, rehearsal=None):
   """Grow (or its saved output, mid-iteration) and the Improve steps of ``iteration`` from
   ``step``; returns (state, step, preempted). A SIGTERM during Grow stops before the first
-  Improve step (``fit`` handles one that arrives during training)."""
+  Improve step (``fit`` handles one that arrives during training). ``rehearsal``: the
+  pretraining rows that ``rest.pretraining_mix`` of each Improve step's rows are drawn from."""
   cfg = config.rest
   per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
   grown_file = trainer.workdir / 'grown' / f'iteration_{iteration + 1}.npz'
@@ -356,8 +393,11 @@ def _iteration(trainer, player, state, step, iteration, position, base, config,
     trainer.writer.write(step, {'improve/kept': len(kept), 'improve/rows': len(rows),
                                 'improve/threshold': threshold,
                                 'improve/kept_reward': float(arrays['ep_rewards'][kept].mean())})
-    batches = ep.epoch_batches({k: arrays[k][rows] for k in ep.BATCH_FIELDS},
-                               config.data.batch_size, (config.seed, iteration, j),
+    data = {k: arrays[k][rows] for k in ep.BATCH_FIELDS}
+    if rehearsal is not None:
+      data = with_rehearsal(data, rehearsal, cfg.pretraining_mix,
+                            np.random.default_rng([config.seed, 3, iteration, j]))
+    batches = ep.epoch_batches(data, config.data.batch_size, (config.seed, iteration, j),
                                start=step - (end - cfg.steps_per_improve))
     result = trainer.fit(state, batches, end)
     state, step = result.state, result.step

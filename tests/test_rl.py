@@ -170,6 +170,24 @@ class ImproveFilterTest(absltest.TestCase):
                                   [0, 1, 2])  # the top half of all samples
 
 
+class RehearsalTest(absltest.TestCase):
+
+  def test_mix_share_and_rows(self):
+    data = {'tokens': np.zeros((6, 3), np.int32), 'rewards': np.ones(6, np.float32)}
+    rehearsal = {'tokens': np.arange(12, dtype=np.int32).reshape(4, 3) + 1,
+                 'rewards': np.zeros(4, np.float32)}
+    mixed = rest.with_rehearsal(data, rehearsal, 0.25, np.random.default_rng(0))
+    self.assertEqual(mixed['tokens'].shape, (8, 3))  # 2 of 8 rows: a quarter
+    np.testing.assert_array_equal(mixed['tokens'][:6], data['tokens'])
+    drawn = {tuple(r) for r in mixed['tokens'][6:]}
+    self.assertLen(drawn, 2)  # without replacement
+    self.assertLessEqual(drawn, {tuple(r) for r in rehearsal['tokens']})
+    np.testing.assert_array_equal(mixed['rewards'][6:], 0)  # rows kept whole
+    half = rest.with_rehearsal(data, rehearsal, 0.5, np.random.default_rng(0))
+    self.assertEqual(len(half['tokens']), 12)  # 6 drawn from 4 rows: with replacement
+    self.assertTrue(np.all(half['tokens'][6:] > 0))
+
+
 class ReproAnalysisTest(absltest.TestCase):
 
   def test_scripted_policies_meet_their_exact_values(self):
