@@ -112,6 +112,9 @@ def _check(config):
                   'steps_per_improve', 'eval_episodes', 'final_eval_episodes'):
       if rest[field] < 1:
         raise workdir_lib.ConfigError(f'config.rest.{field}={rest[field]} must be >= 1.')
+    if not 0 <= rest.get('pretraining_mix', 0.0) < 1:
+      raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={rest.pretraining_mix} '
+                                    'must be in [0, 1).')
 
 
 def _text_of(env, episodes):
@@ -307,8 +310,6 @@ def rest(config, workdir):
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout, cfg.trained_roles)
   mix = cfg.get('pretraining_mix', 0.0)
-  if not 0 <= mix < 1:
-    raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={mix} must be in [0, 1).')
   rehearsal = None
   if mix:
     items = pretraining_items(env, formatter, cfg.trained_roles)

@@ -297,6 +297,10 @@ class RestJobTest(absltest.TestCase):
     misspelt.rest.update(init_workdir='/nonexistent', untrained_after_role='tol')
     with self.assertRaisesRegex(ValueError, "untrained_after_role='tol'"):
       rest.rest(misspelt, self.create_tempdir().full_path)
+    all_rehearsal = copy.deepcopy(config)
+    all_rehearsal.rest.pretraining_mix = 1.0  # no room left for the rollouts
+    with self.assertRaisesRegex(ValueError, 'pretraining_mix=1.0'):
+      rest.rest(all_rehearsal, self.create_tempdir().full_path)
     bad = copy.deepcopy(config.env)
     bad.name = 'clarfy'
     with self.assertRaisesRegex(ValueError, 'clarify'):
