@@ -147,19 +147,28 @@ def hedge_probabilities(model, variables, formatter, env, episodes, role='assist
                                       [hedge] * len(contexts)))
 
 
-def answer_margins(model, variables, formatter, env, questions, role='assistant'):
-  """Per question (a key of ``env.facts``), log p(``answer``) - log p(``search``) of
-  ``role``'s first action (the first token of each word) at the question."""
+def _first_turn_scores(model, variables, formatter, env, questions, replies, role):
+  """log p(reply | the question asked afresh, ``role`` to speak first) for each question
+  (a key of ``env.facts``) and each of ``replies(key)`` (token id lists), flat in that
+  order."""
   contexts, continuations = [], []
   for key in questions:
     episode = env.reset(np.random.default_rng(0), question=key)
     context = formatter.context(env.view(episode, role), role)
-    for action in (collab.ANSWER, collab.SEARCH):
+    for reply in replies(key):
       contexts.append(context)
-      continuations.append(formatter.tokenizer.encode(action)[:1])
-  logp = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
+      continuations.append(reply)
+  return continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
                                continuations)
-  return logp[0::2] - logp[1::2]
+
+
+def answer_margins(model, variables, formatter, env, questions, role='assistant'):
+  """Per question (a key of ``env.facts``), log p(``answer``) - log p(``search``) of
+  ``role``'s first action (the first token of each word) at the question."""
+  actions = [formatter.tokenizer.encode(a)[:1] for a in (collab.ANSWER, collab.SEARCH)]
+  logp = _first_turn_scores(model, variables, formatter, env, questions, lambda _: actions,
+                            role).reshape(-1, 2)
+  return logp[:, 0] - logp[:, 1]
 
 
 def closed_book_answers(model, variables, formatter, env, questions, role='assistant'):
@@ -167,16 +176,11 @@ def closed_book_answers(model, variables, formatter, env, questions, role='assis
   likely as the whole first turn ``answer VALUE`` (closed book)."""
   if not questions:
     return []
-  contexts, continuations = [], []
-  for key in questions:
-    episode = env.reset(np.random.default_rng(0), question=key)
-    context = formatter.context(env.view(episode, role), role)
-    for value in env.values[key[2]]:
-      contexts.append(context)
-      continuations.append(formatter.tokenizer.encode(f'{collab.ANSWER} {value}') +
-                           [formatter.end_id])
-  scores = continuation_logprobs(model, variables, formatter.tokenizer.pad_id, contexts,
-                                 continuations).reshape(len(questions), -1)
+  tokenizer = formatter.tokenizer
+  replies = lambda key: [tokenizer.encode(f'{collab.ANSWER} {value}') + [formatter.end_id]
+                         for value in env.values[key[2]]]
+  scores = _first_turn_scores(model, variables, formatter, env, questions, replies,
+                              role).reshape(len(questions), -1)
   return [env.values[key[2]][i] for key, i in zip(questions, scores.argmax(1))]
 
 
