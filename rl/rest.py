@@ -10,7 +10,8 @@ with the reserved role tokens is built from all the text; the policy is trained 
 its roles' turns.
 
 ``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
-  Grow     ``prompts`` fresh episodes, ``samples_per_prompt`` rollouts of each from the
+  Grow     ``prompts`` fresh episodes (of the env split ``grow_splits[iteration % len]``,
+           ``train`` by default), ``samples_per_prompt`` rollouts of each from the
            current policy (the trained roles sample; in self-play the policy also plays
            the other model roles), scored by the environment's reward.
   Improve  for each threshold tau_j of ``thresholds`` (raised over Improve steps): keep the
@@ -88,6 +89,8 @@ def default_rest_config() -> config_dict.ConfigDict:
       # share of each Improve step's rows drawn from the environment's pretraining texts and
       # episodes (rehearsal, as PPO-ptx mixes pretraining gradients into RLHF); 0: none
       pretraining_mix=0.0,
+      # the env splits Grow asks, one per iteration in turn (e.g. collab's 'train_0', ...)
+      grow_splits=('train',),
   ))
 
 
@@ -115,6 +118,18 @@ def _check(config):
     if not 0 <= rest.get('pretraining_mix', 0.0) < 1:
       raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={rest.pretraining_mix} '
                                     'must be in [0, 1).')
+
+
+def _check_grow_splits(env, splits):
+  """Every split of ``rest.grow_splits`` must be one the environment can reset on."""
+  if not splits:
+    raise workdir_lib.ConfigError('config.rest.grow_splits is empty: name the env split(s) '
+                                  'Grow asks.')
+  for split in splits:
+    try:
+      env.reset(np.random.default_rng(0), split)
+    except ValueError as e:
+      raise workdir_lib.ConfigError(f'config.rest.grow_splits: {e}') from e
 
 
 def _text_of(env, episodes):
@@ -298,6 +313,7 @@ def rest(config, workdir):
     raise workdir_lib.ConfigError('config.rest.init_workdir is empty: name the SFT workdir '
                                   'to start from (job rl_sft).')
   env = envs.make_env(config.env)
+  _check_grow_splits(env, cfg.get('grow_splits', ('train',)))
   if cfg.get('untrained_after_role') and cfg.untrained_after_role not in env.roles:
     raise workdir_lib.ConfigError(f'config.rest.untrained_after_role='
                                   f'{cfg.untrained_after_role!r} is not a role of the '
@@ -421,8 +437,10 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   np_rng = np.random.default_rng([config.seed, 2, iteration])
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
   with trainer.context():
+    splits = cfg.get('grow_splits', ('train',))
     episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
-                                   trainer_lib.model_variables(state), rng)
+                                   trainer_lib.model_variables(state), rng,
+                                   splits[iteration % len(splits)])
   relabelled = [player.env.relabel(e, np_rng) for e in episodes]
   candidates = [i for i, e in enumerate(relabelled) if e is not None]
   items, owners, too_long = [], [], 0

@@ -11,7 +11,7 @@ import numpy as np
 from configs.repro import collab as repro_config
 from model.registry import build_model
 from rl import episodes as ep
-from rl import repro_collab
+from rl import repro_collab, rest
 from rl.envs import base, collab, make_env
 from tests.utils import tiny_config
 from training import tokenizers
@@ -248,6 +248,25 @@ class SftDataTest(parameterized.TestCase):
                      env.facts[known])
     with self.assertRaisesRegex(ValueError, 'demo_fraction'):
       _env(test_fraction=0.5, demo_fraction=0.5)
+
+  def test_train_chunks_deal_the_train_questions_for_grow(self):
+    env, rng = _env(unknown_subjects='fresh', train_chunks=3), np.random.default_rng(0)
+    chunks = [env.splits[f'train_{i}'] for i in range(3)]
+    self.assertCountEqual(sum(chunks, []), env.splits['train'])  # disjoint, all of train
+    self.assertNotIn('train_3', env.splits)
+    self.assertNotIn('train_0', _env().splits)
+    world = set(env.subjects['people']) | set(env.subjects['places'])
+    for i, chunk in enumerate(chunks):
+      for e in (env.reset(rng, f'train_{i}') for _ in range(30)):
+        self.assertEqual(e.subject in world, e.memorised)  # unknown names fresh, as on train
+        if e.memorised:
+          self.assertIn((e.corpus, e.subject, e.relation), chunk)
+    rest._check_grow_splits(env, ('train_0', 'train_2'))
+    for splits, message in ((('train_0', 'train_3'), "'train_3'"), ((), 'empty')):
+      with self.assertRaisesRegex(ValueError, message):
+        rest._check_grow_splits(env, splits)
+    with self.assertRaisesRegex(ValueError, 'train_chunks'):
+      _env(train_chunks=len(env.splits['train']) + 1)
 
 
 class ContinuationLogprobsTest(absltest.TestCase):

@@ -29,6 +29,12 @@ thousands of questions, an unknown entity is one never seen before, and the deci
 be fitted per question. ``test`` and ``ood`` ask the world's subjects, the unmemorised ones
 seen in no training text.
 
+Known entities cannot be drawn fresh: a memorised fact must be in the pretraining text. So
+ReST, asking the train split's questions every iteration, can fit its decision to answer per
+memorised name. ``train_chunks=k`` deals the train questions into ``k`` disjoint splits
+``train_0`` ... ``train_{k-1}`` (for ``rest.grow_splits``): each Grow then asks memorised
+names no earlier iteration asked, as the test split does.
+
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
 
@@ -168,6 +174,8 @@ def default_config() -> config_dict.ConfigDict:
       # the values a counterfactual retrieved value (demo split, relabel) is drawn from:
       # 'relation' (the question's) or 'all' (every relation's: reading is learnt for any value)
       counterfactual_pool='relation',
+      # k > 0: the train questions also dealt into k disjoint splits 'train_0'... (docstring)
+      train_chunks=0,
   ))
 
 
@@ -324,6 +332,12 @@ class CollabEnv(base.Env):
                    'ood': [k for k in keys if k[2] not in config.train_relations]}
     if n_demo > n_test:
       self.splits['demo'] = [questions[i] for i in order[n_test:n_demo]]
+    chunks = config.get('train_chunks', 0)
+    if not 0 <= chunks <= len(self.splits['train']):
+      raise ValueError(f"train_chunks must be in [0, {len(self.splits['train'])}] (the train "
+                       f'questions), got {chunks}.')
+    for i in range(chunks):
+      self.splits[f'train_{i}'] = self.splits['train'][i::chunks]
 
   @property
   def first_role(self) -> str:
@@ -381,7 +395,7 @@ class CollabEnv(base.Env):
     key = overrides.get('question') or self.splits[split][rng.integers(len(self.splits[split]))]
     corpus, subject, relation = key
     value, memorised = self.facts[key], key in self.memorised
-    if (self.fresh and not memorised and split in ('train', 'demo') and
+    if (self.fresh and not memorised and split.startswith(('train', 'demo')) and
         'question' not in overrides):  # an unknown entity never asked before
       subject = self.spare_names[rng.integers(len(self.spare_names))]
       value = str(rng.choice(self.values[relation]))
