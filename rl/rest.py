@@ -436,8 +436,8 @@ def _grow(player, trainer, state, config, iteration, tokenizer):
   cfg = config.rest
   np_rng = np.random.default_rng([config.seed, 2, iteration])
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), iteration)
+  splits = cfg.get('grow_splits', ('train',))
   with trainer.context():
-    splits = cfg.get('grow_splits', ('train',))
     episodes, groups = player.grow(np_rng, cfg.prompts, cfg.samples_per_prompt,
                                    trainer_lib.model_variables(state), rng,
                                    splits[iteration % len(splits)])
