@@ -297,6 +297,10 @@ class RestJobTest(absltest.TestCase):
     misspelt.rest.update(init_workdir='/nonexistent', untrained_after_role='tol')
     with self.assertRaisesRegex(ValueError, "untrained_after_role='tol'"):
       rest.rest(misspelt, self.create_tempdir().full_path)
+    no_grow = copy.deepcopy(misspelt)
+    no_grow.rest.update(untrained_after_role='', grow_splits=())
+    with self.assertRaisesRegex(ValueError, 'grow_splits is empty'):
+      rest.rest(no_grow, self.create_tempdir().full_path)
     all_rehearsal = copy.deepcopy(config)
     all_rehearsal.rest.pretraining_mix = 1.0  # no room left for the rollouts
     with self.assertRaisesRegex(ValueError, 'pretraining_mix=1.0'):
