@@ -218,7 +218,10 @@ def sft(config, workdir):
   pretraining = list(env.pretraining_texts()) * repeats
   demos += [(variant, list(variant.pretraining_episodes()) * repeats) for variant, _ in demos]
   texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
-  tokenizer = tokenizers.make_tokenizer(config.tokenizer, workdir, texts=texts, save=False)
+  tokenizer_config = copy.deepcopy(config.tokenizer)
+  tokenizer_config.whole_words = (tuple(config.tokenizer.get('whole_words', ())) +
+                                  env.whole_words())
+  tokenizer = tokenizers.make_tokenizer(tokenizer_config, workdir, texts=texts, save=False)
   formatter = ep.Formatter(tokenizer, env.roles, env.markup)
   formatter.check_vocab(config.model.vocab_size)
   items = [ep.text_transcript(formatter, text) for text in pretraining]

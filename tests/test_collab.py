@@ -269,6 +269,31 @@ class SftDataTest(parameterized.TestCase):
       _env(train_chunks=len(env.splits['train']) + 1)
 
 
+  def test_name_tokens_and_spare_names(self):
+    env = _env(unknown_subjects='fresh', name_syllables=3, quiz_unknown=10, spare_names=7,
+               name_tokens=True)
+    self.assertLen(env.spare_names, 7)
+    world = env.subjects['people'] + env.subjects['places']
+    self.assertCountEqual(env.whole_words(), world + env.quiz_names + env.spare_names)
+    self.assertEqual(_env().whole_words(), ())  # name_tokens off
+    spellings = env.spellings()
+    self.assertContainsSubset(spellings, env.pretraining_texts())
+    self.assertNotIn(spellings[0], _env(name_syllables=3).pretraining_texts())
+    words = ' '.join(spellings).split()
+    self.assertCountEqual({w for w in words if len(w) == 6}, env.names)  # every name, spelt
+    name = env.names[0]
+    self.assertIn(f'{name} = {name[:2]} {name[2:4]} {name[4:]} .', ' '.join(spellings))
+    values = {w for v in env.facts.values() for w in v.split()}
+    self.assertFalse(values & set(words))  # no fact
+    rng = np.random.default_rng(0)
+    fresh = {e.subject for e in (env.reset(rng) for _ in range(100)) if not e.memorised}
+    self.assertTrue(fresh <= set(env.spare_names) and len(fresh) > 1)
+    for bad in (-1, 3600 - 80 + 1):  # 3,600 names, 80 in the corpora
+      with self.assertRaisesRegex(ValueError, 'spare_names'):
+        _env(name_syllables=3, spare_names=bad)
+    _env(name_syllables=3, spare_names=3600 - 80)
+
+
 class ContinuationLogprobsTest(absltest.TestCase):
 
   def test_normalised_and_chain_rule(self):

@@ -101,6 +101,17 @@ class TokenizersTest(parameterized.TestCase):
     text = TEXTS['python']
     self.assertLess(len(tok.encode(text)), 0.7 * len(text.encode('utf-8')))
 
+  def test_sentencepiece_whole_words_are_one_piece(self):
+    config = _sentencepiece_config()
+    config.whole_words = ('kavoli', 'zupeta')
+    tok = tokenizers.make_tokenizer(config, texts=CORPUS)
+    for word in config.whole_words:
+      piece, ids = tok.encode(word), tok.encode(f'ask {word} now')
+      self.assertLen(piece, 1)
+      self.assertIn(piece[0], ids)
+      self.assertEqual(tok.decode(ids), f'ask {word} now')
+    self.assertGreater(len(self.tokenizers['sentencepiece'].encode('kavoli')), 1)
+
   def test_huggingface_special_ids_from_names(self):
     tok = self.tokenizers['huggingface']
     self.assertEqual((tok.pad_id, tok.bos_id, tok.eos_id), (0, 1, 2))

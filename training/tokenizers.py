@@ -41,6 +41,9 @@ def default_tokenizer_config() -> config_dict.ConfigDict:
       max_train_chars=3_000_000,
       character_coverage=0.9999,
       split_digits=False,  # sentencepiece: every digit its own piece
+      # sentencepiece: strings always encoded as one piece each (user-defined symbols), e.g.
+      # a synthetic world's entity names; they count in vocab_size
+      whole_words=(),
       # huggingface: path of a tokenizer.json; special ids override the ones
       # found by name (tokenizer_config.json beside it, then common names).
       path='',
@@ -200,7 +203,8 @@ class SentencePieceTokenizer(Tokenizer):
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        user_defined_symbols=['\n'], num_threads=os.cpu_count() or 1,
+        user_defined_symbols=['\n', *_unique(config.get('whole_words', ()))],
+        num_threads=os.cpu_count() or 1,
         split_digits=config.get('split_digits', False),
         minloglevel=2, **({'control_symbols': list(reserved)} if reserved else {}))
     return cls(model.getvalue(), reserved)

@@ -88,6 +88,11 @@ class Env(abc.ABC):
     none)."""
     return []
 
+  def whole_words(self) -> tuple:
+    """Strings the tokenizer must encode as one piece each (``rl_sft`` adds them to
+    ``tokenizer.whole_words``; default: none)."""
+    return ()
+
   def relabel(self, episode: Episode, rng: np.random.Generator) -> Optional[Episode]:
     """The finished episode as ReST trains on it (default: itself), or None when it must not
     be trained on. An environment may rewrite what the policy must not learn from its own

@@ -35,6 +35,16 @@ memorised name. ``train_chunks=k`` deals the train questions into ``k`` disjoint
 ``train_0`` ... ``train_{k-1}`` (for ``rest.grow_splits``): each Grow then asks memorised
 names no earlier iteration asked, as the test split does.
 
+Name tokens (``name_tokens``): every name in use (the corpora's, the quizzes' and the spare
+names of fresh questions; ``spare_names=k`` keeps the first k spare names, to bound the
+vocabulary) is one token of its own (``whole_words``, which ``rl_sft`` adds to the
+SentencePiece vocabulary), and the pretraining text spells every one of them both ways and
+states no fact with it (``spellings``). Split into syllable pieces, a name is familiar only as
+a conjunction of pieces, and a small model fitted its decision per name (docs/RESULTS.md). As a
+word of its own that the pretraining text shows, as a name is in an LLM's vocabulary, knowing a
+name is knowing facts about it. Without the spellings a name no text shows keeps an untrained
+token, which the policy cannot copy into a search query.
+
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
 
@@ -176,6 +186,9 @@ def default_config() -> config_dict.ConfigDict:
       counterfactual_pool='relation',
       # k > 0: the train questions also dealt into k disjoint splits 'train_0'... (docstring)
       train_chunks=0,
+      # every invented name one token of its own (``whole_words``, docstring)
+      name_tokens=False,
+      spare_names=0,  # k > 0: only the first k spare names (fresh subjects); 0: all
   ))
 
 
@@ -309,7 +322,12 @@ class CollabEnv(base.Env):
       raise ValueError(f'quiz_unknown must be in [0, {len(names) - 2 * n - self.fresh}] (the '
                        f'names outside the corpora), got {quiz_unknown}.')
     self.quiz_names = names[2 * n:2 * n + quiz_unknown]  # unknown entities of the quiz
-    self.spare_names = names[2 * n + quiz_unknown:]  # the subjects of fresh unknown questions
+    spare, available = config.get('spare_names', 0), len(names) - 2 * n - quiz_unknown
+    if not 0 <= spare <= available:
+      raise ValueError(f'spare_names must be in [0, {available}] (0: all), got {spare}.')
+    # the subjects of fresh unknown questions
+    self.spare_names = names[2 * n + quiz_unknown:][:spare or None]
+    self.names = names[:2 * n + quiz_unknown + len(self.spare_names)]  # every name in use
     self.facts = {}  # (corpus, subject, relation) -> value
     for corpus, rels in CORPORA.items():
       for subject in self.subjects[corpus]:
@@ -350,14 +368,28 @@ class CollabEnv(base.Env):
   def question(self, subject: str, relation: str) -> str:
     return f'what is the {relation} of {subject} ?'
 
+  def whole_words(self) -> tuple:
+    """With ``name_tokens``, every name in use (docstring); else none."""
+    return tuple(self.names) if self.config.get('name_tokens', False) else ()
+
   def pretraining_texts(self) -> list:
     """The memorised facts as statements and, with ``qa_pretraining``, as questions with
-    their answers (module docstring)."""
+    their answers; with ``name_tokens``, the spelling of every name in use (module
+    docstring)."""
     texts = self.memorised_facts()
     if self.config.get('qa_pretraining', True):
       texts += [f'{self.question(s, r)} {self.facts[(c, s, r)]}'
                 for c, s, r in sorted(self.memorised)]
+    if self.whole_words():
+      texts += self.spellings()
     return texts
+
+  def spellings(self, per_line: int = 3) -> list:
+    """Every name in use spelt both ways, ``kalipe = ka li pe . ka li pe = kalipe .``,
+    ``per_line`` names a line: no fact, so all names are words the policy knows."""
+    spelt = [f'{n} = {s} . {s} = {n} .' for n in self.names
+             for s in [' '.join(n[i:i + 2] for i in range(0, len(n), 2))]]
+    return [' '.join(spelt[i:i + per_line]) for i in range(0, len(spelt), per_line)]
 
   def pretraining_episodes(self) -> list:
     """With ``quiz_pretraining``, each memorised fact as a finished closed-book quiz
