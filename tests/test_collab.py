@@ -294,6 +294,25 @@ class SftDataTest(parameterized.TestCase):
     _env(name_syllables=3, spare_names=3600 - 80)
 
 
+  def test_delegation_view_shows_a_helper_only_its_exchange(self):
+    env = _env(helper_view='delegation')
+    key = next(k for k in env.splits['train'] if k not in env.memorised)
+    e = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=key)
+    corpus, subject, relation = key
+    roles = [t.role for t in e.turns]
+    self.assertEqual(roles, ['user', 'asker', corpus, 'tool', corpus, 'asker'])
+    view = env.view(e, corpus)
+    self.assertEqual([t.role for t in view], ['system', 'asker', corpus, 'tool', corpus])
+    self.assertEqual(view[1].text, f'delegate {corpus} {subject} {relation}')
+    self.assertNotIn(subject, view[0].text)  # the name comes only from the delegation
+    self.assertEqual(env.view(e, 'asker')[1:], e.turns)
+    self.assertEqual(_env().view(e, corpus)[1:], e.turns)  # 'all': the whole conversation
+    other = next(c for c in collab.CORPORA if c != corpus)
+    self.assertEqual([t.role for t in env.view(e, other)], ['system'])
+    with self.assertRaisesRegex(ValueError, 'helper_view'):
+      _env(helper_view='question')
+
+
 class ContinuationLogprobsTest(absltest.TestCase):
 
   def test_normalised_and_chain_rule(self):

@@ -57,7 +57,11 @@ Modes (``config.mode``):
                may ``search SUBJECT RELATION`` over its own corpus and replies ``answer ...``
                / ``hedge ...``; the reply goes back to the asker, who ends the episode with
                ``answer``, ``hedge WORDS`` or ``hedge``. Every role is the same policy with its
-               own system turn (``view``).
+               own system turn (``view``). With ``helper_view='all'`` every role sees the
+               whole conversation, so a helper can search the question's subject whatever
+               name the asker delegated, and a wrong name goes unpunished; with
+               ``'delegation'`` a helper sees only the asker's calls to it and its own
+               exchange, as the paper's helpers get only the asker's question.
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
@@ -186,6 +190,9 @@ def default_config() -> config_dict.ConfigDict:
       counterfactual_pool='relation',
       # k > 0: the train questions also dealt into k disjoint splits 'train_0'... (docstring)
       train_chunks=0,
+      # what a helper sees: 'all' (the whole conversation, the user's question included) or
+      # 'delegation' (only its own exchange with the asker, docstring)
+      helper_view='all',
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
       spare_names=0,  # k > 0: only the first k spare names (fresh subjects); 0: all
@@ -304,6 +311,9 @@ class CollabEnv(base.Env):
     if config.get('memorise_by', 'fact') not in ('fact', 'subject'):
       raise ValueError("memorise_by must be 'fact' or 'subject', got "
                        f'{config.memorise_by!r}.')
+    if config.get('helper_view', 'all') not in ('all', 'delegation'):
+      raise ValueError(f"helper_view must be 'all' or 'delegation', got "
+                       f'{config.helper_view!r}.')
     if config.get('quiz_prompt', 'quiz') not in ('quiz', 'role'):
       raise ValueError(f"quiz_prompt must be 'quiz' or 'role', got {config.quiz_prompt!r}.")
     if config.value_words not in (1, 2):
@@ -436,7 +446,8 @@ class CollabEnv(base.Env):
                          relation=relation, value=value, memorised=memorised)
 
   def view(self, episode: CollabEpisode, role: str) -> list:
-    """The role's own system turn, then the shared conversation."""
+    """The role's own system turn, then the shared conversation; with ``helper_view=
+    'delegation'`` a helper sees only its own exchange (``_exchange``)."""
     if episode.quiz and self.config.get('quiz_prompt', 'quiz') == 'quiz':
       prompt = QUIZ_PROMPT
     elif role in CORPORA:
@@ -445,7 +456,24 @@ class CollabEnv(base.Env):
       prompt = 'you are the assistant . you can search people or places facts .'
     else:
       prompt = 'you are the asker . you can delegate to people or places .'
-    return [base.Turn('system', prompt)] + list(episode.turns)
+    turns = episode.turns
+    if role in CORPORA and self.config.get('helper_view', 'all') == 'delegation':
+      turns = self._exchange(episode, role)
+    return [base.Turn('system', prompt)] + list(turns)
+
+  def _exchange(self, episode: CollabEpisode, helper: str) -> list:
+    """The asker's delegations to ``helper``, each followed by the helper's turns and their
+    tool results: not the user's question, so the helper works on the name it was given."""
+    turns, mine = [], False
+    for t in episode.turns:
+      if t.role == self.first_role:
+        parsed = parse(t.text, t.role, self.mode)
+        mine = parsed is not None and parsed[0] == DELEGATE and parsed[1][0] == helper
+        if mine:
+          turns.append(t)
+      elif mine and t.role in (helper, 'tool'):
+        turns.append(t)
+    return turns
 
   def scripted(self, episode: CollabEpisode, role: str) -> str:
     """The tool's turn: the result of the last search, or an error observation with the
