@@ -78,7 +78,9 @@ def _formatter(env):
 def _tiny(config):
   config.unlock()
   config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
-  config.env.subjects_per_corpus = 4
+  # 4 subjects per corpus, 8 quiz and 100 spare names: 116 name tokens of 512
+  config.env.update(subjects_per_corpus=4, quiz_unknown=8, spare_names=100)
+  config.tokenizer.vocab_size = config.model.vocab_size = 512
   config.data.batch_size = 8
   config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
   config.sft.update(episodes=40, pretraining_repeats=2)
