@@ -218,10 +218,7 @@ def sft(config, workdir):
   pretraining = list(env.pretraining_texts()) * repeats
   demos += [(variant, list(variant.pretraining_episodes()) * repeats) for variant, _ in demos]
   texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
-  tokenizer_config = copy.deepcopy(config.tokenizer)
-  tokenizer_config.whole_words = (tuple(config.tokenizer.get('whole_words', ())) +
-                                  env.whole_words())
-  tokenizer = tokenizers.make_tokenizer(tokenizer_config, workdir, texts=texts, save=False)
+  tokenizer = sft_tokenizer(config.tokenizer, env, workdir, texts)
   formatter = ep.Formatter(tokenizer, env.roles, env.markup)
   formatter.check_vocab(config.model.vocab_size)
   items = [ep.text_transcript(formatter, text) for text in pretraining]
@@ -258,6 +255,15 @@ def pretraining_items(env, formatter, roles):
   them: one copy of SFT's pretraining share (ReST's rehearsal data)."""
   return ([ep.text_transcript(formatter, text) for text in env.pretraining_texts()] +
           _role_transcripts(env, env.pretraining_episodes(), formatter, roles))
+
+
+def sft_tokenizer(tokenizer_config, env, workdir, texts):
+  """``rl_sft``'s tokenizer: ``tokenizer_config`` with the env's ``whole_words`` added,
+  trained on ``texts`` (or reloaded from ``workdir``); not saved yet."""
+  tokenizer_config = copy.deepcopy(tokenizer_config)
+  tokenizer_config.whole_words = (tuple(tokenizer_config.get('whole_words', ())) +
+                                  env.whole_words())
+  return tokenizers.make_tokenizer(tokenizer_config, workdir, texts=texts, save=False)
 
 
 def _save_tokenizer(trainer, tokenizer):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from configs.repro import collab as repro_config
+from configs.rl import collab as configs_collab
 from model.registry import build_model
 from rl import episodes as ep
 from rl import repro_collab, rest
@@ -78,9 +79,7 @@ def _formatter(env):
 def _tiny(config):
   config.unlock()
   config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
-  # 4 subjects per corpus, 8 quiz and 100 spare names: 116 name tokens of 512
-  config.env.update(subjects_per_corpus=4, quiz_unknown=8, spare_names=100)
-  config.tokenizer.vocab_size = config.model.vocab_size = 512
+  config.env.subjects_per_corpus = 4
   config.data.batch_size = 8
   config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
   config.sft.update(episodes=40, pretraining_repeats=2)
@@ -290,6 +289,12 @@ class SftDataTest(parameterized.TestCase):
     rng = np.random.default_rng(0)
     fresh = {e.subject for e in (env.reset(rng) for _ in range(100)) if not e.memorised}
     self.assertTrue(fresh <= set(env.spare_names) and len(fresh) > 1)
+    tokenizer_config = configs_collab.get_config('sft').tokenizer
+    tokenizer = rest.sft_tokenizer(tokenizer_config, env, None, env.pretraining_texts() * 3)
+    for name in (world[0], env.spare_names[0]):
+      self.assertLen(tokenizer.encode(name), 1)
+      self.assertIn(tokenizer.encode(name)[0], tokenizer.encode(f'search people {name} job'))
+    self.assertEqual(tokenizer_config.get('whole_words', ()), ())  # the config is unchanged
     for bad in (-1, 3600 - 80 + 1):  # 3,600 names, 80 in the corpora
       with self.assertRaisesRegex(ValueError, 'spare_names'):
         _env(name_syllables=3, spare_names=bad)

@@ -17,9 +17,8 @@ tool result), and are evaluated as the single agent; ``rest`` plays the society 
 the same policy) and trains on its rollouts with each retrieved value replaced by a
 counterfactual one (``CollabEnv.relabel``: the turns after a search teach reading the
 result, not the fact). The world (``rl/envs/collab.py``): memory by entity, every unmemorised
-train or demo question about a newly drawn name (3-syllable names), 240 quizzes about
-unknown entities answered ``hedge``, every name one token (spelt in the pretraining text),
-and helpers that see only what the asker delegates to them. The whole reproduction is ``configs/repro/collab.py``.
+train or demo question about a newly drawn name (3-syllable names), and 240 quizzes about
+unknown entities answered ``hedge``. The whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -39,12 +38,10 @@ def get_config(stage='sft'):
   config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
                     generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
                     unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
-                    name_tokens=True, spare_names=1000, helper_view='delegation',
                     mode='society' if stage == 'rest' else 'single')
-  # 512 pieces besides the 1,480 names (240 subjects, 240 quiz names, 1,000 spare names)
-  config.tokenizer.update(kind='sentencepiece', vocab_size=2048,
+  config.tokenizer.update(kind='sentencepiece', vocab_size=512,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
-  config.model = base.model_config(vocab_size=2048, embed_dim=128, num_layers=3, num_heads=4,
+  config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
   config.data.seq_len = 96  # demonstrations: at most 85 tokens (the tokenizer is each stage's)
   config.data.batch_size = 64
