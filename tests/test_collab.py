@@ -269,7 +269,6 @@ class SftDataTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'train_chunks'):
       _env(train_chunks=len(env.splits['train']) + 1)
 
-
   def test_name_tokens_and_spare_names(self):
     env = _env(unknown_subjects='fresh', name_syllables=3, quiz_unknown=10, spare_names=7,
                name_tokens=True)
@@ -299,7 +298,6 @@ class SftDataTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, 'spare_names'):
         _env(name_syllables=3, spare_names=bad)
     _env(name_syllables=3, spare_names=3600 - 80)
-
 
   def test_delegation_view_shows_a_helper_only_its_exchange(self):
     env = _env(helper_view='delegation')
