@@ -318,6 +318,27 @@ class SftDataTest(parameterized.TestCase):
       _env(helper_view='question')
 
 
+  def test_spelt_calls_name_the_subject_in_syllables(self):
+    env = _env(spelt_calls=True, name_syllables=3)
+    key = next(k for k in env.splits['train'] if k not in env.memorised)
+    corpus, subject, relation = key
+    spelt = collab.spell(subject)
+    self.assertEqual(spelt.replace(' ', ''), subject)
+    self.assertLen(spelt.split(), 3)
+    e = env.demonstration(np.random.default_rng(0), behaviour='oracle', question=key)
+    self.assertEqual([t.text for t in e.turns[1:4]], [
+        f'delegate {corpus} {spelt} {relation}', f'search {spelt} {relation}',
+        f'result {spelt} {relation} {env.facts[key]}'])
+    self.assertEqual(e.turns[0].text, env.question(subject, relation))  # one word there
+    self.assertEqual(e.reward, 1 - env.config.search_cost)
+    for text in (f'search {corpus} {spelt} {relation}', f'search {corpus} {subject} {relation}'):
+      self.assertEqual(env.parse(text, 'assistant'), ('search', key))  # spelt or whole
+    self.assertIsNone(collab.parse(f'search {corpus} {spelt} {relation}', 'assistant', 'single'))
+    self.assertEqual(env.search(corpus, 'nobody', relation), 'result none')
+    relabelled = env.relabel(e, np.random.default_rng(1))
+    self.assertNotEqual(relabelled.value, e.value)  # the found fact is recognised
+    self.assertEqual(relabelled.turns[3].text, f'result {spelt} {relation} {relabelled.value}')
+
 class ContinuationLogprobsTest(absltest.TestCase):
 
   def test_normalised_and_chain_rule(self):

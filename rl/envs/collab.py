@@ -47,6 +47,13 @@ token, which the policy cannot copy into a search query. A diagnostic option, no
 with it the decision generalises to unseen names, but this small model copies a one-token name
 into a call unreliably, worse after ReST (docs/RESULTS.md).
 
+Spelt calls (``spelt_calls``): calls, delegations and tool results write the subject in its
+syllables, ``search people ka li pe job`` for the question's one-token ``kalipe``; ``parse``
+joins the words between corpus and relation (a call naming the whole word parses too). With
+``name_tokens`` this turns copying a name into spelling it, which the pretraining text shows
+for every name in use, and every call's name is written with the same syllable tokens, so
+training on calls that name some names does not make the others less likely outputs.
+
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
 
@@ -197,6 +204,8 @@ def default_config() -> config_dict.ConfigDict:
       helper_view='all',
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
+      # calls, delegations and tool results spell the subject in syllables (docstring)
+      spelt_calls=False,
       spare_names=0,  # k > 0: only the first k spare names (fresh subjects); 0: all
   ))
 
@@ -231,20 +240,18 @@ def tool_word(role: str) -> str:
   return DELEGATE if role == 'asker' else SEARCH
 
 
-def _call(episode, role: str) -> str:
-  """The well-formed tool call of ``role`` for the episode's question (a helper names no
-  corpus: it searches its own)."""
-  if role in CORPORA:
-    return f'{SEARCH} {episode.subject} {episode.relation}'
-  return f'{tool_word(role)} {episode.corpus} {episode.subject} {episode.relation}'
+def spell(name: str) -> str:
+  """A name in its syllables: ``kalipe`` -> ``ka li pe`` (every syllable has 2 letters)."""
+  return ' '.join(name[i:i + 2] for i in range(0, len(name), 2))
 
 
-def parse(text: str, role: str, mode: str) -> Optional[tuple]:
+def parse(text: str, role: str, mode: str, spelt: bool = False) -> Optional[tuple]:
   """(action, arguments) of a model turn, or None when it does not parse for that role.
 
   single assistant: search CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
   society asker: delegate CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
   society helper (role = its corpus): search SUBJECT RELATION | answer WORDS | hedge [WORDS].
+  With ``spelt`` the SUBJECT may span several words, joined: ``ka li pe`` names ``kalipe``.
   """
   words = text.split()
   if not words:
@@ -258,6 +265,8 @@ def parse(text: str, role: str, mode: str) -> Optional[tuple]:
     return None
   if role in CORPORA:  # a helper searches its own corpus
     rest = [role] + rest
+  if spelt and len(rest) > 3:
+    rest = [rest[0], ''.join(rest[1:-1]), rest[-1]]
   if len(rest) != 3 or rest[0] not in CORPORA:
     return None
   return (action, tuple(rest))
@@ -321,6 +330,7 @@ class CollabEnv(base.Env):
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
+    self.spelt = config.get('spelt_calls', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
                    tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r]) for r in BASES}
     self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
@@ -399,8 +409,7 @@ class CollabEnv(base.Env):
   def spellings(self, per_line: int = 3) -> list:
     """Every name in use spelt both ways, ``kalipe = ka li pe . ka li pe = kalipe .``,
     ``per_line`` names a line: no fact, so all names are words the policy knows."""
-    spelt = [f'{n} = {s} . {s} = {n} .' for n in self.names
-             for s in [' '.join(n[i:i + 2] for i in range(0, len(n), 2))]]
+    spelt = [f'{n} = {s} . {s} = {n} .' for n in self.names for s in [spell(n)]]
     return [' '.join(spelt[i:i + per_line]) for i in range(0, len(spelt), per_line)]
 
   def pretraining_episodes(self) -> list:
@@ -428,10 +437,28 @@ class CollabEnv(base.Env):
                          done=True, corpus=corpus, subject=subject, relation=relation,
                          quiz=True, **fields)
 
+  def call_name(self, subject: str) -> str:
+    """The subject as calls and tool results write it: spelt with ``spelt_calls``."""
+    return spell(subject) if self.spelt else subject
+
+  def parse(self, text: str, role: str) -> Optional[tuple]:
+    """``parse`` in this env's mode and call format."""
+    return parse(text, role, self.mode, self.spelt)
+
+  def _call(self, episode: CollabEpisode, role: str) -> str:
+    """The well-formed tool call of ``role`` for the episode's question (a helper names no
+    corpus: it searches its own)."""
+    corpus = '' if role in CORPORA else f' {episode.corpus}'
+    return f'{tool_word(role)}{corpus} {self.call_name(episode.subject)} {episode.relation}'
+
+  def result(self, subject: str, relation: str, value: str) -> str:
+    """The tool turn of a search that found ``value``."""
+    return f'result {self.call_name(subject)} {relation} {value}'
+
   def search(self, corpus: str, subject: str, relation: str) -> str:
     """The tool: exact-match retrieval over one corpus."""
     value = self.facts.get((corpus, subject, relation))
-    return f'result {subject} {relation} {value}' if value else 'result none'
+    return self.result(subject, relation, value) if value else 'result none'
 
   def reset(self, rng: np.random.Generator, split: str = 'train', **overrides) -> CollabEpisode:
     if split not in self.splits:
@@ -469,7 +496,7 @@ class CollabEnv(base.Env):
     turns, mine = [], False
     for t in episode.turns:
       if t.role == self.first_role:
-        parsed = parse(t.text, t.role, self.mode)
+        parsed = self.parse(t.text, t.role)
         mine = parsed is not None and parsed[0] == DELEGATE and parsed[1][0] == helper
         if mine:
           turns.append(t)
@@ -483,13 +510,13 @@ class CollabEnv(base.Env):
     if role != 'tool':
       raise NotImplementedError(f'CollabEnv has no scripted {role!r}.')
     last = episode.turns[-1]
-    parsed = parse(last.text, last.role, self.mode)
+    parsed = self.parse(last.text, last.role)
     if parsed is None:
       corpus = '' if last.role in CORPORA else ' people|places'
       return f'error malformed call , use {tool_word(last.role)}{corpus} SUBJECT RELATION'
     corpus, subject, relation = parsed[1]
     if (corpus, subject, relation) == (episode.corpus, episode.subject, episode.relation):
-      return f'result {subject} {relation} {episode.value}'  # the episode's fact (demo)
+      return self.result(subject, relation, episode.value)  # the episode's fact (demo)
     return self.search(corpus, subject, relation)
 
   def step(self, episode: CollabEpisode) -> None:
@@ -497,7 +524,7 @@ class CollabEnv(base.Env):
     if turn.role == 'tool':  # back to whoever searched
       episode.next_role = episode.helper or self.first_role
       return
-    parsed = parse(turn.text, turn.role, self.mode) if turn.ended else None
+    parsed = self.parse(turn.text, turn.role) if turn.ended else None
     words = turn.text.split()
     malformed_call = (turn.ended and parsed is None and bool(words) and
                       words[0] == tool_word(turn.role))
@@ -554,7 +581,7 @@ class CollabEnv(base.Env):
     if episode.turns[-1].role == 'tool' or (role == 'asker' and episode.turns[-1].role in CORPORA):
       return f'{ANSWER} {episode.value}'
     if role in CORPORA or not episode.memorised:
-      return _call(episode, role)
+      return self._call(episode, role)
     return f'{ANSWER} {episode.value}'
 
   def generic_turn(self, episode: CollabEpisode, role: str, rng: np.random.Generator) -> str:
@@ -568,7 +595,7 @@ class CollabEnv(base.Env):
       return last.text
     action = (SEARCH, ANSWER, HEDGE)[rng.choice(3, p=self.config.generic_actions)]
     if action == SEARCH:
-      return _call(episode, role)
+      return self._call(episode, role)
     memory = (episode.value if episode.memorised else
               str(rng.choice(self.values[episode.relation])))
     return f'{action} {memory}'
@@ -596,7 +623,7 @@ class CollabEnv(base.Env):
     if not self.config.get('fixed_knowledge', False):
       return episode
     turns = episode.turns
-    found = f'result {episode.subject} {episode.relation} {episode.value}'
+    found = self.result(episode.subject, episode.relation, episode.value)
     start = next((i for i, t in enumerate(turns) if t.role == 'tool' and t.text == found), None)
     if start is None:
       return None if not episode.memorised and episode.info.get('f1', 0) > 0 else episode
