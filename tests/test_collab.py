@@ -318,8 +318,8 @@ class SftDataTest(parameterized.TestCase):
       _env(helper_view='question')
 
 
-  def test_spelt_calls_name_the_subject_in_syllables(self):
-    env = _env(spelt_calls=True, name_syllables=3)
+  def test_spelt_names_in_questions_and_calls(self):
+    env = _env(spelt_names=True, name_syllables=3)
     key = next(k for k in env.splits['train'] if k not in env.memorised)
     corpus, subject, relation = key
     spelt = collab.spell(subject)
@@ -329,7 +329,7 @@ class SftDataTest(parameterized.TestCase):
     self.assertEqual([t.text for t in e.turns[1:4]], [
         f'delegate {corpus} {spelt} {relation}', f'search {spelt} {relation}',
         f'result {spelt} {relation} {env.facts[key]}'])
-    self.assertEqual(e.turns[0].text, env.question(subject, relation))  # one word there
+    self.assertEqual(e.turns[0].text, f'what is the {relation} of {subject} {spelt} ?')
     self.assertEqual(e.reward, 1 - env.config.search_cost)
     for text in (f'search {corpus} {spelt} {relation}', f'search {corpus} {subject} {relation}'):
       self.assertEqual(env.parse(text, 'assistant'), ('search', key))  # spelt or whole

@@ -47,12 +47,16 @@ token, which the policy cannot copy into a search query. A diagnostic option, no
 with it the decision generalises to unseen names, but this small model copies a one-token name
 into a call unreliably, worse after ReST (docs/RESULTS.md).
 
-Spelt calls (``spelt_calls``): calls, delegations and tool results write the subject in its
-syllables, ``search people ka li pe job`` for the question's one-token ``kalipe``; ``parse``
-joins the words between corpus and relation (a call naming the whole word parses too). With
-``name_tokens`` this turns copying a name into spelling it, which the pretraining text shows
-for every name in use, and every call's name is written with the same syllable tokens, so
-training on calls that name some names does not make the others less likely outputs.
+Spelt names (``spelt_names``): the question writes the subject as its word and spelt in its
+syllables, ``what is the job of kalipe ka li pe ?``, and calls, delegations and tool results
+spell it, ``search people ka li pe job``; ``parse`` joins the words between corpus and
+relation (a call naming the whole word parses too). With ``name_tokens`` the one-token word
+carries what is known about the entity, and a call copies syllable pieces, as in a question
+of syllable names. Every call's name is then written with the same 16 syllable tokens, so
+training on calls that name some names does not make the others less likely outputs, which
+copying one-token names suffered from under ReST. Spelling a one-token name into a call,
+with the question showing only the word, was not learnt by SFT here: no call of the SFT
+policy, sampled, named its subject (docs/RESULTS.md).
 
 Tool: exact-match retrieval over one corpus. ``search people kavo job`` returns the tool
 turn ``result kavo job head baker`` (or ``result none`` for an unknown key or the wrong corpus).
@@ -204,8 +208,8 @@ def default_config() -> config_dict.ConfigDict:
       helper_view='all',
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
-      # calls, delegations and tool results spell the subject in syllables (docstring)
-      spelt_calls=False,
+      # the question also spells the subject; calls and tool results spell it (docstring)
+      spelt_names=False,
       spare_names=0,  # k > 0: only the first k spare names (fresh subjects); 0: all
   ))
 
@@ -330,7 +334,7 @@ class CollabEnv(base.Env):
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
-    self.spelt = config.get('spelt_calls', False)
+    self.spelt = config.get('spelt_names', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
                    tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r]) for r in BASES}
     self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
@@ -388,7 +392,8 @@ class CollabEnv(base.Env):
     return [f'{s} {r} {self.facts[(c, s, r)]}' for c, s, r in sorted(self.memorised)]
 
   def question(self, subject: str, relation: str) -> str:
-    return f'what is the {relation} of {subject} ?'
+    name = f'{subject} {spell(subject)}' if self.spelt else subject
+    return f'what is the {relation} of {name} ?'
 
   def whole_words(self) -> tuple:
     """With ``name_tokens``, every name in use (docstring); else none."""
@@ -438,7 +443,7 @@ class CollabEnv(base.Env):
                          quiz=True, **fields)
 
   def call_name(self, subject: str) -> str:
-    """The subject as calls and tool results write it: spelt with ``spelt_calls``."""
+    """The subject as calls and tool results write it: spelt with ``spelt_names``."""
     return spell(subject) if self.spelt else subject
 
   def parse(self, text: str, role: str) -> Optional[tuple]:
