@@ -17,8 +17,10 @@ tool result), and are evaluated as the single agent; ``rest`` plays the society 
 the same policy) and trains on its rollouts with each retrieved value replaced by a
 counterfactual one (``CollabEnv.relabel``: the turns after a search teach reading the
 result, not the fact). The world (``rl/envs/collab.py``): memory by entity, every unmemorised
-train or demo question about a newly drawn name (3-syllable names), and 240 quizzes about
-unknown entities answered ``hedge``. The whole reproduction is ``configs/repro/collab.py``.
+train or demo question about a newly drawn name (3-syllable names, the first 1,000 spare
+names), 240 quizzes about unknown entities answered ``hedge``, every name one token of its
+own that the pretraining text spells, and the question writing the name as its word and
+spelt, calls and tool results spelling it (``name_tokens``, ``spelt_names``). The whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -38,10 +40,11 @@ def get_config(stage='sft'):
   config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
                     generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
                     unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
+                    name_tokens=True, spare_names=1000, spelt_names=True,
                     mode='society' if stage == 'rest' else 'single')
-  config.tokenizer.update(kind='sentencepiece', vocab_size=512,
+  config.tokenizer.update(kind='sentencepiece', vocab_size=2048,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
-  config.model = base.model_config(vocab_size=512, embed_dim=128, num_layers=3, num_heads=4,
+  config.model = base.model_config(vocab_size=2048, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
   config.data.seq_len = 96  # demonstrations: at most 85 tokens (the tokenizer is each stage's)
   config.data.batch_size = 64
