@@ -49,7 +49,7 @@ def get_config(stage='sft'):
   config.data.seq_len = 96  # demonstrations: at most 85 tokens (the tokenizer is each stage's)
   config.data.batch_size = 64
   config.sft = rest.default_sft_config()
-  config.sft.update(episodes=3000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
+  config.sft.update(episodes=6000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
                     behaviour='oracle' if stage == 'oracle' else 'generic',
                     env_variants=({'mode': 'single'}, {'mode': 'society'}),
                     pretraining_repeats=10, split='demo')
