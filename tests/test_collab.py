@@ -79,7 +79,8 @@ def _formatter(env):
 def _tiny(config):
   config.unlock()
   config.model.update(embed_dim=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
-  config.env.subjects_per_corpus = 4
+  config.env.update(subjects_per_corpus=4, spare_names=20)
+  config.tokenizer.vocab_size = config.model.vocab_size = 768  # fewer names, fewer pieces
   config.data.batch_size = 8
   config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
   config.sft.update(episodes=40, pretraining_repeats=2)
@@ -289,6 +290,7 @@ class SftDataTest(parameterized.TestCase):
     fresh = {e.subject for e in (env.reset(rng) for _ in range(100)) if not e.memorised}
     self.assertTrue(fresh <= set(env.spare_names) and len(fresh) > 1)
     tokenizer_config = configs_collab.get_config('sft').tokenizer
+    tokenizer_config.vocab_size = 512  # this small world's text holds fewer pieces
     tokenizer = rest.sft_tokenizer(tokenizer_config, env, None, env.pretraining_texts() * 3)
     for name in (world[0], env.spare_names[0]):
       self.assertLen(tokenizer.encode(name), 1)

@@ -43,9 +43,9 @@ states no fact with it (``spellings``). Split into syllable pieces, a name is fa
 a conjunction of pieces, and a small model fitted its decision per name (docs/RESULTS.md). As a
 word of its own that the pretraining text shows, as a name is in an LLM's vocabulary, knowing a
 name is knowing facts about it. Without the spellings a name no text shows keeps an untrained
-token, which the policy cannot copy into a search query. A diagnostic option, not the job's:
-with it the decision generalises to unseen names, but this small model copies a one-token name
-into a call unreliably, worse after ReST (docs/RESULTS.md).
+token, which the policy cannot copy into a search query. With it the decision generalises to
+unseen names, but this small model copies a one-token name into a call unreliably, worse
+after ReST (docs/RESULTS.md); the job pairs it with ``spelt_names``.
 
 Spelt names (``spelt_names``): the question writes the subject as its word and spelt in its
 syllables, ``what is the job of kalipe ka li pe ?``, and calls, delegations and tool results
