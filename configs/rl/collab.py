@@ -10,9 +10,9 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
 ``CollabEnv.pretraining_texts``) and as closed-book quiz conversations
 (``pretraining_episodes``), plus format demonstrations whose actions ignore what is memorised
 (a tool call half the time, an answer or a hedge a quarter each: the in-context baseline and
-ReST's start; 6,000 of them, half per mode, so that a delegated helper learns to copy the spelt
-name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: the same facts plus ``oracle_turn`` demonstrations (the
-action-supervised baseline). Both train on both modes' demonstrations, which ask the
+ReST's start; 6,000 of them, half per mode, so that a delegated helper learns to copy the
+spelt name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: the same
+facts plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both modes' demonstrations, which ask the
 questions of the ``demo`` split (none of ReST's ``train`` facts appears in a demonstration's
 tool result), and are evaluated as the single agent; ``rest`` plays the society (every role
 the same policy) and trains on its rollouts with each retrieved value replaced by a
@@ -21,7 +21,8 @@ result, not the fact). The world (``rl/envs/collab.py``): memory by entity, ever
 train or demo question about a newly drawn name (3-syllable names, the first 1,000 spare
 names), 240 quizzes about unknown entities answered ``hedge``, every name one token of its
 own that the pretraining text spells, and the question writing the name as its word and
-spelt, calls and tool results spelling it (``name_tokens``, ``spelt_names``). The whole reproduction is ``configs/repro/collab.py``.
+spelt, calls and tool results spelling it (``name_tokens``, ``spelt_names``). The whole
+reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -47,7 +48,7 @@ def get_config(stage='sft'):
                           reserved_tokens=episodes.reserved_tokens(ROLES))
   config.model = base.model_config(vocab_size=2048, embed_dim=128, num_layers=3, num_heads=4,
                                    num_kv_heads=2, mlp_dim=384)
-  config.data.seq_len = 96  # demonstrations: at most 85 tokens (the tokenizer is each stage's)
+  config.data.seq_len = 96  # demonstrations: at most 64 tokens (the tokenizer is each stage's)
   config.data.batch_size = 64
   config.sft = rest.default_sft_config()
   config.sft.update(episodes=6000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
