@@ -319,7 +319,6 @@ class SftDataTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'helper_view'):
       _env(helper_view='question')
 
-
   def test_spelt_names_in_questions_and_calls(self):
     env = _env(spelt_names=True, name_syllables=3)
     key = next(k for k in env.splits['train'] if k not in env.memorised)
@@ -340,6 +339,7 @@ class SftDataTest(parameterized.TestCase):
     relabelled = env.relabel(e, np.random.default_rng(1))
     self.assertNotEqual(relabelled.value, e.value)  # the found fact is recognised
     self.assertEqual(relabelled.turns[3].text, f'result {spelt} {relation} {relabelled.value}')
+
 
 class ContinuationLogprobsTest(absltest.TestCase):
 
