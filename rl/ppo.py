@@ -32,9 +32,7 @@ from rl import losses
 from rl import play as play_lib
 from rl import rest
 from rl import value as value_lib
-from training import checkpoint as ckpt_lib
 from training import sharding
-from training import tokenizers
 from training import trainer as trainer_lib
 from training import workdir as workdir_lib
 
@@ -119,11 +117,7 @@ def ppo(config, workdir):
   check_config(config)
   cfg = config.ppo
   env = envs.make_env(config.env)
-  init = workdir_lib.path(cfg.init_workdir)
-  tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
-  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
-  formatter.check_vocab(config.model.vocab_size)
-  base_model, base = ckpt_lib.load_model(init)
+  tokenizer, formatter, base_model, base = rest.init_policy(cfg.init_workdir, env, config)
   model = value_lib.WithValueHead(base_model)
   trainer = trainer_lib.Trainer(config, workdir, model=model, loss_fn=make_loss(config))
   player = play_lib.Player(env, trainer, formatter, config.rollout, (cfg.trained_role,))
@@ -134,7 +128,6 @@ def ppo(config, workdir):
       variables, batch['tokens'], positions=batch['positions'],
       segment_ids=batch['segment_ids'])[1]['values'])
   with trainer:
-    base = jax.device_get(base)
     state = trainer.restore_or_init(init_params=value_lib.wrap_params(base['params'], head))
     rest._save_tokenizer(trainer, tokenizer)  # pylint: disable=protected-access
     reference = trainer.shard_params(base['params'], base_model)

@@ -4,9 +4,13 @@
 Stages (``configs/repro/collab.py``), each a resumable workdir under the job's workdir:
 ``sft`` (the in-context baseline: the memorised facts as text and quiz conversations plus
 format demonstrations whose actions ignore what is memorised; ReST starts from it),
-``oracle`` (the action-supervised baseline: the facts plus ``oracle_turn`` demonstrations)
-and, per seed, ``rest_s<seed>`` (ReST on the society: asker, people and places helpers, one
-policy, the tool scripted, knowledge fixed by ``CollabEnv.relabel``). Deployment
+``oracle`` (the action-supervised baseline: ``sft`` fine-tuned on the facts plus
+``oracle_turn`` demonstrations) and, per seed, ``rest_s<seed>`` (ReST on the society: asker,
+people and places helpers, one policy, the tool scripted, knowledge fixed by
+``CollabEnv.relabel``). ReST's policy of a seed is its checkpoint at the end of the iteration
+whose single agent earns the highest mean reward (``validation_reward``; the first on ties)
+on the questions of ``select_split``, which ReST never asks (early stopping; the SFT policy
+itself is not a candidate); with ``select_split=''``, the last iteration's. Deployment
 (``deploy``): each policy alone with both tools (mode 'single'), greedy actions, on every
 question of each split. Metrics per split: search rate on
 memorised and unmemorised questions, F1, searches per question, hedge rate, invalid rate and
@@ -55,25 +59,37 @@ def run(config, workdir):
   root = workdir_lib.path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   timings, start = {}, time.time()
-  for name in ('sft', 'oracle'):
-    t0 = time.time()
-    rest.sft(rest.stage_config(config, name, config.seeds[0]), root / name)
-    timings[name] = time.time() - t0
-  dirs = {'in_context': [root / 'sft'], 'action_supervised': [root / 'oracle'],
-          'rest_single': []}
-  for seed in config.seeds:
-    t0 = time.time()
-    rest.rest(rest.stage_config(config, 'rest', seed, str(root / 'sft')), root / f'rest_s{seed}')
-    dirs['rest_single'].append(root / f'rest_s{seed}')
-    timings[f'rest_s{seed}'] = time.time() - t0
   env_config = copy.deepcopy(config.stages.sft.env)
   env_config.unlock()
   env_config.mode = 'single'
   rollout = config.stages.sft.rollout
-  results = {'policies': {}, 'splits': list(config.splits)}
+  deploying = dict(env_config=env_config, max_new_tokens=rollout.max_new_tokens,
+                   max_turns=rollout.max_turns, seed=config.seeds[0])
+  rest_steps = iteration_steps(config.stages.rest)
+  for name in ('sft', 'oracle'):
+    t0 = time.time()
+    stage = rest.stage_config(config, name, config.seeds[0])
+    if name == 'oracle':  # action-supervised: the in-context policy fine-tuned on oracle demos
+      stage.sft.init_workdir = str(root / 'sft')
+    rest.sft(stage, root / name)
+    timings[name] = time.time() - t0
+  dirs = {'in_context': [(root / 'sft', None)], 'action_supervised': [(root / 'oracle', None)],
+          'rest_single': []}
+  selection = []
+  for seed in config.seeds:
+    t0 = time.time()
+    workdir_s = root / f'rest_s{seed}'
+    rest.rest(rest.stage_config(config, 'rest', seed, str(root / 'sft')), workdir_s)
+    rewards = ([validation_reward(workdir_s, step, config.select_split, **deploying)
+                for step in rest_steps] if config.select_split else [])
+    chosen = int(np.argmax(rewards)) if rewards else len(rest_steps) - 1
+    selection.append({'iteration': chosen + 1, 'validation_rewards': rewards})
+    dirs['rest_single'].append((workdir_s, rest_steps[chosen]))
+    timings[f'rest_s{seed}'] = time.time() - t0
+  results = {'policies': {}, 'splits': list(config.splits), 'select_split': config.select_split,
+             'rest_selection': selection}
   for policy, policy_dirs in dirs.items():
-    runs = [deploy(d, env_config, config.splits, rollout.max_new_tokens, rollout.max_turns,
-                   config.seeds[0]) for d in policy_dirs]
+    runs = [deploy(d, splits=config.splits, step=step, **deploying) for d, step in policy_dirs]
     results['policies'][policy] = {
         split: {m: {'mean': float(np.mean([r[split][m] for r in runs])),
                     'per_seed': [r[split][m] for r in runs]} for m in METRICS + ('n',)}
@@ -195,20 +211,58 @@ def best_achievable(env, questions, answers) -> dict:
           'best_search_rate_memorised': float(np.mean(known)) if known else float('nan')}
 
 
-def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed):
-  """The policy of ``policy_dir`` alone with both tools, greedy, on every question of each
-  split -> {split: env summary + hedge_auroc + n}."""
-  model, variables = ckpt_lib.load_model(policy_dir)
+def iteration_steps(rest_config) -> list:
+  """The training step at the end of each ReST iteration of the stage ``rest_config``; the
+  stage must checkpoint every iteration and keep them all."""
+  cfg, train = rest_config.rest, rest_config.train
+  per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
+  if per_iteration % train.checkpoint_every or train.keep_checkpoints < cfg.iterations:
+    raise ValueError(
+        f'stages.rest.train.checkpoint_every={train.checkpoint_every} and keep_checkpoints='
+        f'{train.keep_checkpoints}: choosing ReST\'s iteration needs a checkpoint at the end '
+        f'of each of the {cfg.iterations} iterations ({per_iteration} steps each), all kept.')
+  return [per_iteration * (i + 1) for i in range(cfg.iterations)]
+
+
+def load_policy(policy_dir, env_config, step=None):
+  """(model, variables, env, formatter) of the policy of ``policy_dir`` (its checkpoint
+  ``step``, default the latest) in the environment of ``env_config``."""
+  model, variables = ckpt_lib.load_model(policy_dir, step)
   tokenizer = tokenizers.load_tokenizer(policy_dir / tokenizers.TOKENIZER_SUBDIR)
   env = envs.make_env(env_config)
-  formatter = ep.Formatter(tokenizer, env.roles)
+  return model, variables, env, ep.Formatter(tokenizer, env.roles)
+
+
+def play_split(policy, split, max_new_tokens, max_turns, seed) -> list:
+  """The episodes of ``policy`` (``load_policy``) alone with both tools, greedy, once on
+  every question of ``split``."""
+  model, variables, env, formatter = policy
   actor = ep.Actor(model, variables, decode.SamplingConfig(greedy=True), max_new_tokens)
+  episodes = [env.reset(np.random.default_rng(seed), split, question=q)
+              for q in env.splits[split]]
+  ep.rollout(env, episodes, {'assistant': actor}, formatter, jax.random.PRNGKey(seed),
+             max_turns)
+  return episodes
+
+
+def validation_reward(policy_dir, step, split, env_config, max_new_tokens, max_turns,
+                      seed) -> float:
+  """Mean group reward of the policy at checkpoint ``step`` on ``split`` (``play_split``):
+  the score by which the job chooses ReST's iteration."""
+  policy = load_policy(policy_dir, env_config, step)
+  return float(np.mean([e.reward for e in play_split(policy, split, max_new_tokens,
+                                                      max_turns, seed)]))
+
+
+def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed, step=None):
+  """The policy of ``policy_dir`` (its checkpoint ``step``, default the latest) alone with
+  both tools, greedy, on every question of each split -> {split: env summary + hedge_auroc +
+  n}."""
+  policy = load_policy(policy_dir, env_config, step)
+  model, variables, env, formatter = policy
   out = {}
   for split in splits:
-    episodes = [env.reset(np.random.default_rng(seed), split, question=q)
-                for q in env.splits[split]]
-    ep.rollout(env, episodes, {'assistant': actor}, formatter, jax.random.PRNGKey(seed),
-               max_turns)
+    episodes = play_split(policy, split, max_new_tokens, max_turns, seed)
     p_hedge = hedge_probabilities(model, variables, formatter, env, episodes)
     wrong = [e.info.get('f1', 0.0) < 1 for e in episodes]
     questions = env.splits[split]
@@ -275,6 +329,11 @@ def report(results) -> str:
     in_context = results['policies']['in_context']['test']['searches']['mean']
     lines.append('- in-context searches / ReST searches per seed (test): ' + ', '.join(
         f'{in_context / s:.2f}' if s else 'inf' for s in searches))
+  for seed, chosen in enumerate(results.get('rest_selection', [])):
+    rewards = ', '.join(f'{r:.3f}' for r in chosen['validation_rewards'])
+    lines.append(f"- ReST seed {seed}: iteration {chosen['iteration']}" + (
+        f" (mean reward per iteration on {results['select_split']}: {rewards})"
+        if rewards else ' (the last)'))
   lines.append('')
   lines.append('Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min'
                                          for k, v in results['timings_s'].items()) + '.')

@@ -7,7 +7,9 @@ transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of
 ``env.pretraining_texts()`` (plain text, every token trained) and of each variant's
 ``pretraining_episodes()`` (conversations, the trained roles' turns) join them; a tokenizer
 with the reserved role tokens is built from all the text; the policy is trained with NLL on
-its roles' turns.
+its roles' turns. With ``sft.init_workdir``, training starts from that SFT run's tokenizer and
+latest checkpoint instead (a fine-tune, e.g. an action-supervised policy from the same
+pretrained one).
 
 ``rest`` (Gulcehre et al. 2023; ReST-EM, Singh et al. 2023), one iteration:
   Grow     ``prompts`` fresh episodes (of the env split ``grow_splits[iteration % len]``,
@@ -59,6 +61,7 @@ def default_sft_config() -> config_dict.ConfigDict:
       env_variants=({},),  # updates of config.env, each giving an equal share of the demos
       pretraining_repeats=0,  # copies of the env's pretraining texts and episodes in the data
       split='train',  # the env split whose questions the demonstrations ask
+      init_workdir='',  # '': from scratch, own tokenizer; an SFT run: its tokenizer and weights
   ))
 
 
@@ -217,10 +220,13 @@ def sft(config, workdir):
   repeats = config.sft.get('pretraining_repeats', 0)
   pretraining = list(env.pretraining_texts()) * repeats
   demos += [(variant, list(variant.pretraining_episodes()) * repeats) for variant, _ in demos]
-  texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
-  tokenizer = sft_tokenizer(config.tokenizer, env, workdir, texts)
-  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
-  formatter.check_vocab(config.model.vocab_size)
+  if config.sft.get('init_workdir'):
+    tokenizer, formatter, _, base = init_policy(config.sft.init_workdir, env, config)
+  else:
+    texts = [t for variant, d in demos for t in _text_of(variant, d)] + pretraining
+    tokenizer, base = sft_tokenizer(config.tokenizer, env, workdir, texts), None
+    formatter = ep.Formatter(tokenizer, env.roles, env.markup)
+    formatter.check_vocab(config.model.vocab_size)
   items = [ep.text_transcript(formatter, text) for text in pretraining]
   for variant, d in demos:
     variant_formatter = ep.Formatter(tokenizer, variant.roles, variant.markup)
@@ -229,7 +235,7 @@ def sft(config, workdir):
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout)
   with trainer:
-    state = trainer.restore_or_init()
+    state = _restore_or_start(trainer, base)
     _save_tokenizer(trainer, tokenizer)
     batches = ep.epoch_batches(arrays, config.data.batch_size, config.seed,
                                start=int(state['step']))
@@ -327,11 +333,7 @@ def rest(config, workdir):
     raise workdir_lib.ConfigError(f'config.rest.untrained_after_role='
                                   f'{cfg.untrained_after_role!r} is not a role of the '
                                   f'environment {env.roles}.')
-  init = workdir_lib.path(cfg.init_workdir)
-  tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
-  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
-  formatter.check_vocab(config.model.vocab_size)
-  _, base = ckpt_lib.load_model(init)
+  tokenizer, formatter, _, base = init_policy(cfg.init_workdir, env, config)
   trainer = trainer_lib.Trainer(config, workdir)
   player = play_lib.Player(env, trainer, formatter, config.rollout, cfg.trained_roles)
   mix = cfg.get('pretraining_mix', 0.0)
@@ -344,10 +346,7 @@ def rest(config, workdir):
     rehearsal = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
   with trainer:
-    base = jax.device_get(base)
-    state = trainer.restore_or_init(init_params=base['params'])
-    if trainer.start_step == 0:
-      state = _with_base_state(trainer, state, base)
+    state = _restore_or_start(trainer, base)
     _save_tokenizer(trainer, tokenizer)
     step = int(state['step'])
     iteration, position = divmod(step, per_iteration)
@@ -373,6 +372,27 @@ def rest(config, workdir):
     summary = {'step': step, 'preempted': preempted, **trainer.writer.last('eval/')[1]}
   _write_json(workdir, 'summary.json', summary)
   return summary
+
+
+def init_policy(init_workdir, env, config):
+  """(tokenizer, formatter, model, variables as host arrays) of the SFT run in
+  ``init_workdir`` (its tokenizer and latest checkpoint), the tokenizer checked against
+  ``config.model.vocab_size``."""
+  init = workdir_lib.path(init_workdir)
+  model, variables = ckpt_lib.load_model(init)  # first: it says when init is no workdir
+  tokenizer = tokenizers.load_tokenizer(init / tokenizers.TOKENIZER_SUBDIR)
+  formatter = ep.Formatter(tokenizer, env.roles, env.markup)
+  formatter.check_vocab(config.model.vocab_size)
+  return tokenizer, formatter, model, jax.device_get(variables)
+
+
+def _restore_or_start(trainer, base):
+  """The latest checkpoint of ``trainer``'s workdir, else a fresh state: from the variables
+  ``base`` when given, else from the seed."""
+  if base is None:
+    return trainer.restore_or_init()
+  state = trainer.restore_or_init(init_params=base['params'])
+  return _with_base_state(trainer, state, base) if trainer.start_step == 0 else state
 
 
 def _with_base_state(trainer, state, base):

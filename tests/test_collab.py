@@ -1,6 +1,7 @@
 """Collaborative self-play (rl/repro_collab.py, PAPERS.md §6): demonstrations, the SFT data
 with the memorised facts, the AUROC helper, and a tiny end-to-end run of the job (both SFTs,
 ReST on the society, single-agent deployment)."""
+import copy
 import json
 
 from absl.testing import absltest, parameterized
@@ -82,12 +83,13 @@ def _tiny(config):
   config.env.update(subjects_per_corpus=4, spare_names=20)
   config.tokenizer.vocab_size = config.model.vocab_size = 768  # fewer names, fewer pieces
   config.data.batch_size = 8
-  config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False)
+  config.train.update(steps=2, log_every=1, tensorboard=False, async_checkpointing=False,
+                      checkpoint_every=2)
   config.sft.update(episodes=40, pretraining_repeats=2)
   config.rollout.update(batch=32)
   # No evaluation inside the stages (the rl_sft and rl_rest tests cover it): the job's own
   # deployment is what this test checks.
-  config.rest.update(iterations=1, prompts=4, samples_per_prompt=2, thresholds=(-9.0,),
+  config.rest.update(iterations=2, prompts=4, samples_per_prompt=2, thresholds=(-9.0,),
                      steps_per_improve=2, eval_sets=())
   return config
 
@@ -436,6 +438,23 @@ class JobTest(absltest.TestCase):
     grown = np.load(workdir / 'rest_s0' / 'grown' / 'iteration_1.npz')
     rejected = np.flatnonzero(~grown['ep_candidates'])  # lucky guesses (relabel): no rows
     self.assertFalse(np.isin(grown['episode_ids'], rejected).any())
+    # ReST's iteration per seed: the best mean reward on the held-out demo questions.
+    self.assertLen(results['rest_selection'], 2)
+    for seed, chosen in enumerate(results['rest_selection']):
+      rewards = chosen['validation_rewards']
+      self.assertLen(rewards, 2)
+      self.assertEqual(chosen['iteration'], int(np.argmax(rewards)) + 1)
+      for reward in rewards:  # at most F1 1, at least F1 0 with the searches of 4 turns
+        self.assertTrue(-4 * env.config.search_cost <= reward <= 1, reward)
+      self.assertIn(f"- ReST seed {seed}: iteration {chosen['iteration']} (mean reward",
+                    (workdir / 'results.md').read_text())
+    unkept = copy.deepcopy(config.stages.rest)
+    unkept.train.keep_checkpoints = 1
+    with self.assertRaisesRegex(ValueError, 'keep_checkpoints=1'):
+      repro_collab.iteration_steps(unkept)
+    # The action-supervised policy is the in-context one fine-tuned: its tokenizer.
+    saved = [workdir / name / 'tokenizer' for name in ('sft', 'oracle')]
+    self.assertEqual(*[sorted((f.name, f.read_bytes()) for f in d.iterdir()) for d in saved])
 
 
 if __name__ == '__main__':

@@ -252,6 +252,17 @@ class RestJobTest(absltest.TestCase):
     summary = rest.sft(_tiny_stage('sft'), sft_dir)
     self.assertEqual(summary['step'], 20)
     self.assertIn('eval/heldout/reward', summary)
+    # sft.init_workdir: a fine-tune starts from that run's weights and tokenizer (a step at
+    # learning rate 0 leaves them as they were).
+    tuned_dir = self.create_tempdir().full_path
+    tuned = _tiny_stage('sft')
+    tuned.sft.init_workdir = sft_dir
+    tuned.train.update(steps=1, learning_rate=0.0, warmup_steps=0)
+    rest.sft(tuned, tuned_dir)
+    jax.tree.map(np.testing.assert_array_equal, ckpt_lib.load_model(sft_dir)[1],
+                 ckpt_lib.load_model(tuned_dir)[1])
+    saved = [epath.Path(d) / tokenizers.TOKENIZER_SUBDIR for d in (sft_dir, tuned_dir)]
+    self.assertEqual(*[sorted((f.name, f.read_bytes()) for f in d.iterdir()) for d in saved])
     config = _tiny_stage('rest', sft_dir)
     config.rest.restart_from_base = True
     straight, resumed = (self.create_tempdir().full_path for _ in range(2))

@@ -3,10 +3,11 @@
 
   python -m launch.main --config=configs/repro/collab.py --workdir=workdirs/repro_collab
 
-SFT of the in-context baseline (memorised facts + format demonstrations; also ReST's start)
-and of the action-supervised baseline (memorised facts + oracle demonstrations), ReST on the
-society's rollouts for every seed, then each policy deployed alone with both tools (mode
-'single') on the train, test and ood questions; writes ``results.md``, ``results.json`` and
+SFT of the in-context baseline (memorised facts + format demonstrations; also ReST's start),
+the action-supervised baseline (that policy fine-tuned on the facts + oracle demonstrations),
+ReST on the society's rollouts for every seed, each seed's policy taken at the iteration whose
+single agent earns the most on the held-out ``select_split`` questions, then each policy
+deployed alone with both tools (mode 'single') on the train, test and ood questions; writes ``results.md``, ``results.json`` and
 ``collab.png`` into the workdir. Each stage is its own resumable workdir. Stage fields can be
 overridden, e.g. ``--config.stages.rest.rest.iterations=2``.
 """
@@ -21,6 +22,9 @@ def get_config():
   config.name = 'repro_collab'
   config.seeds = (0, 1, 2)  # ReST seeds (rollouts and fine-tuning); both SFTs use the first
   config.splits = ('train', 'test', 'ood')  # every question of each, greedy actions
+  # ReST's iteration per seed: the highest mean reward of its single agent on this split's
+  # questions, which ReST never asks ('demo': those of the SFT demonstrations); '': the last
+  config.select_split = 'demo'
   config.stages = config_dict.ConfigDict(dict(
       sft=collab.get_config('sft'), oracle=collab.get_config('oracle'),
       rest=collab.get_config('rest')))

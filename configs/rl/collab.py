@@ -11,13 +11,15 @@ miniature: SFT (memorised facts + demonstrations), then ReST on the society's ro
 (``pretraining_episodes``), plus format demonstrations whose actions ignore what is memorised
 (a tool call half the time, an answer or a hedge a quarter each: the in-context baseline and
 ReST's start; 6,000 of them, half per mode, so that a delegated helper learns to copy the spelt
-name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: the same facts
-plus ``oracle_turn`` demonstrations (the action-supervised baseline). Both train on both modes'
-demonstrations, which ask the questions of the ``demo`` split (none of ReST's ``train`` facts
+name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: the ``sft``
+policy fine-tuned (300 steps, its tokenizer) on the same facts plus ``oracle_turn``
+demonstrations (the action-supervised baseline, from the same pretrained policy as the
+others). Both train on both modes' demonstrations, which ask the questions of the ``demo`` split (none of ReST's ``train`` facts
 appears in a demonstration's tool result), and are evaluated as the single agent; ``rest``
 plays the society (every role the same policy) and trains on its rollouts with each retrieved
 value replaced by a counterfactual one (``CollabEnv.relabel``: the turns after a search teach
-reading the result, not the fact). The world (``rl/envs/collab.py``): memory by entity, every
+reading the result, not the fact), keeping a checkpoint per iteration (the job chooses one on
+held-out questions). The world (``rl/envs/collab.py``): memory by entity, every
 unmemorised train or demo question about a newly drawn name (3-syllable names, the first 1,000
 spare names), 240 quizzes about unknown entities answered ``hedge``, every name one token of
 its own that the pretraining text spells, and the question writing the name as its word and
@@ -65,8 +67,12 @@ def get_config(stage='sft'):
     config.rest.update(iterations=6, prompts=256, samples_per_prompt=8, max_per_prompt=1,
                        thresholds=(0.25,), steps_per_improve=60)
     config.train = base.train_config(steps=0, learning_rate=3e-4, schedule='constant',
-                                     warmup_steps=0, eval_every=0, checkpoint_every=10_000,
-                                     log_every=20, weight_decay=0.0)
+                                     warmup_steps=0, eval_every=0, log_every=20,
+                                     weight_decay=0.0, checkpoint_every=60, keep_checkpoints=6)
+  elif stage == 'oracle':  # a fine-tune of the sft policy (sft.init_workdir)
+    config.sft.init_workdir = 'workdirs/collab/sft'
+    config.train = base.train_config(steps=300, learning_rate=1e-3, warmup_steps=20,
+                                     eval_every=0, checkpoint_every=300, log_every=50)
   else:
     config.train = base.train_config(steps=1200, learning_rate=3e-3, warmup_steps=50,
                                      eval_every=0, checkpoint_every=400, log_every=50)
