@@ -7,9 +7,10 @@ SFT of the in-context baseline (memorised facts + format demonstrations; also Re
 the action-supervised baseline (that policy fine-tuned on the facts + oracle demonstrations),
 ReST on the society's rollouts for every seed, each seed's policy taken at the iteration whose
 single agent earns the most on the held-out ``select_split`` questions, then each policy
-deployed alone with both tools (mode 'single') on the train, test and ood questions; writes ``results.md``, ``results.json`` and
-``collab.png`` into the workdir. Each stage is its own resumable workdir. Stage fields can be
-overridden, e.g. ``--config.stages.rest.rest.iterations=2``.
+deployed alone with both tools (mode 'single') on the train, test and ood questions; writes
+``results.md``, ``results.json`` and ``collab.png`` into the workdir. Each stage is its own
+resumable workdir. Stage fields can be overridden, e.g.
+``--config.stages.rest.rest.iterations=2``.
 """
 from ml_collections import config_dict
 

@@ -14,17 +14,18 @@ ReST's start; 6,000 of them, half per mode, so that a delegated helper learns to
 name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: the ``sft``
 policy fine-tuned (300 steps, its tokenizer) on the same facts plus ``oracle_turn``
 demonstrations (the action-supervised baseline, from the same pretrained policy as the
-others). Both train on both modes' demonstrations, which ask the questions of the ``demo`` split (none of ReST's ``train`` facts
-appears in a demonstration's tool result), and are evaluated as the single agent; ``rest``
-plays the society (every role the same policy) and trains on its rollouts with each retrieved
-value replaced by a counterfactual one (``CollabEnv.relabel``: the turns after a search teach
-reading the result, not the fact), keeping a checkpoint per iteration (the job chooses one on
-held-out questions). The world (``rl/envs/collab.py``): memory by entity, every
-unmemorised train or demo question about a newly drawn name (3-syllable names, the first 1,000
-spare names), 240 quizzes about unknown entities answered ``hedge``, every name one token of
-its own that the pretraining text spells, and the question writing the name as its word and
-spelt, calls and tool results spelling it (``name_tokens``, ``spelt_names``). The whole
-reproduction is ``configs/repro/collab.py``.
+others). Both train on both modes' demonstrations, which ask the questions of the ``demo``
+split (none of ReST's ``train`` facts appears in a demonstration's tool result), and are
+evaluated as the single agent; ``rest`` plays the society (every role the same policy) and
+trains on its rollouts with each retrieved value replaced by a counterfactual one
+(``CollabEnv.relabel``: the turns after a search teach reading the result, not the fact),
+keeping a checkpoint per iteration (the job chooses one on held-out questions). The world
+(``rl/envs/collab.py``): memory by entity, every unmemorised train or demo question about a
+newly drawn name (3-syllable names, the first 1,000 spare names), 240 quizzes about unknown
+entities answered ``hedge``, every name one token of its own that the pretraining text
+spells, and the question writing the name as its word and spelt, calls and tool results
+spelling it (``name_tokens``, ``spelt_names``). The whole reproduction is
+``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
