@@ -66,6 +66,7 @@ def run(config, workdir):
   deploying = dict(env_config=env_config, max_new_tokens=rollout.max_new_tokens,
                    max_turns=rollout.max_turns, seed=config.seeds[0])
   rest_steps = iteration_steps(config.stages.rest)
+  check_select_split(config.select_split, envs.make_env(env_config))
   for name in ('sft', 'oracle'):
     t0 = time.time()
     stage = rest.stage_config(config, name, config.seeds[0])
@@ -222,6 +223,16 @@ def iteration_steps(rest_config) -> list:
         f'{train.keep_checkpoints}: choosing ReST\'s iteration needs a checkpoint at the end '
         f'of each of the {cfg.iterations} iterations ({per_iteration} steps each), all kept.')
   return [per_iteration * (i + 1) for i in range(cfg.iterations)]
+
+
+def check_select_split(split, env):
+  """``split`` ('' or a split of ``env`` that ReST never asks and the criteria do not judge)
+  may choose ReST's iteration; else a ValueError before any training."""
+  judged = ('test', 'ood')
+  if split and (split not in env.splits or split in judged or split.startswith('train')):
+    raise ValueError(f'select_split={split!r}: choose ReST\'s iteration on a split of '
+                     f'{sorted(env.splits)} other than the train splits and {judged} (the '
+                     "criteria's), e.g. 'demo', or '' for the last iteration.")
 
 
 def load_policy(policy_dir, env_config, step=None):

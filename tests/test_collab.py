@@ -448,6 +448,12 @@ class JobTest(absltest.TestCase):
         self.assertTrue(-4 * env.config.search_cost <= reward <= 1, reward)
       self.assertIn(f"- ReST seed {seed}: iteration {chosen['iteration']} (mean reward",
                     (workdir / 'results.md').read_text())
+    for split in ('tset', 'test', 'train'):
+      bad = copy.deepcopy(config)
+      bad.select_split = split
+      with self.assertRaisesRegex(ValueError, f"select_split='{split}'"):
+        repro_collab.run(bad, str(workdir / 'bad'))
+    self.assertFalse((workdir / 'bad' / 'sft').exists())
     unkept = copy.deepcopy(config.stages.rest)
     unkept.train.keep_checkpoints = 1
     with self.assertRaisesRegex(ValueError, 'keep_checkpoints=1'):
