@@ -58,11 +58,10 @@ def _write_corpus(directory):
 
 def _launch(workdir, data_flags):
   """Starts the two processes of one run; returns their Popen objects."""
-  # Two devices per process; LLVM level 0 as in the test process (conftest.py): the six
-  # processes compile the same programs a quarter faster, with XLA's semantics unchanged.
+  # Two devices per process, and the test process's compile-time options (conftest.py).
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2'
-             ' --xla_backend_optimization_level=0')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             ' --xla_force_host_platform_device_count=2')
   port = _free_port()
   return [subprocess.Popen(
       [sys.executable, '-m', 'launch.main', '--config=configs/vanilla_tiny.py',
