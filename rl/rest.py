@@ -1,7 +1,7 @@
 """Supervised warm start and ReST / ReST-EM on any environment of ``rl.envs``.
 
 ``sft``: demonstrations written by the environment itself (``env.demonstration``, with
-``sft.behaviour``, on the questions of ``sft.split``), in equal shares from ``config.env``
+``sft.behaviour``, on the questions of ``sft.splits`` in turn), in equal shares from ``config.env``
 updated by each of ``sft.env_variants`` (e.g. both modes of an environment), become
 transcripts of each trained role's view; ``sft.pretraining_repeats`` copies of
 ``env.pretraining_texts()`` (plain text, every token trained) and of each variant's
@@ -60,7 +60,7 @@ def default_sft_config() -> config_dict.ConfigDict:
       behaviour=config_dict.placeholder(str),  # env.demonstration's; None: the env's default
       env_variants=({},),  # updates of config.env, each giving an equal share of the demos
       pretraining_repeats=0,  # copies of the env's pretraining texts and episodes in the data
-      split='train',  # the env split whose questions the demonstrations ask
+      splits=('train',),  # the env splits whose questions the demonstrations ask, in turn
       init_workdir='',  # '': from scratch, own tokenizer; an SFT run: its tokenizer and weights
   ))
 
@@ -205,7 +205,11 @@ def sft(config, workdir):
   if not variants:
     raise workdir_lib.ConfigError('config.sft.env_variants is empty: use ({},) for config.env '
                                   'alone.')
-  kwargs = {'split': config.sft.get('split', 'train')}
+  splits = tuple(config.sft.get('splits', ('train',)))
+  if not splits:
+    raise workdir_lib.ConfigError('config.sft.splits is empty: name the env split(s) the '
+                                  'demonstrations ask.')
+  kwargs = {}
   if config.sft.get('behaviour') is not None:
     kwargs['behaviour'] = config.sft.behaviour
   demos, start = [], 0  # (variant env, its demonstrations); demo i has seed (seed, 1, i)
@@ -215,7 +219,8 @@ def sft(config, workdir):
     variant = envs.make_env(variant_config)
     n = config.sft.episodes // len(variants) + (v < config.sft.episodes % len(variants))
     demos.append((variant, [variant.demonstration(np.random.default_rng([config.seed, 1, i]),
-                                                  **kwargs) for i in range(start, start + n)]))
+                                                  splits[i % len(splits)], **kwargs)
+                            for i in range(start, start + n)]))
     start += n
   repeats = config.sft.get('pretraining_repeats', 0)
   pretraining = list(env.pretraining_texts()) * repeats

@@ -253,6 +253,32 @@ class SftDataTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'demo_fraction'):
       _env(test_fraction=0.5, demo_fraction=0.5)
 
+  def test_demo_ood_split_is_a_share_of_ood_for_format_demonstrations(self):
+    kwargs = dict(unknown_subjects='fresh', name_syllables=3)
+    env, plain = _env(demo_ood_fraction=0.25, **kwargs), _env(**kwargs)
+    demo_ood, ood = set(env.splits['demo_ood']), set(env.splits['ood'])
+    self.assertLen(demo_ood, 20)  # a quarter of the 80 (subject, pet | dish) questions
+    self.assertFalse(demo_ood & ood)
+    self.assertEqual(demo_ood | ood, set(plain.splits['ood']))
+    self.assertNotIn('demo_ood', plain.splits)
+    for name in ('train', 'test'):  # the world and the other splits are unchanged
+      self.assertEqual(env.splits[name], plain.splits[name])
+    self.assertEqual((env.facts, env.memorised), (plain.facts, plain.memorised))
+    world = set(env.subjects['people']) | set(env.subjects['places'])
+    rng, calls = np.random.default_rng(0), set()
+    for i in range(60):
+      demo = env.demonstration(rng, 'demo_ood')
+      self.assertIn(demo.relation, ('pet', 'dish'))
+      self.assertEqual(demo.subject in world, demo.memorised)  # unknown entities are fresh
+      calls |= {t.text.split()[-1] for t in demo.turns[:-1] if t.text.startswith('search')}
+    self.assertEqual(calls, {'pet', 'dish'})  # the format shows searching the ood relations
+    with self.assertRaisesRegex(ValueError, 'demo_ood_fraction'):
+      _env(demo_ood_fraction=1.0)
+    config = configs_collab.get_config('sft')
+    config.sft.splits = ()
+    with self.assertRaisesRegex(ValueError, 'sft.splits is empty'):
+      rest.sft(config, self.create_tempdir().full_path)
+
   def test_train_chunks_deal_the_train_questions_for_grow(self):
     env, rng = _env(unknown_subjects='fresh', train_chunks=3), np.random.default_rng(0)
     chunks = [env.splits[f'train_{i}'] for i in range(3)]

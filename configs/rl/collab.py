@@ -57,7 +57,7 @@ def get_config(stage='sft'):
   config.sft.update(episodes=6000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
                     behaviour='oracle' if stage == 'oracle' else 'generic',
                     env_variants=({'mode': 'single'}, {'mode': 'society'}),
-                    pretraining_repeats=10, split='demo')
+                    pretraining_repeats=10, splits=('demo',))
   config.rest = rest.default_rest_config()
   config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA),
                      eval_sets=('test', 'ood'),

@@ -14,7 +14,13 @@ retrieval; no other fact is in any training text but a tool result. Questions as
 relation: ``what is the job of kavo ?``. The ``train`` and ``test`` splits (and, with
 ``demo_fraction`` > 0, the ``demo`` split of the demonstrations) ask the relations
 ``train_relations`` (job, river); ``ood`` asks the others (pet, dish), whose facts the policy
-memorised in the same proportion but was never asked. With ``memorise_by='fact'`` each fact
+memorised in the same proportion but was never asked. With ``demo_ood_fraction`` > 0, that
+share of the ood questions is the ``demo_ood`` split instead, for format demonstrations only:
+the base policy then knows how to search for every fact type, as an LLM's tool use does, and
+what ``ood`` tests is whether the decision trained on ``train_relations`` (oracle
+demonstrations, ReST) carries over to a fact type it was never trained on; without it no
+call in any training text names an ood relation, and no policy's ood search succeeds
+(docs/RESULTS.md). With ``memorise_by='fact'`` each fact
 is memorised on its own (a subject's job can be known and its pet not); with ``'subject'``,
 all of a subject's facts or none, so that knowing a fact is knowing its entity, the signal
 LLMs are found to gate answering on (Ferrando et al. 2025, "Do I know this entity?").
@@ -185,6 +191,10 @@ def default_config() -> config_dict.ConfigDict:
       # of those questions, the 'demo' split: the SFT demonstrations' questions, kept apart
       # from 'train' (ReST's) so that no demonstration's tool result shows a train fact
       demo_fraction=0.0,
+      # of the ood questions, the 'demo_ood' split: format demonstrations may ask it (an
+      # LLM's tool use covers every fact type), while the decision is trained on
+      # train_relations only (docstring)
+      demo_ood_fraction=0.0,
       qa_pretraining=True,  # the memorised facts also as question-answer text (docstring)
       quiz_pretraining=True,  # ... and as closed-book quiz conversations (docstring)
       # how many quiz conversations ask about an unknown entity (a spare name), answered with
@@ -304,6 +314,9 @@ class CollabEnv(base.Env):
     for field in ('memorised_fraction', 'hedge_credit', 'test_fraction', 'demo_fraction'):
       if not 0 <= config[field] <= 1:
         raise ValueError(f'{field} must be in [0, 1], got {config[field]}.')
+    if not 0 <= config.get('demo_ood_fraction', 0.0) < 1:
+      raise ValueError('demo_ood_fraction must be in [0, 1) (some questions for '
+                       f"'ood'), got {config.demo_ood_fraction}.")
     if config.test_fraction + config.demo_fraction >= 1:
       raise ValueError(f'test_fraction + demo_fraction must be < 1 (some questions for '
                        f"'train'), got {config.test_fraction} + {config.demo_fraction}.")
@@ -371,11 +384,16 @@ class CollabEnv(base.Env):
     order = rng.permutation(len(questions))
     n_test = round(config.test_fraction * len(questions))
     n_demo = n_test + round(config.demo_fraction * len(questions))
+    ood = [k for k in keys if k[2] not in config.train_relations]
     self.splits = {'test': [questions[i] for i in order[:n_test]],
-                   'train': [questions[i] for i in order[n_demo:]],
-                   'ood': [k for k in keys if k[2] not in config.train_relations]}
+                   'train': [questions[i] for i in order[n_demo:]], 'ood': ood}
     if n_demo > n_test:
       self.splits['demo'] = [questions[i] for i in order[n_test:n_demo]]
+    n_demo_ood = round(config.get('demo_ood_fraction', 0.0) * len(ood))
+    if n_demo_ood:  # its own stream, so that the world is the same without it
+      order = np.random.default_rng([config.seed, 1]).permutation(len(ood))
+      self.splits['demo_ood'] = [ood[i] for i in sorted(order[:n_demo_ood])]
+      self.splits['ood'] = [ood[i] for i in sorted(order[n_demo_ood:])]
     chunks = config.get('train_chunks', 0)
     if not 0 <= chunks <= len(self.splits['train']):
       raise ValueError(f"train_chunks must be in [0, {len(self.splits['train'])}] (the train "
@@ -647,14 +665,14 @@ class CollabEnv(base.Env):
   def demonstration(self, rng: np.random.Generator, split: str = 'train',
                     behaviour: Optional[str] = None, **overrides) -> CollabEpisode:
     """A finished episode whose every turn the env wrote (SFT data); ``behaviour`` in
-    ``BEHAVIOURS`` (None: 'generic'). On the ``demo`` split an unmemorised fact is redrawn
+    ``BEHAVIOURS`` (None: 'generic'). On the ``demo*`` splits an unmemorised fact is redrawn
     for each demonstration (the tool returns the redrawn value), so the answer after a tool
     result can only be learnt as a copy of it, not as the fact."""
     behaviour = behaviour or 'generic'
     if behaviour not in BEHAVIOURS:
       raise ValueError(f'behaviour must be one of {BEHAVIOURS} or None, got {behaviour!r}.')
     episode = self.reset(rng, split, **overrides)
-    if split == 'demo' and not episode.memorised:
+    if split.startswith('demo') and not episode.memorised:
       episode.value = str(rng.choice(self.counterfactual_values(episode.relation)))
     while not episode.done:
       role = episode.next_role
