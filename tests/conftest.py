@@ -20,7 +20,7 @@ def _with_flags(flags: str, *extra: str) -> str:
 # The suite compiles hundreds of tiny programs, so compile time dominates it. Two CPU-backend
 # options that leave XLA's semantics unchanged (the HLO passes still run) compile them faster:
 # LLVM optimisation level 0 (about a quarter), and the elemental emitters instead of the MLIR
-# fusion emitters (the whole suite, cold cache, 2 cores: 12.5 -> 8.2 min). Production code
+# fusion emitters (the whole suite, cold cache, 2 cores: 12.5 -> 7.4 min). Production code
 # keeps XLA's defaults. Subprocesses (launch.main, notebooks) inherit the flags; xdist workers
 # inherit them from the controller, which probed the fusion-emitter flag (it is new in XLA).
 _FUSION_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
