@@ -57,7 +57,6 @@ METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
 def run(config, workdir):
   """Runs (or resumes) every stage, deploys each policy, writes the table, JSON and plot."""
   root = workdir_lib.path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
   timings, start = {}, time.time()
   env_config = copy.deepcopy(config.stages.sft.env)
   env_config.unlock()
@@ -67,6 +66,7 @@ def run(config, workdir):
                    max_turns=rollout.max_turns, seed=config.seeds[0])
   rest_steps = iteration_steps(config.stages.rest)
   check_select_split(config.select_split, envs.make_env(env_config))
+  root.mkdir(parents=True, exist_ok=True)  # only once the config is known to be usable
   for name in ('sft', 'oracle'):
     t0 = time.time()
     stage = rest.stage_config(config, name, config.seeds[0])
