@@ -7,10 +7,14 @@ from model.config_errors import ConfigError
 from rl.envs import base, collab, make_env
 
 
-def _env(**overrides):
+def _config(**overrides):
   config = collab.default_config()
   config.update(overrides)
-  return collab.CollabEnv(config)
+  return config
+
+
+def _env(**overrides):
+  return collab.CollabEnv(_config(**overrides))
 
 
 def _question(env, memorised, split='train'):
@@ -69,6 +73,36 @@ class WorldTest(absltest.TestCase):
         self.assertEqual({s for s in names if (corpus, s, relation) in env.memorised}, known)
     self.assertNotEqual(env.memorised, by_fact.memorised)
 
+  def test_more_relations_extend_the_world_and_leave_its_facts(self):
+    train = ('job', 'hobby', 'car', 'river', 'tree', 'bird')
+    env = _env(more_relations=2, train_relations=train, memorise_by='subject')
+    base_world = _env(memorise_by='subject')
+    self.assertEqual(env.relations, {'people': ('job', 'pet', 'hobby', 'car'),
+                                     'places': ('river', 'dish', 'tree', 'bird')})
+    self.assertLen(env.facts, 2 * 40 * 4)
+    self.assertEqual({k: v for k, v in env.facts.items() if k in base_world.facts},
+                     base_world.facts)
+    self.assertEqual({k for k in env.memorised if k in base_world.facts}, base_world.memorised)
+    for (corpus, subject, relation), value in env.facts.items():
+      self.assertIn(relation, env.relations[corpus])
+      self.assertIn(value, env.values[relation])
+      known = (corpus, subject, 'job' if corpus == 'people' else 'river') in env.memorised
+      self.assertEqual((corpus, subject, relation) in env.memorised, known)
+    self.assertEqual({k[2] for s in ('train', 'test') for k in env.splits[s]}, set(train))
+    self.assertEqual({k[2] for k in env.splits['ood']}, {'pet', 'dish'})
+    self.assertEqual(env.splits['ood'], base_world.splits['ood'])
+    key = _question(env, memorised=False)
+    self.assertEqual(_oracle(env, env.reset(np.random.default_rng(0), 'train', question=key))
+                     .info['f1'], 1.0)
+    quizzes = _env(more_relations=1, train_relations=('job', 'hobby', 'river', 'tree'),
+                   quiz_unknown=12)._unknown_quizzes()
+    self.assertEqual({q.relation for q in quizzes}, {'job', 'pet', 'hobby', 'river', 'dish',
+                                                     'tree'})
+    with self.assertRaisesRegex(ConfigError, 'more_relations'):
+      make_env(_config(more_relations=3))
+    with self.assertRaisesRegex(ConfigError, 'train_relations'):  # hobby needs more_relations
+      make_env(_config(train_relations=('job', 'hobby')))
+
   def test_fresh_unknown_subjects(self):
     env, rng = _env(unknown_subjects='fresh'), np.random.default_rng(0)
     world = set(env.subjects['people']) | set(env.subjects['places'])
@@ -95,7 +129,7 @@ class WorldTest(absltest.TestCase):
       _env(subjects_per_corpus=120, unknown_subjects='fresh')
 
   def test_values_qualifier_and_base(self):
-    env, single = _env(), _env(value_words=1)
+    env, single = _env(more_relations=2), _env(value_words=1, more_relations=2)
     for relation, bases in collab.BASES.items():
       self.assertLen(set(env.values[relation]), 64)
       self.assertEqual({v.split()[1] for v in env.values[relation]}, set(bases))

@@ -20,7 +20,14 @@ the base policy then knows how to search for every fact type, as an LLM's tool u
 what ``ood`` tests is whether the decision trained on ``train_relations`` (oracle
 demonstrations, ReST) carries over to a fact type it was never trained on; without it no
 call in any training text names an ood relation, and no policy's ood search succeeds
-(docs/RESULTS.md). With ``memorise_by='fact'`` each fact
+(docs/RESULTS.md). With ``more_relations=k`` each corpus also has the first k of
+``MORE_RELATIONS`` (people: hobby, car; places: tree, bird; their facts drawn on a random
+stream of their own, so that the base relations' facts and, with ``memorise_by='subject'``,
+what is memorised are unchanged), which ``train_relations``
+may name: with several relations per corpus asked in training, the relation in a call could
+be learnt as a word to copy from the question rather than a constant of the corpus. It was not,
+by this small model: the SFT policy's ood calls still named no ood relation (docs/RESULTS.md).
+With ``memorise_by='fact'`` each fact
 is memorised on its own (a subject's job can be known and its pet not); with ``'subject'``,
 all of a subject's facts or none, so that knowing a fact is knowing its entity, the signal
 LLMs are found to gate answering on (Ferrando et al. 2025, "Do I know this entity?").
@@ -148,17 +155,27 @@ import numpy as np
 from rl.envs import base
 
 CORPORA = {'people': ('job', 'pet'), 'places': ('river', 'dish')}
+# relations a world adds to each corpus with ``more_relations`` (module docstring)
+MORE_RELATIONS = {'people': ('hobby', 'car'), 'places': ('tree', 'bird')}
 BASES = {
     'job': ('baker', 'pilot', 'nurse', 'judge', 'farmer', 'singer', 'doctor', 'writer'),
     'pet': ('cat', 'dog', 'owl', 'fox', 'hare', 'goat', 'frog', 'crow'),
     'river': ('amber', 'silver', 'stone', 'willow', 'cedar', 'ember', 'misty', 'copper'),
     'dish': ('soup', 'stew', 'bread', 'rice', 'pie', 'curry', 'salad', 'noodles'),
+    'hobby': ('chess', 'golf', 'tennis', 'poker', 'yoga', 'darts', 'rowing', 'fishing'),
+    'car': ('van', 'truck', 'coupe', 'jeep', 'taxi', 'sedan', 'wagon', 'buggy'),
+    'tree': ('oak', 'pine', 'elm', 'birch', 'maple', 'ash', 'yew', 'palm'),
+    'bird': ('hawk', 'swan', 'wren', 'robin', 'heron', 'finch', 'gull', 'lark'),
 }
 QUALIFIERS = {
     'job': ('head', 'night', 'young', 'chief', 'senior', 'field', 'court', 'city'),
     'pet': ('grey', 'black', 'white', 'red', 'brown', 'spotted', 'tiny', 'old'),
     'river': ('upper', 'lower', 'north', 'south', 'east', 'west', 'great', 'little'),
     'dish': ('spicy', 'sweet', 'cold', 'hot', 'green', 'salty', 'smoked', 'baked'),
+    'hobby': ('weekly', 'daily', 'indoor', 'outdoor', 'casual', 'serious', 'team', 'solo'),
+    'car': ('rusty', 'shiny', 'fast', 'slow', 'long', 'wide', 'cheap', 'loud'),
+    'tree': ('tall', 'short', 'ancient', 'twisted', 'lone', 'bare', 'leafy', 'broad'),
+    'bird': ('golden', 'pale', 'dark', 'noisy', 'quiet', 'swift', 'royal', 'wild'),
 }
 _SYLLABLES = ('ka', 'vo', 'li', 'ru', 'me', 'no', 'ta', 'si', 'be', 'do', 'fa', 'gu', 'ho',
               'ji', 'pe', 'zu')
@@ -187,6 +204,8 @@ def default_config() -> config_dict.ConfigDict:
       hedge_credit=0.3,
       max_calls=2,
       train_relations=('job', 'river'),
+      # k in [0, 2]: each corpus also has the first k of its MORE_RELATIONS (docstring)
+      more_relations=0,
       test_fraction=0.25,  # of the (subject, train relation) questions, held out as 'test'
       # of those questions, the 'demo' split: the SFT demonstrations' questions, kept apart
       # from 'train' (ReST's) so that no demonstration's tool result shows a train fact
@@ -324,7 +343,11 @@ class CollabEnv(base.Env):
       raise ValueError(f'search_cost must be >= 0, got {config.search_cost}.')
     if config.max_calls < 1:
       raise ValueError(f'max_calls must be >= 1, got {config.max_calls}.')
-    relations = [r for rels in CORPORA.values() for r in rels]
+    more = config.get('more_relations', 0)
+    if not 0 <= more <= min(map(len, MORE_RELATIONS.values())):
+      raise ValueError(f'more_relations must be in [0, 2], got {more}.')
+    self.relations = {c: CORPORA[c] + MORE_RELATIONS[c][:more] for c in CORPORA}
+    relations = [r for rels in self.relations.values() for r in rels]
     unknown = sorted(set(config.train_relations) - set(relations))
     if unknown or not config.train_relations:
       raise ValueError(f'train_relations must be some of {relations}, got '
@@ -349,7 +372,8 @@ class CollabEnv(base.Env):
     self.config, self.mode = config, config.mode
     self.spelt = config.get('spelt_names', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
-                   tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r]) for r in BASES}
+                   tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r])
+                   for r in relations}
     self.roles = (('system', 'user', 'assistant', 'tool') if self.mode == 'single' else
                   ('system', 'user', 'asker') + tuple(CORPORA) + ('tool',))
     rng = np.random.default_rng(config.seed)
@@ -368,10 +392,12 @@ class CollabEnv(base.Env):
     self.spare_names = names[2 * n + quiz_unknown:][:spare or None]
     self.names = names[:2 * n + quiz_unknown + len(self.spare_names)]  # every name in use
     self.facts = {}  # (corpus, subject, relation) -> value
-    for corpus, rels in CORPORA.items():
+    more_rng = np.random.default_rng([config.seed, 2])  # so that the base world is the same
+    for corpus, rels in self.relations.items():
       for subject in self.subjects[corpus]:
         for relation in rels:
-          self.facts[(corpus, subject, relation)] = str(rng.choice(self.values[relation]))
+          draw = rng if relation in CORPORA[corpus] else more_rng
+          self.facts[(corpus, subject, relation)] = str(draw.choice(self.values[relation]))
     keys = sorted(self.facts)
     if config.get('memorise_by', 'fact') == 'fact':
       chosen = rng.permutation(len(keys))[:round(config.memorised_fraction * len(keys))]
@@ -449,7 +475,7 @@ class CollabEnv(base.Env):
   def _unknown_quizzes(self) -> list:
     """``quiz_unknown`` quiz conversations about the names in ``quiz_names``, each
     answered with a bare ``hedge``; their relations cycle over every relation."""
-    corpus_of = {r: c for c, rels in CORPORA.items() for r in rels}
+    corpus_of = {r: c for c, rels in self.relations.items() for r in rels}
     return [self._quiz(corpus_of[r], name, r, HEDGE)
             for name, r in zip(self.quiz_names, itertools.cycle(corpus_of))]
 
