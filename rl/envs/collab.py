@@ -23,15 +23,14 @@ call in any training text names an ood relation, and no policy's ood search succ
 (docs/RESULTS.md). With ``more_relations=k`` each corpus also has the first k of
 ``MORE_RELATIONS`` (people: hobby, car; places: tree, bird; their facts drawn on a random
 stream of their own, so that the base relations' facts and, with ``memorise_by='subject'``,
-what is memorised are unchanged), which ``train_relations``
-may name: with several relations per corpus asked in training, the relation in a call could
-be learnt as a word to copy from the question rather than a constant of the corpus. It was not,
-by this small model: the SFT policy's ood calls still named no ood relation (docs/RESULTS.md).
-With ``memorise_by='fact'`` each fact
-is memorised on its own (a subject's job can be known and its pet not); with ``'subject'``,
-all of a subject's facts or none, so that knowing a fact is knowing its entity, the signal
-LLMs are found to gate answering on (Ferrando et al. 2025, "Do I know this entity?").
-Invented names have ``name_syllables`` syllables.
+what is memorised are unchanged), which ``train_relations`` may name: with several relations
+per corpus asked in training, the relation in a call could be learnt as a word to copy from
+the question rather than a constant of the corpus. It was not, by this small model: the SFT
+policy's ood calls still named no ood relation (docs/RESULTS.md). With
+``memorise_by='fact'`` each fact is memorised on its own (a subject's job can be known and
+its pet not); with ``'subject'``, all of a subject's facts or none, so that knowing a fact
+is knowing its entity, the signal LLMs are found to gate answering on (Ferrando et al.
+2025, "Do I know this entity?"). Invented names have ``name_syllables`` syllables.
 
 Unknown entities (``unknown_subjects``): with ``'fixed'`` every question is about a world
 subject, so the train split's few hundred questions can be learnt one by one, the decision
