@@ -342,9 +342,9 @@ class CollabEnv(base.Env):
       raise ValueError(f'search_cost must be >= 0, got {config.search_cost}.')
     if config.max_calls < 1:
       raise ValueError(f'max_calls must be >= 1, got {config.max_calls}.')
-    more = config.get('more_relations', 0)
-    if not 0 <= more <= min(map(len, MORE_RELATIONS.values())):
-      raise ValueError(f'more_relations must be in [0, 2], got {more}.')
+    more, most = config.get('more_relations', 0), min(map(len, MORE_RELATIONS.values()))
+    if not 0 <= more <= most:
+      raise ValueError(f'more_relations must be in [0, {most}], got {more}.')
     self.relations = {c: CORPORA[c] + MORE_RELATIONS[c][:more] for c in CORPORA}
     relations = [r for rels in self.relations.values() for r in rels]
     unknown = sorted(set(config.train_relations) - set(relations))
