@@ -217,6 +217,34 @@ class EpisodeTest(parameterized.TestCase):
                      ['user', 'asker', corpus, 'tool', corpus, 'asker'])
     self.assertAlmostEqual(episode.reward, 0.9)
 
+  def test_asker_must_delegate_moves_the_decision_to_the_helper(self):
+    env, rng = _env(mode='society', asker_must_delegate=True), np.random.default_rng(0)
+    known, unknown = _question(env, True), _question(env, False)
+    for key in (known, unknown):  # the asker may not end before a helper replied
+      for text in (f'answer {env.facts[key]}', 'hedge'):
+        episode = _play(env, env.reset(rng, question=key), [text])
+        self.assertTrue(episode.info['invalid'], text)
+        self.assertEqual(episode.reward, 0.0)
+      corpus, subject, relation = key
+      malformed = _play(env, env.reset(rng, question=key),
+                        ['delegate mars x job', f'answer {env.facts[key]}'])
+      self.assertTrue(malformed.info['invalid'])  # an error observation is no helper's reply
+      oracle = _oracle(env, env.reset(rng, question=key))  # the helper searches iff unknown
+      self.assertEqual([t.role for t in oracle.turns][:3], ['user', 'asker', corpus])
+      self.assertEqual(oracle.searches, int(key == unknown))
+      self.assertEqual(oracle.turns[2].text.split()[0], 'search' if key == unknown else 'answer')
+      self.assertEqual(oracle.info['f1'], 1.0)
+      self.assertAlmostEqual(oracle.reward, 0.9 if key == unknown else 1.0)
+      without = _env(mode='society')  # the asker decides, the helper always searches
+      self.assertEqual(_oracle(without, without.reset(rng, question=key)).turns[1].text
+                       .split()[0], 'delegate' if key == unknown else 'answer')
+    demos = [env.demonstration(rng, 'train') for _ in range(60)]
+    self.assertTrue(all(d.turns[1].text.startswith('delegate') for d in demos))
+    helper_first = {d.turns[2].text.split()[0] for d in demos}
+    self.assertEqual(helper_first, {'search', 'answer', 'hedge'})  # the helper decides
+    single = _env(mode='single', asker_must_delegate=True)  # no asker: no effect
+    self.assertEqual(_oracle(single, single.reset(rng, question=known)).searches, 0)
+
   def test_hedging_and_invalid_rewards(self):
     env = _env(mode='single')
     key = _question(env, True)

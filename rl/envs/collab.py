@@ -86,7 +86,13 @@ Modes (``config.mode``):
                whole conversation, so a helper can search the question's subject whatever
                name the asker delegated, and a wrong name goes unpunished; with
                ``'delegation'`` a helper sees only the asker's calls to it and its own
-               exchange, as the paper's helpers get only the asker's question.
+               exchange, as the paper's helpers get only the asker's question. With
+               ``asker_must_delegate`` the asker's first turn must be a delegation (an
+               answer or hedge before any helper's reply is invalid): the delegated helper
+               then decides between searching and answering from memory, the single
+               agent's own decision under the same tool word, where otherwise the asker
+               decides between delegating and answering and a helper, asked only what the
+               asker does not know, always searches (docs/RESULTS.md).
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
@@ -110,8 +116,9 @@ Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``orac
 (the first turn of the assistant, the asker or a delegated helper) draws its action from
 (tool call, answer, hedge) with probabilities ``generic_actions`` whether or not the fact is
 memorised; answers and hedges from memory give the value when memorised and a uniform guess
-of the relation's values otherwise; after a tool result the turn answers with the value, and
-the asker relays the helper's reply.
+of the relation's values otherwise (with ``asker_must_delegate`` the asker's first turn always
+delegates); after a tool result the turn answers with the value, and the asker relays the
+helper's reply.
 
 Fixed knowledge (``fixed_knowledge``, ``relabel``): ReST trains on its own rollouts, and a
 rollout can teach a fact in two ways, by the answer after a tool result and by a lucky guess
@@ -234,6 +241,9 @@ def default_config() -> config_dict.ConfigDict:
       # what a helper sees: 'all' (the whole conversation, the user's question included) or
       # 'delegation' (only its own exchange with the asker, docstring)
       helper_view='all',
+      # society: the asker's first turn must delegate, so a helper decides whether to
+      # search (docstring)
+      asker_must_delegate=False,
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
       # the question also spells the subject; calls and tool results spell it (docstring)
@@ -369,6 +379,7 @@ class CollabEnv(base.Env):
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
+    self.must_delegate = self.mode == 'society' and config.get('asker_must_delegate', False)
     self.spelt = config.get('spelt_names', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
                    tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r])
@@ -580,6 +591,9 @@ class CollabEnv(base.Env):
       episode.first_action = words[0] if malformed_call else parsed[0] if parsed else 'invalid'
     if parsed is None and not malformed_call:
       return self._end(episode, None)
+    if (self.must_delegate and turn.role == 'asker' and parsed and parsed[0] in (ANSWER, HEDGE)
+        and not any(t.role in CORPORA for t in episode.turns)):
+      return self._end(episode, None)  # the asker ended before any helper replied
     if malformed_call or parsed[0] in (SEARCH, DELEGATE):
       episode.calls += 1
       if episode.calls > self.config.max_calls:
@@ -625,12 +639,15 @@ class CollabEnv(base.Env):
 
   def oracle_turn(self, episode: CollabEpisode, role: str) -> str:
     """The action-supervised baseline's turn: retrieve exactly when the fact is not
-    memorised, then answer with the value (a helper always searches)."""
+    memorised, then answer with the value. The role that decides is the assistant, the asker
+    (a helper, delegated only what the asker does not know, always searches) or, with
+    ``asker_must_delegate``, the helper (the asker always delegates)."""
     if episode.turns[-1].role == 'tool' or (role == 'asker' and episode.turns[-1].role in CORPORA):
       return f'{ANSWER} {episode.value}'
-    if role in CORPORA or not episode.memorised:
-      return self._call(episode, role)
-    return f'{ANSWER} {episode.value}'
+    decides = role not in CORPORA if not self.must_delegate else role in CORPORA
+    if decides and episode.memorised:
+      return f'{ANSWER} {episode.value}'
+    return self._call(episode, role)
 
   def generic_turn(self, episode: CollabEpisode, role: str, rng: np.random.Generator) -> str:
     """A format demonstration's turn (module docstring): the action of a deciding turn is
@@ -642,7 +659,7 @@ class CollabEnv(base.Env):
     if role == 'asker' and last.role in CORPORA:
       return last.text
     action = (SEARCH, ANSWER, HEDGE)[rng.choice(3, p=self.config.generic_actions)]
-    if action == SEARCH:
+    if action == SEARCH or (role == 'asker' and self.must_delegate):
       return self._call(episode, role)
     memory = (episode.value if episode.memorised else
               str(rng.choice(self.values[episode.relation])))
