@@ -245,6 +245,27 @@ class EpisodeTest(parameterized.TestCase):
     single = _env(mode='single', asker_must_delegate=True)  # no asker: no effect
     self.assertEqual(_oracle(single, single.reset(rng, question=known)).searches, 0)
 
+  def test_helper_call_corpus_makes_the_helpers_call_the_single_agents(self):
+    env = _env(mode='society', asker_must_delegate=True, helper_call_corpus=True)
+    single, rng = _env(mode='single'), np.random.default_rng(0)
+    key = _question(env, False)
+    corpus, subject, relation = key
+    other = next(c for c in collab.CORPORA if c != corpus)
+    self.assertEqual(env.parse(f'search {corpus} {subject} {relation}', corpus),
+                     ('search', key))
+    for text in (f'search {subject} {relation}', f'search {other} {subject} {relation}'):
+      self.assertIsNone(env.parse(text, corpus), text)
+    oracle = _oracle(env, env.reset(rng, question=key))
+    alone = _oracle(single, single.reset(rng, question=key))
+    self.assertEqual(oracle.turns[2].text, alone.turns[1].text)  # word for word
+    self.assertAlmostEqual(oracle.reward, 0.9)
+    episode = _play(env, env.reset(rng, question=key),
+                    [f'delegate {corpus} {subject} {relation}', f'search {subject} {relation}',
+                     f'answer {env.facts[key]}', f'answer {env.facts[key]}'])
+    self.assertEqual(episode.turns[3].text,
+                     f'error malformed call , use search {corpus} SUBJECT RELATION')
+    self.assertAlmostEqual(episode.reward, 0.9)  # the failed search costs c
+
   def test_hedging_and_invalid_rewards(self):
     env = _env(mode='single')
     key = _question(env, True)

@@ -92,7 +92,10 @@ Modes (``config.mode``):
                then decides between searching and answering from memory, the single
                agent's own decision under the same tool word, where otherwise the asker
                decides between delegating and answering and a helper, asked only what the
-               asker does not know, always searches (docs/RESULTS.md).
+               asker does not know, always searches (docs/RESULTS.md). With
+               ``helper_call_corpus`` a helper's call names its own corpus, ``search people
+               SUBJECT RELATION`` (naming another is a malformed call): the single agent's
+               call, word for word.
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
@@ -244,6 +247,9 @@ def default_config() -> config_dict.ConfigDict:
       # society: the asker's first turn must delegate, so a helper decides whether to
       # search (docstring)
       asker_must_delegate=False,
+      # a helper's call names its own corpus, ``search people SUBJECT RELATION``: the single
+      # agent's call, word for word (docstring)
+      helper_call_corpus=False,
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
       # the question also spells the subject; calls and tool results spell it (docstring)
@@ -287,12 +293,14 @@ def spell(name: str) -> str:
   return ' '.join(name[i:i + 2] for i in range(0, len(name), 2))
 
 
-def parse(text: str, role: str, mode: str, spelt: bool = False) -> Optional[tuple]:
+def parse(text: str, role: str, mode: str, spelt: bool = False,
+          helper_corpus: bool = False) -> Optional[tuple]:
   """(action, arguments) of a model turn, or None when it does not parse for that role.
 
   single assistant: search CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
   society asker: delegate CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
-  society helper (role = its corpus): search SUBJECT RELATION | answer WORDS | hedge [WORDS].
+  society helper (role = its corpus): search SUBJECT RELATION | answer WORDS | hedge [WORDS],
+  or with ``helper_corpus`` search ROLE SUBJECT RELATION, naming its own corpus.
   With ``spelt`` the SUBJECT may span several words, joined: ``ka li pe`` names ``kalipe``.
   """
   words = text.split()
@@ -305,8 +313,10 @@ def parse(text: str, role: str, mode: str, spelt: bool = False) -> Optional[tupl
     return (HEDGE, ' '.join(rest))
   if action != tool_word(role):
     return None
-  if role in CORPORA:  # a helper searches its own corpus
+  if role in CORPORA and not helper_corpus:  # a helper searches its own corpus
     rest = [role] + rest
+  elif role in CORPORA and rest[:1] != [role]:  # ... and may name no other
+    return None
   if spelt and len(rest) > 3:
     rest = [rest[0], ''.join(rest[1:-1]), rest[-1]]
   if len(rest) != 3 or rest[0] not in CORPORA:
@@ -380,6 +390,7 @@ class CollabEnv(base.Env):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
     self.must_delegate = self.mode == 'society' and config.get('asker_must_delegate', False)
+    self.helper_corpus = config.get('helper_call_corpus', False)
     self.spelt = config.get('spelt_names', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
                    tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r])
@@ -500,14 +511,21 @@ class CollabEnv(base.Env):
     """The subject as calls and tool results write it: spelt with ``spelt_names``."""
     return spell(subject) if self.spelt else subject
 
+  def _call_corpus(self, role: str, corpus: str) -> str:
+    """The corpus word of ``role``'s calls, with its leading space ('' for a helper that
+    names none)."""
+    if role in CORPORA:
+      return f' {role}' if self.helper_corpus else ''
+    return f' {corpus}'
+
   def parse(self, text: str, role: str) -> Optional[tuple]:
     """``parse`` in this env's mode and call format."""
-    return parse(text, role, self.mode, self.spelt)
+    return parse(text, role, self.mode, self.spelt, self.helper_corpus)
 
   def _call(self, episode: CollabEpisode, role: str) -> str:
-    """The well-formed tool call of ``role`` for the episode's question (a helper names no
-    corpus: it searches its own)."""
-    corpus = '' if role in CORPORA else f' {episode.corpus}'
+    """The well-formed tool call of ``role`` for the episode's question (a helper searches
+    its own corpus, and names it only with ``helper_call_corpus``)."""
+    corpus = self._call_corpus(role, episode.corpus)
     return f'{tool_word(role)}{corpus} {self.call_name(episode.subject)} {episode.relation}'
 
   def result(self, subject: str, relation: str, value: str) -> str:
@@ -571,7 +589,7 @@ class CollabEnv(base.Env):
     last = episode.turns[-1]
     parsed = self.parse(last.text, last.role)
     if parsed is None:
-      corpus = '' if last.role in CORPORA else ' people|places'
+      corpus = self._call_corpus(last.role, 'people|places')
       return f'error malformed call , use {tool_word(last.role)}{corpus} SUBJECT RELATION'
     corpus, subject, relation = parsed[1]
     if (corpus, subject, relation) == (episode.corpus, episode.subject, episode.relation):
