@@ -91,11 +91,11 @@ Modes (``config.mode``):
                answer or hedge before any helper's reply is invalid): the delegated helper
                then decides between searching and answering from memory, the single
                agent's own decision under the same tool word, where otherwise the asker
-               decides between delegating and answering and a helper, asked only what the
-               asker does not know, always searches (docs/RESULTS.md). With
-               ``helper_call_corpus`` a helper's call names its own corpus, ``search people
-               SUBJECT RELATION`` (naming another is a malformed call): the single agent's
-               call, word for word.
+               makes it with ``delegate`` and a helper is asked only what the asker does
+               not know. With ``helper_call_corpus`` a helper's call names its own corpus,
+               ``search people SUBJECT RELATION`` (naming another is a malformed call): the
+               single agent's call, word for word. Neither option made the single agent
+               inherit the society's decision here (docs/RESULTS.md).
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
