@@ -662,7 +662,7 @@ class CollabEnv(base.Env):
     ``asker_must_delegate``, the helper (the asker always delegates)."""
     if episode.turns[-1].role == 'tool' or (role == 'asker' and episode.turns[-1].role in CORPORA):
       return f'{ANSWER} {episode.value}'
-    decides = role not in CORPORA if not self.must_delegate else role in CORPORA
+    decides = role in CORPORA if self.must_delegate else role not in CORPORA
     if decides and episode.memorised:
       return f'{ANSWER} {episode.value}'
     return self._call(episode, role)
