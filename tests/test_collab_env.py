@@ -266,6 +266,34 @@ class EpisodeTest(parameterized.TestCase):
                      f'error malformed call , use search {corpus} SUBJECT RELATION')
     self.assertAlmostEqual(episode.reward, 0.9)  # the failed search costs c
 
+  def test_asker_call_word_search_writes_the_delegation_as_the_single_agents_call(self):
+    env, single = _env(mode='society', asker_call_word='search'), _env(mode='single')
+    rng = np.random.default_rng(0)
+    key = _question(env, False)
+    corpus, subject, relation = key
+    call = f'search {corpus} {subject} {relation}'
+    self.assertEqual(env.parse(call, 'asker'), ('delegate', key))
+    self.assertIsNone(env.parse(f'delegate {corpus} {subject} {relation}', 'asker'))
+    oracle = _oracle(env, env.reset(rng, question=key))
+    alone = _oracle(single, single.reset(rng, question=key))
+    self.assertEqual(oracle.turns[1].text, alone.turns[1].text)  # word for word
+    # ... still a delegation: the helper works on it, and only its search costs c
+    self.assertEqual([t.role for t in oracle.turns], ['user', 'asker', corpus, 'tool', corpus,
+                                                      'asker'])
+    self.assertEqual((oracle.searches, oracle.calls), (1, 2))  # the delegation, the search
+    self.assertAlmostEqual(oracle.reward, 0.9)
+    self.assertEqual(oracle.info['first_action'], 'delegate')
+    malformed = _play(env, env.reset(rng, question=key),
+                      ['search mars x job', f'answer {env.facts[key]}'])
+    self.assertEqual(malformed.turns[2].text,
+                     'error malformed call , use search people|places SUBJECT RELATION')
+    self.assertEqual((malformed.info['first_action'], malformed.searches), ('delegate', 0))
+    self.assertAlmostEqual(malformed.reward, 1.0)  # a failed delegation is free, as before
+    demos = {d.turns[1].text.split()[0] for d in (env.demonstration(rng) for _ in range(30))}
+    self.assertEqual(demos, {'search', 'answer', 'hedge'})
+    with self.assertRaisesRegex(ConfigError, 'asker_call_word'):
+      make_env(_config(asker_call_word='ask'))
+
   def test_hedging_and_invalid_rewards(self):
     env = _env(mode='single')
     key = _question(env, True)

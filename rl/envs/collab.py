@@ -95,7 +95,11 @@ Modes (``config.mode``):
                not know. With ``helper_call_corpus`` a helper's call names its own corpus,
                ``search people SUBJECT RELATION`` (naming another is a malformed call): the
                single agent's call, word for word. Neither option made the single agent
-               inherit the society's decision here (docs/RESULTS.md).
+               inherit the society's decision here (docs/RESULTS.md). With
+               ``asker_call_word='search'`` the asker's delegation is written ``search
+               people|places SUBJECT RELATION``, the single agent's call word for word (it
+               still goes to that corpus's helper and is not a search): the asker's decision
+               is then the single agent's, in its words.
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
@@ -250,6 +254,9 @@ def default_config() -> config_dict.ConfigDict:
       # a helper's call names its own corpus, ``search people SUBJECT RELATION``: the single
       # agent's call, word for word (docstring)
       helper_call_corpus=False,
+      # the word of the asker's delegation: 'delegate', or 'search', the single agent's call
+      # word for word (docstring)
+      asker_call_word='delegate',
       # every invented name one token of its own (``whole_words``, docstring)
       name_tokens=False,
       # the question also spells the subject; calls and tool results spell it (docstring)
@@ -283,9 +290,10 @@ def f1(prediction: str, target: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
-def tool_word(role: str) -> str:
-  """The call a role makes: the asker delegates, the assistant and the helpers search."""
-  return DELEGATE if role == 'asker' else SEARCH
+def tool_word(role: str, asker_word: str = DELEGATE) -> str:
+  """The call a role makes: the asker delegates (its call written ``asker_word``), the
+  assistant and the helpers search."""
+  return asker_word if role == 'asker' else SEARCH
 
 
 def spell(name: str) -> str:
@@ -293,14 +301,15 @@ def spell(name: str) -> str:
   return ' '.join(name[i:i + 2] for i in range(0, len(name), 2))
 
 
-def parse(text: str, role: str, mode: str, spelt: bool = False,
-          helper_corpus: bool = False) -> Optional[tuple]:
+def parse(text: str, role: str, mode: str, spelt: bool = False, helper_corpus: bool = False,
+          asker_word: str = DELEGATE) -> Optional[tuple]:
   """(action, arguments) of a model turn, or None when it does not parse for that role.
 
   single assistant: search CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
   society asker: delegate CORPUS SUBJECT RELATION | answer WORDS | hedge [WORDS];
   society helper (role = its corpus): search SUBJECT RELATION | answer WORDS | hedge [WORDS],
   or with ``helper_corpus`` search ROLE SUBJECT RELATION, naming its own corpus.
+  The asker's call is written ``asker_word`` and parses as ``delegate`` either way.
   With ``spelt`` the SUBJECT may span several words, joined: ``ka li pe`` names ``kalipe``.
   """
   words = text.split()
@@ -311,7 +320,7 @@ def parse(text: str, role: str, mode: str, spelt: bool = False,
     return (ANSWER, ' '.join(rest)) if rest else None
   if action == HEDGE:
     return (HEDGE, ' '.join(rest))
-  if action != tool_word(role):
+  if action != tool_word(role, asker_word):
     return None
   if role in CORPORA and not helper_corpus:  # a helper searches its own corpus
     rest = [role] + rest
@@ -321,7 +330,7 @@ def parse(text: str, role: str, mode: str, spelt: bool = False,
     rest = [rest[0], ''.join(rest[1:-1]), rest[-1]]
   if len(rest) != 3 or rest[0] not in CORPORA:
     return None
-  return (action, tuple(rest))
+  return (tool_word(role), tuple(rest))
 
 
 class CollabEnv(base.Env):
@@ -386,11 +395,15 @@ class CollabEnv(base.Env):
                        f'{config.helper_view!r}.')
     if config.get('quiz_prompt', 'quiz') not in ('quiz', 'role'):
       raise ValueError(f"quiz_prompt must be 'quiz' or 'role', got {config.quiz_prompt!r}.")
+    if config.get('asker_call_word', DELEGATE) not in (DELEGATE, SEARCH):
+      raise ValueError(f"asker_call_word must be '{DELEGATE}' or '{SEARCH}', got "
+                       f'{config.asker_call_word!r}.')
     if config.value_words not in (1, 2):
       raise ValueError(f'value_words must be 1 or 2, got {config.value_words}.')
     self.config, self.mode = config, config.mode
     self.must_delegate = self.mode == 'society' and config.get('asker_must_delegate', False)
     self.helper_corpus = config.get('helper_call_corpus', False)
+    self.asker_word = config.get('asker_call_word', DELEGATE)
     self.spelt = config.get('spelt_names', False)
     self.values = {r: BASES[r] if config.value_words == 1 else
                    tuple(f'{q} {b}' for q in QUALIFIERS[r] for b in BASES[r])
@@ -520,13 +533,14 @@ class CollabEnv(base.Env):
 
   def parse(self, text: str, role: str) -> Optional[tuple]:
     """``parse`` in this env's mode and call format."""
-    return parse(text, role, self.mode, self.spelt, self.helper_corpus)
+    return parse(text, role, self.mode, self.spelt, self.helper_corpus, self.asker_word)
 
   def _call(self, episode: CollabEpisode, role: str) -> str:
     """The well-formed tool call of ``role`` for the episode's question (a helper searches
     its own corpus, and names it only with ``helper_call_corpus``)."""
     corpus = self._call_corpus(role, episode.corpus)
-    return f'{tool_word(role)}{corpus} {self.call_name(episode.subject)} {episode.relation}'
+    word = tool_word(role, self.asker_word)
+    return f'{word}{corpus} {self.call_name(episode.subject)} {episode.relation}'
 
   def result(self, subject: str, relation: str, value: str) -> str:
     """The tool turn of a search that found ``value``."""
@@ -590,7 +604,8 @@ class CollabEnv(base.Env):
     parsed = self.parse(last.text, last.role)
     if parsed is None:
       corpus = self._call_corpus(last.role, 'people|places')
-      return f'error malformed call , use {tool_word(last.role)}{corpus} SUBJECT RELATION'
+      word = tool_word(last.role, self.asker_word)
+      return f'error malformed call , use {word}{corpus} SUBJECT RELATION'
     corpus, subject, relation = parsed[1]
     if (corpus, subject, relation) == (episode.corpus, episode.subject, episode.relation):
       return self.result(subject, relation, episode.value)  # the episode's fact (demo)
@@ -604,9 +619,10 @@ class CollabEnv(base.Env):
     parsed = self.parse(turn.text, turn.role) if turn.ended else None
     words = turn.text.split()
     malformed_call = (turn.ended and parsed is None and bool(words) and
-                      words[0] == tool_word(turn.role))
+                      words[0] == tool_word(turn.role, self.asker_word))
     if turn.role == self.first_role and episode.first_action is None:
-      episode.first_action = words[0] if malformed_call else parsed[0] if parsed else 'invalid'
+      episode.first_action = (tool_word(turn.role) if malformed_call else
+                              parsed[0] if parsed else 'invalid')
     if parsed is None and not malformed_call:
       return self._end(episode, None)
     if (self.must_delegate and turn.role == 'asker' and parsed and parsed[0] in (ANSWER, HEDGE)
@@ -616,7 +632,7 @@ class CollabEnv(base.Env):
       episode.calls += 1
       if episode.calls > self.config.max_calls:
         return self._end(episode, None)
-      if words[0] == SEARCH:
+      if turn.role != 'asker':  # a search; the asker's calls are delegations
         episode.searches += 1
       if malformed_call or parsed[0] == SEARCH:  # the tool answers (an error if malformed)
         episode.next_role = 'tool'
