@@ -84,7 +84,7 @@ def run(config, workdir):
     rewards = ([validation_reward(workdir_s, step, config.select_split, **deploying)
                 for step in rest_steps] if config.select_split else [])
     chosen = int(np.argmax(rewards)) if rewards else len(rest_steps) - 1
-    selection.append({'iteration': chosen + 1, 'validation_rewards': rewards})
+    selection.append({'seed': seed, 'iteration': chosen + 1, 'validation_rewards': rewards})
     dirs['rest_single'].append((workdir_s, rest_steps[chosen]))
     timings[f'rest_s{seed}'] = time.time() - t0
   results = {'policies': {}, 'splits': list(config.splits), 'select_split': config.select_split,
@@ -340,9 +340,9 @@ def report(results) -> str:
     in_context = results['policies']['in_context']['test']['searches']['mean']
     lines.append('- in-context searches / ReST searches per seed (test): ' + ', '.join(
         f'{in_context / s:.2f}' if s else 'inf' for s in searches))
-  for seed, chosen in enumerate(results.get('rest_selection', [])):
+  for chosen in results.get('rest_selection', []):
     rewards = ', '.join(f'{r:.3f}' for r in chosen['validation_rewards'])
-    lines.append(f"- ReST seed {seed}: iteration {chosen['iteration']}" + (
+    lines.append(f"- ReST seed {chosen['seed']}: iteration {chosen['iteration']}" + (
         f" (mean reward per iteration on {results['select_split']}: {rewards})"
         if rewards else ' (the last)'))
   lines.append('')

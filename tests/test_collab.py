@@ -423,7 +423,7 @@ class JobTest(absltest.TestCase):
     config = repro_config.get_config()
     config.unlock()
     config.splits = ('test', 'ood')  # those of the criteria; 'train' deploys the same way
-    config.seeds = (0, 1)
+    config.seeds = (0, 2)  # the report names each seed, not its position
     for name in config.stages:
       _tiny(config.stages[name])
     workdir = epath.Path(self.create_tempdir().full_path)
@@ -466,7 +466,8 @@ class JobTest(absltest.TestCase):
     self.assertFalse(np.isin(grown['episode_ids'], rejected).any())
     # ReST's iteration per seed: the best mean reward on the held-out demo questions.
     self.assertLen(results['rest_selection'], 2)
-    for seed, chosen in enumerate(results['rest_selection']):
+    for seed, chosen in zip(config.seeds, results['rest_selection']):
+      self.assertEqual(chosen['seed'], seed)
       rewards = chosen['validation_rewards']
       self.assertLen(rewards, 2)
       self.assertEqual(chosen['iteration'], int(np.argmax(rewards)) + 1)

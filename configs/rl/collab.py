@@ -15,7 +15,10 @@ name into its search, which 3,000 did not teach, docs/RESULTS.md); ``oracle``: t
 policy fine-tuned (300 steps, its tokenizer) on the same facts plus ``oracle_turn``
 demonstrations (the action-supervised baseline, from the same pretrained policy as the
 others). Both train on both modes' demonstrations, which ask the questions of the ``demo``
-split (none of ReST's ``train`` facts appears in a demonstration's tool result), and are
+split (none of ReST's ``train`` facts appears in a demonstration's tool result), and the
+format demonstrations also those of the ``demo_ood`` split, a quarter of the ood questions
+(the tool shown on every fact type, as an LLM has seen it; the decision is trained on the
+train relations only, and the criteria judge the other ood questions); both are
 evaluated as the single agent; ``rest`` plays the society (every role the same policy) and
 trains on its rollouts with each retrieved value replaced by a counterfactual one
 (``CollabEnv.relabel``: the turns after a search teach reading the result, not the fact),
@@ -24,8 +27,9 @@ keeping a checkpoint per iteration (the job chooses one on held-out questions). 
 newly drawn name (3-syllable names, the first 1,000 spare names), 240 quizzes about unknown
 entities answered ``hedge``, every name one token of its own that the pretraining text
 spells, and the question writing the name as its word and spelt, calls and tool results
-spelling it (``name_tokens``, ``spelt_names``). The whole reproduction is
-``configs/repro/collab.py``.
+spelling it (``name_tokens``, ``spelt_names``), and the asker's delegation written as the
+single agent's call, ``search people SUBJECT RELATION`` (``asker_call_word``). The whole
+reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -46,6 +50,7 @@ def get_config(stage='sft'):
                     generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
                     unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
                     name_tokens=True, spare_names=1000, spelt_names=True,
+                    demo_ood_fraction=0.25, asker_call_word='search',
                     mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=2048,
                           reserved_tokens=episodes.reserved_tokens(ROLES))
@@ -57,7 +62,8 @@ def get_config(stage='sft'):
   config.sft.update(episodes=6000, roles=('assistant', 'asker') + tuple(collab.CORPORA),
                     behaviour='oracle' if stage == 'oracle' else 'generic',
                     env_variants=({'mode': 'single'}, {'mode': 'society'}),
-                    pretraining_repeats=10, splits=('demo',))
+                    pretraining_repeats=10,
+                    splits=('demo', 'demo_ood') if stage == 'sft' else ('demo',))
   config.rest = rest.default_rest_config()
   config.rest.update(trained_roles=('asker',) + tuple(collab.CORPORA),
                      eval_sets=('test', 'ood'),
