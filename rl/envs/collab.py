@@ -99,7 +99,9 @@ Modes (``config.mode``):
                ``asker_call_word='search'`` the asker's delegation is written ``search
                people|places SUBJECT RELATION``, the single agent's call word for word (it
                still goes to that corpus's helper and is not a search): the asker's decision
-               is then the single agent's, in its words.
+               is then the single agent's, in its words. With it (and ``demo_ood_fraction``)
+               the single agent inherits the society's decision in most seeds; the job uses
+               both (docs/RESULTS.md, measurement 5).
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
