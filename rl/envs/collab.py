@@ -526,12 +526,14 @@ class CollabEnv(base.Env):
     """The subject as calls and tool results write it: spelt with ``spelt_names``."""
     return spell(subject) if self.spelt else subject
 
-  def _call_corpus(self, role: str, corpus: str) -> str:
-    """The corpus word of ``role``'s calls, with its leading space ('' for a helper that
-    names none)."""
+  def _call_head(self, role: str, corpus: str) -> str:
+    """The words a call of ``role`` starts with: its tool word, then the corpus it names,
+    ``corpus`` for the assistant and the asker; a helper names its own corpus only with
+    ``helper_call_corpus``, and none otherwise."""
+    word = tool_word(role, self.asker_word)
     if role in CORPORA:
-      return f' {role}' if self.helper_corpus else ''
-    return f' {corpus}'
+      return f'{word} {role}' if self.helper_corpus else word
+    return f'{word} {corpus}'
 
   def parse(self, text: str, role: str) -> Optional[tuple]:
     """``parse`` in this env's mode and call format."""
@@ -540,9 +542,8 @@ class CollabEnv(base.Env):
   def _call(self, episode: CollabEpisode, role: str) -> str:
     """The well-formed tool call of ``role`` for the episode's question (a helper searches
     its own corpus, and names it only with ``helper_call_corpus``)."""
-    corpus = self._call_corpus(role, episode.corpus)
-    word = tool_word(role, self.asker_word)
-    return f'{word}{corpus} {self.call_name(episode.subject)} {episode.relation}'
+    head = self._call_head(role, episode.corpus)
+    return f'{head} {self.call_name(episode.subject)} {episode.relation}'
 
   def result(self, subject: str, relation: str, value: str) -> str:
     """The tool turn of a search that found ``value``."""
@@ -605,9 +606,8 @@ class CollabEnv(base.Env):
     last = episode.turns[-1]
     parsed = self.parse(last.text, last.role)
     if parsed is None:
-      corpus = self._call_corpus(last.role, 'people|places')
-      word = tool_word(last.role, self.asker_word)
-      return f'error malformed call , use {word}{corpus} SUBJECT RELATION'
+      head = self._call_head(last.role, 'people|places')
+      return f'error malformed call , use {head} SUBJECT RELATION'
     corpus, subject, relation = parsed[1]
     if (corpus, subject, relation) == (episode.corpus, episode.subject, episode.relation):
       return self.result(subject, relation, episode.value)  # the episode's fact (demo)
