@@ -25,9 +25,9 @@ pretrained one).
   ReST-EM's ``restart_from_base`` fine-tunes from the initial policy every iteration (on
   samples from the current one).
   With ``pretraining_mix`` > 0, that share of each Improve step's rows is drawn from the
-  environment's pretraining texts and episodes (rehearsal, as PPO-ptx mixes pretraining
-  gradients into RLHF, Ouyang et al. 2022), so fine-tuning on rollouts does not wear away
-  what pretraining taught.
+  environment's pretraining data of the kinds in ``rehearsal`` (its ``texts`` and/or its
+  ``episodes``; rehearsal, as PPO-ptx mixes pretraining gradients into RLHF, Ouyang et al.
+  2022), so fine-tuning on rollouts does not wear away what pretraining taught.
   Evaluate on the environment's evaluation sets; metrics, samples and a checkpoint.
 Resuming: an iteration has a fixed number of steps, so the step says where the loop stood;
 the Grow output of the running iteration is saved (``grown/iteration_K.npz``) and batch
@@ -51,6 +51,9 @@ from training import checkpoint as ckpt_lib
 from training import tokenizers
 from training import trainer as trainer_lib
 from training import workdir as workdir_lib
+
+
+REHEARSAL_KINDS = ('texts', 'episodes')
 
 
 def default_sft_config() -> config_dict.ConfigDict:
@@ -92,6 +95,9 @@ def default_rest_config() -> config_dict.ConfigDict:
       # share of each Improve step's rows drawn from the environment's pretraining texts and
       # episodes (rehearsal, as PPO-ptx mixes pretraining gradients into RLHF); 0: none
       pretraining_mix=0.0,
+      # what the rehearsal rows are: the env's pretraining 'texts' (plain text, every token
+      # trained) and/or its pretraining 'episodes' (conversations, the trained roles' turns)
+      rehearsal=REHEARSAL_KINDS,
       # the env splits Grow asks, one per iteration in turn (e.g. collab's 'train_0', ...)
       grow_splits=('train',),
   ))
@@ -121,6 +127,10 @@ def _check(config):
     if not 0 <= rest.get('pretraining_mix', 0.0) < 1:
       raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={rest.pretraining_mix} '
                                     'must be in [0, 1).')
+    kinds = tuple(rest.get('rehearsal', REHEARSAL_KINDS))
+    if not kinds or not set(kinds) <= set(REHEARSAL_KINDS):
+      raise workdir_lib.ConfigError(f'config.rest.rehearsal={kinds}: name one or both of '
+                                    f'{REHEARSAL_KINDS}.')
 
 
 def _check_grow_splits(env, splits):
@@ -261,11 +271,14 @@ def _role_transcripts(env, episodes, formatter, roles):
           if t.policy_mask.any()]
 
 
-def pretraining_items(env, formatter, roles):
-  """The environment's pretraining texts and its pretraining episodes as ``roles`` see
-  them: one copy of SFT's pretraining share (ReST's rehearsal data)."""
-  return ([ep.text_transcript(formatter, text) for text in env.pretraining_texts()] +
-          _role_transcripts(env, env.pretraining_episodes(), formatter, roles))
+def pretraining_items(env, formatter, roles, kinds=REHEARSAL_KINDS):
+  """The environment's pretraining texts and/or its pretraining episodes as ``roles`` see
+  them (``kinds``): one copy of that part of SFT's pretraining share (ReST's rehearsal
+  data)."""
+  texts = env.pretraining_texts() if 'texts' in kinds else []
+  episodes = env.pretraining_episodes() if 'episodes' in kinds else []
+  return ([ep.text_transcript(formatter, text) for text in texts] +
+          _role_transcripts(env, episodes, formatter, roles))
 
 
 def sft_tokenizer(tokenizer_config, env, workdir, texts):
@@ -344,10 +357,11 @@ def rest(config, workdir):
   mix = cfg.get('pretraining_mix', 0.0)
   rehearsal = None
   if mix:
-    items = pretraining_items(env, formatter, cfg.trained_roles)
+    kinds = tuple(cfg.get('rehearsal', REHEARSAL_KINDS))
+    items = pretraining_items(env, formatter, cfg.trained_roles, kinds)
     if not items:
       raise workdir_lib.ConfigError(f'config.rest.pretraining_mix={mix}, but the environment '
-                                    f'{config.env.name!r} has no pretraining data.')
+                                    f'{config.env.name!r} has no pretraining {kinds}.')
     rehearsal = ep.to_batch(items, config.data.seq_len, tokenizer.pad_id)
   per_iteration = len(cfg.thresholds) * cfg.steps_per_improve
   with trainer:

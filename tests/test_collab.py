@@ -162,6 +162,22 @@ class SftDataTest(parameterized.TestCase):
     self.assertEqual(tokenizer.decode(t.tokens[1:].tolist()), text)
     self.assertEqual(t.policy_mask.tolist(), [0] + [1] * (len(t.tokens) - 1))
 
+  def test_rehearsal_items_of_each_kind(self):
+    env = _env(mode='society')
+    _, formatter = _formatter(env)
+    roles = ('asker',) + tuple(collab.CORPORA)
+    texts, episodes = env.pretraining_texts(), env.pretraining_episodes()
+    self.assertNotEmpty(episodes)
+    only_texts = rest.pretraining_items(env, formatter, roles, ('texts',))
+    self.assertLen(only_texts, len(texts))
+    self.assertEqual([t.tokens.tolist() for t in only_texts],
+                     [ep.text_transcript(formatter, x).tokens.tolist() for x in texts])
+    only_episodes = rest.pretraining_items(env, formatter, roles, ('episodes',))
+    self.assertLen(only_episodes, len(episodes))  # each quiz: the asker's answer, trained
+    both = rest.pretraining_items(env, formatter, roles)
+    self.assertEqual([t.tokens.tolist() for t in both],
+                     [t.tokens.tolist() for t in only_texts + only_episodes])
+
   def test_untrained_after_the_tool_keeps_only_the_decision(self):
     env = _env(mode='single', demo_fraction=0.25)
     tokenizer, formatter = _formatter(env)

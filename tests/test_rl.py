@@ -316,6 +316,10 @@ class RestJobTest(absltest.TestCase):
     all_rehearsal.rest.pretraining_mix = 1.0  # no room left for the rollouts
     with self.assertRaisesRegex(ValueError, 'pretraining_mix=1.0'):
       rest.rest(all_rehearsal, self.create_tempdir().full_path)
+    for kinds in ((), ('texts', 'quizzes')):
+      all_rehearsal.rest.update(pretraining_mix=0.1, rehearsal=kinds)
+      with self.assertRaisesRegex(ValueError, r'rehearsal=\(.*name one or both'):
+        rest.rest(all_rehearsal, self.create_tempdir().full_path)
     bad = copy.deepcopy(config.env)
     bad.name = 'clarfy'
     with self.assertRaisesRegex(ValueError, 'clarify'):
