@@ -9,8 +9,9 @@ format demonstrations whose actions ignore what is memorised; ReST starts from i
 people and places helpers, one policy, the tool scripted, knowledge fixed by
 ``CollabEnv.relabel``). ReST's policy of a seed is its checkpoint at the end of the iteration
 whose single agent earns the highest mean reward (``validation_reward``; the first on ties)
-on the questions of ``select_split``, which ReST never asks (early stopping; the SFT policy
-itself is not a candidate); with ``select_split=''``, the last iteration's. Deployment
+on the questions of the ``select_splits`` together, which ReST never asks and the criteria
+do not judge (early stopping; the SFT policy itself is not a candidate); with
+``select_splits=()``, the last iteration's. Deployment
 (``deploy``): each policy alone with both tools (mode 'single'), greedy actions, on every
 question of each split. Metrics per split: search rate on
 memorised and unmemorised questions, F1, searches per question, hedge rate, invalid rate and
@@ -65,7 +66,8 @@ def run(config, workdir):
   deploying = dict(env_config=env_config, max_new_tokens=rollout.max_new_tokens,
                    max_turns=rollout.max_turns, seed=config.seeds[0])
   rest_steps = iteration_steps(config.stages.rest)
-  check_select_split(config.select_split, envs.make_env(env_config))
+  select = tuple(config.select_splits)
+  check_select_splits(select, envs.make_env(env_config))
   root.mkdir(parents=True, exist_ok=True)  # only once the config is known to be usable
   for name in ('sft', 'oracle'):
     t0 = time.time()
@@ -81,13 +83,13 @@ def run(config, workdir):
     t0 = time.time()
     workdir_s = root / f'rest_s{seed}'
     rest.rest(rest.stage_config(config, 'rest', seed, str(root / 'sft')), workdir_s)
-    rewards = ([validation_reward(workdir_s, step, config.select_split, **deploying)
-                for step in rest_steps] if config.select_split else [])
+    rewards = ([validation_reward(workdir_s, step, select, **deploying)
+                for step in rest_steps] if select else [])
     chosen = int(np.argmax(rewards)) if rewards else len(rest_steps) - 1
     selection.append({'seed': seed, 'iteration': chosen + 1, 'validation_rewards': rewards})
     dirs['rest_single'].append((workdir_s, rest_steps[chosen]))
     timings[f'rest_s{seed}'] = time.time() - t0
-  results = {'policies': {}, 'splits': list(config.splits), 'select_split': config.select_split,
+  results = {'policies': {}, 'splits': list(config.splits), 'select_splits': list(select),
              'rest_selection': selection}
   for policy, policy_dirs in dirs.items():
     runs = [deploy(d, splits=config.splits, step=step, **deploying) for d, step in policy_dirs]
@@ -225,14 +227,15 @@ def iteration_steps(rest_config) -> list:
   return [per_iteration * (i + 1) for i in range(cfg.iterations)]
 
 
-def check_select_split(split, env):
-  """``split`` ('' or a split of ``env`` that ReST never asks and the criteria do not judge)
-  may choose ReST's iteration; else a ValueError before any training."""
+def check_select_splits(splits, env):
+  """``splits`` (none, or splits of ``env`` that ReST never asks and the criteria do not
+  judge) may choose ReST's iteration; else a ValueError before any training."""
   judged = ('test', 'ood')
-  if split and (split not in env.splits or split in judged or split.startswith('train')):
-    raise ValueError(f'select_split={split!r}: choose ReST\'s iteration on a split of '
-                     f'{sorted(env.splits)} other than the train splits and {judged} (the '
-                     "criteria's), e.g. 'demo', or '' for the last iteration.")
+  for split in splits:
+    if split not in env.splits or split in judged or split.startswith('train'):
+      raise ValueError(f'select_splits has {split!r}: choose ReST\'s iteration on splits of '
+                       f'{sorted(env.splits)} other than the train splits and {judged} (the '
+                       "criteria's), e.g. ('demo',), or () for the last iteration.")
 
 
 def load_policy(policy_dir, env_config, step=None):
@@ -256,13 +259,15 @@ def play_split(policy, split, max_new_tokens, max_turns, seed) -> list:
   return episodes
 
 
-def validation_reward(policy_dir, step, split, env_config, max_new_tokens, max_turns,
+def validation_reward(policy_dir, step, splits, env_config, max_new_tokens, max_turns,
                       seed) -> float:
-  """Mean group reward of the policy at checkpoint ``step`` on ``split`` (``play_split``):
-  the score by which the job chooses ReST's iteration."""
+  """Mean group reward of the policy at checkpoint ``step`` over every question of the
+  ``splits`` (``play_split``), rounded to 9 decimals so that equal scores tie whatever the
+  summation order: the score by which the job chooses ReST's iteration."""
   policy = load_policy(policy_dir, env_config, step)
-  return float(np.mean([e.reward for e in play_split(policy, split, max_new_tokens,
-                                                      max_turns, seed)]))
+  rewards = [e.reward for split in splits
+             for e in play_split(policy, split, max_new_tokens, max_turns, seed)]
+  return round(float(np.mean(rewards)), 9)
 
 
 def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed, step=None):
@@ -343,7 +348,7 @@ def report(results) -> str:
   for chosen in results.get('rest_selection', []):
     rewards = ', '.join(f'{r:.3f}' for r in chosen['validation_rewards'])
     lines.append(f"- ReST seed {chosen['seed']}: iteration {chosen['iteration']}" + (
-        f" (mean reward per iteration on {results['select_split']}: {rewards})"
+        f" (mean reward per iteration on {' + '.join(results['select_splits'])}: {rewards})"
         if rewards else ' (the last)'))
   lines.append('')
   lines.append('Wall time: ' + ', '.join(f'{k} {v / 60:.1f} min'

@@ -493,8 +493,8 @@ class JobTest(absltest.TestCase):
                     (workdir / 'results.md').read_text())
     for split in ('tset', 'test', 'train'):
       bad = copy.deepcopy(config)
-      bad.select_split = split
-      with self.assertRaisesRegex(ValueError, f"select_split='{split}'"):
+      bad.select_splits = ('demo', split)
+      with self.assertRaisesRegex(ValueError, f"select_splits has '{split}'"):
         repro_collab.run(bad, str(workdir / 'bad'))
     self.assertFalse((workdir / 'bad' / 'sft').exists())
     unkept = copy.deepcopy(config.stages.rest)

@@ -6,7 +6,7 @@
 SFT of the in-context baseline (memorised facts + format demonstrations; also ReST's start),
 the action-supervised baseline (that policy fine-tuned on the facts + oracle demonstrations),
 ReST on the society's rollouts for every seed, each seed's policy taken at the iteration whose
-single agent earns the most on the held-out ``select_split`` questions, then each policy
+single agent earns the most on the held-out ``select_splits`` questions, then each policy
 deployed alone with both tools (mode 'single') on the train, test and ood questions; writes
 ``results.md``, ``results.json`` and ``collab.png`` into the workdir. Each stage is its own
 resumable workdir. Stage fields can be overridden, e.g.
@@ -23,9 +23,11 @@ def get_config():
   config.name = 'repro_collab'
   config.seeds = (0, 1, 2)  # ReST seeds (rollouts and fine-tuning); both SFTs use the first
   config.splits = ('train', 'test', 'ood')  # every question of each, greedy actions
-  # ReST's iteration per seed: the highest mean reward of its single agent on this split's
-  # questions, which ReST never asks ('demo': those of the SFT demonstrations); '': the last
-  config.select_split = 'demo'
+  # ReST's iteration per seed: the highest mean reward of its single agent on these splits'
+  # questions, which ReST never asks and the criteria do not judge (those of the SFT
+  # demonstrations: 'demo' of the train relations, 'demo_ood' of the others, where
+  # forgetting shows); (): the last
+  config.select_splits = ('demo', 'demo_ood')
   config.stages = config_dict.ConfigDict(dict(
       sft=collab.get_config('sft'), oracle=collab.get_config('oracle'),
       rest=collab.get_config('rest')))
