@@ -38,6 +38,7 @@ import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model import decode
@@ -126,31 +127,84 @@ def auroc(scores, labels) -> float:
   return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _context_pass(model, variables, tokens, lengths, max_len):
+  """Right-padded contexts -> (log p(next token | each whole context) [B, V], their KV cache
+  of ``max_len`` slots)."""
+  steps = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  segment_ids = (steps < lengths[:, None]).astype(jnp.int32)
+  logits, aux = model.apply(variables, tokens, positions=steps, segment_ids=segment_ids,
+                            cache=model.init_cache(tokens.shape[0], max_len))
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], 1)[:, 0]
+  return jax.nn.log_softmax(last.astype(jnp.float32), -1), aux['cache']
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _log_probs(model, variables, tokens):
-  """Next-token log-probabilities, jitted per model configuration (modules of equal fields
-  share the compilations)."""
-  return jax.nn.log_softmax(model.apply(variables, tokens)[0].astype(np.float32), -1)
+def _continuation_pass(model, variables, cache, rows, tokens, lengths, context_lengths):
+  """Per row, log p(tokens[1:lengths] | its context (row ``rows`` of ``cache``), tokens[0]):
+  the continuation after its first token, fed at the positions after the context."""
+  cache = dict(cache, **{k: tuple(x[rows] for x in cache[k]) for k in ('k', 'v')},
+               pos=cache['pos'][rows])
+  steps = jnp.arange(tokens.shape[1] - 1)
+  real = steps[None] < lengths[:, None] - 1  # the fed tokens that predict a real one
+  logits, _ = model.apply(variables, tokens[:, :-1], positions=context_lengths[:, None] + steps,
+                          segment_ids=real.astype(jnp.int32), cache=cache)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  return jnp.sum(jnp.where(real, picked, 0.0), -1)
+
+
+def _width(rows):
+  """The padded width of ``rows`` (token id lists): their longest, to a multiple of 16."""
+  return -(-max(map(len, rows)) // 16) * 16
+
+
+def _padded(rows, pad_id, height, width=None):
+  """int32 [height, width]: ``rows`` right-padded (width default ``_width(rows)``)."""
+  out = np.full((height, width or _width(rows)), pad_id, np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
 
 
 def continuation_logprobs(model, variables, pad_id, contexts, continuations, chunk=512):
-  """log p(continuation | context), teacher-forced, one per pair of token id lists, in
-  batches of at most ``chunk`` rows padded to few shapes (rows to a power of two, width to a
-  multiple of 16)."""
+  """log p(continuation | context), teacher-forced, one per pair of token id lists (each
+  continuation non-empty). Each distinct context runs once and its continuations share its
+  KV cache (a closed-book answer scores 64 values on one context); batches of at most
+  ``chunk`` rows, padded to few shapes (rows to a power of two, width to a multiple of 16)."""
   if len(contexts) != len(continuations):
     raise ValueError(f'{len(contexts)} contexts but {len(continuations)} continuations.')
-  out = []
-  for lo in range(0, len(contexts), chunk):
-    pairs = list(zip(contexts[lo:lo + chunk], continuations[lo:lo + chunk]))
-    rows = [c + k for c, k in pairs]
-    tokens = np.full((ep.bucket(len(rows), 1), -(-max(map(len, rows)) // 16) * 16), pad_id,
-                     np.int32)
-    for i, row in enumerate(rows):
-      tokens[i, :len(row)] = row
-    logp = np.asarray(_log_probs(model, variables, tokens))
-    out += [sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
-            for i, (c, k) in enumerate(pairs)]
-  return np.asarray(out)
+  if not contexts:
+    return np.zeros(0, np.float32)
+  index = {}
+  group = np.asarray([index.setdefault(tuple(c), len(index)) for c in contexts])
+  unique = [list(c) for c in index]
+  context_width = _width(unique)
+  max_len = context_width + _width(continuations)
+  firsts, caches = [], []
+  for lo in range(0, len(unique), chunk):
+    part = unique[lo:lo + chunk]
+    tokens = _padded(part, pad_id, ep.bucket(len(part), 1), context_width)
+    lengths = np.asarray([len(c) for c in part] + [1] * (len(tokens) - len(part)), np.int32)
+    first, cache = _context_pass(model, variables, tokens, lengths, max_len)
+    firsts.append(np.asarray(first)[:len(part)])
+    caches.append(jax.tree.map(lambda x, n=len(part): x[:n] if x.ndim else x, cache))
+  cache = jax.tree.map(lambda *x: jnp.concatenate(x) if x[0].ndim else x[0], *caches)
+  out = np.concatenate(firsts)[group, [k[0] for k in continuations]]
+  longer = [i for i, k in enumerate(continuations) if len(k) > 1]
+  for lo in range(0, len(longer), chunk):
+    part = longer[lo:lo + chunk]
+    height = ep.bucket(len(part), 1)
+    rows = np.zeros(height, np.int32)
+    rows[:len(part)] = group[part]
+    lengths, context_lengths = np.ones(height, np.int32), np.zeros(height, np.int32)
+    lengths[:len(part)] = [len(continuations[i]) for i in part]
+    context_lengths[:len(part)] = [len(contexts[i]) for i in part]
+    rest_logp = _continuation_pass(model, variables, cache, rows,
+                                   _padded([continuations[i] for i in part], pad_id, height),
+                                   lengths, context_lengths)
+    out[part] += np.asarray(rest_logp)[:len(part)]
+  return out
 
 
 def hedge_probabilities(model, variables, formatter, env, episodes, role='assistant'):

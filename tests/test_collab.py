@@ -399,6 +399,23 @@ class ContinuationLogprobsTest(absltest.TestCase):
     self.assertAlmostEqual(float(np.exp(logp[:64]).sum()), 1.0, places=4)
     self.assertAlmostEqual(float(logp[64]), float(logp[3] + logp[65]), places=4)
 
+  def test_shared_contexts_match_one_forward_per_row(self):
+    model = build_model(tiny_config(vocab_size=64, num_layers=2).model)
+    variables = model.init(jax.random.PRNGKey(1), np.zeros((1, 8), np.int32))
+    rng = np.random.default_rng(0)
+    contexts = [list(rng.integers(1, 64, n)) for n in (3, 17, 9)]
+    pairs = [(c, list(rng.integers(1, 64, m))) for c in contexts for m in (1, 2, 5)]
+    pairs += [(contexts[1], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])]
+    rows = np.zeros((len(pairs), 40), np.int32)  # every whole row, right-padded: no cache
+    for i, (c, k) in enumerate(pairs):
+      rows[i, :len(c) + len(k)] = c + k
+    logp = np.asarray(jax.nn.log_softmax(model.apply(variables, rows)[0], -1))
+    expected = [sum(logp[i, len(c) - 1 + j, t] for j, t in enumerate(k))
+                for i, (c, k) in enumerate(pairs)]
+    for chunk in (2, 512):  # contexts and continuations split over batches, or not
+      got = repro_collab.continuation_logprobs(model, variables, 0, *zip(*pairs), chunk=chunk)
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
 
 class AurocTest(absltest.TestCase):
 
