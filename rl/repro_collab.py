@@ -357,10 +357,13 @@ def seed_view(policies, i):
 
 
 def criteria(policies, split='test', ood='ood') -> dict:
-  """The done-when criteria of the reproduction (on the policies' ``mean`` values)."""
+  """The done-when criteria of the reproduction (on the policies' ``mean`` values): True or
+  False, or None where undefined (the hedge AUROC when no answer or every answer is wrong:
+  there is nothing to rank)."""
   mean = lambda p, s, m: policies[p][s][m]['mean']
   searches = mean('rest_single', split, 'searches')
   ratio = mean('in_context', split, 'searches') / searches if searches else float('inf')
+  auroc_value = mean('rest_single', split, 'hedge_auroc')
   return {
       'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
           mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
@@ -368,7 +371,7 @@ def criteria(policies, split='test', ood='ood') -> dict:
       'F1 >= in-context F1 with 2-5x fewer searches (test)': bool(
           mean('rest_single', split, 'f1') >= mean('in_context', split, 'f1') and
           2 <= ratio <= 5),
-      'hedge AUROC >= 0.8 (test)': bool(mean('rest_single', split, 'hedge_auroc') >= 0.8),
+      'hedge AUROC >= 0.8 (test)': None if np.isnan(auroc_value) else bool(auroc_value >= 0.8),
       'F1 > action-supervised F1 (ood)': bool(
           mean('rest_single', ood, 'f1') > mean('action_supervised', ood, 'f1')),
   }
@@ -391,9 +394,13 @@ def report(results) -> str:
       lines.append(f"| {policy} | {split} | {s['n']['mean']:.0f} | " +
                    ' | '.join(cell(s[m]) for m in METRICS) + ' |')
   per_seed = results['criteria_per_seed']
-  lines += [''] + [f"- {'holds' if ok else 'does not hold'} on the means, in "
-                   f"{sum(c[name] for c in per_seed)} of {len(per_seed)} seeds: {name}"
-                   for name, ok in results['criteria'].items()]
+  lines.append('')
+  verdict = {True: 'holds', False: 'does not hold', None: 'is undefined'}
+  for name, ok in results['criteria'].items():
+    undefined = sum(c[name] is None for c in per_seed)
+    lines.append(f"- {verdict[ok]} on the means, in {sum(c[name] is True for c in per_seed)} "
+                 f"of {len(per_seed)} seeds" + (f' (undefined in {undefined})' if undefined
+                                                 else '') + f': {name}')
   if 'test' in results['splits']:
     searches = results['policies']['rest_single']['test']['searches']['per_seed']
     in_context = results['policies']['in_context']['test']['searches']['mean']

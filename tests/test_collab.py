@@ -448,6 +448,17 @@ class CriteriaTest(absltest.TestCase):
     self.assertFalse(any(per_seed[1].values()))
     # the means: unmemorised 0.5, F1 0.5 (= in-context, ratio 1.5), AUROC 0.65, ood 0.5
     self.assertFalse(any(repro_collab.criteria(policies).values()))
+    # every answer right in both seeds: the hedge AUROC is undefined, not failed
+    policies['rest_single']['test']['hedge_auroc'] = metrics(True, v=(np.nan, np.nan))['v']
+    undefined = [repro_collab.criteria(repro_collab.seed_view(policies, i)) for i in (0, 1)]
+    name = 'hedge AUROC >= 0.8 (test)'
+    self.assertIsNone(undefined[0][name])
+    self.assertIsNone(repro_collab.criteria(policies)[name])
+    self.assertTrue(undefined[0]['F1 > action-supervised F1 (ood)'])
+    results = {'policies': policies, 'splits': [], 'criteria': repro_collab.criteria(policies),
+               'criteria_per_seed': undefined, 'timings_s': {}}
+    self.assertIn(f'- is undefined on the means, in 0 of 2 seeds (undefined in 2): {name}',
+                  repro_collab.report(results))
 
 
 class JobTest(absltest.TestCase):
