@@ -23,7 +23,10 @@ evaluated as the single agent; ``rest`` plays the society (every role the same p
 trains on its rollouts with each retrieved value replaced by a counterfactual one
 (``CollabEnv.relabel``: the turns after a search teach reading the result, not the fact),
 keeping a checkpoint per iteration (the job chooses one on held-out questions). The world
-(``rl/envs/collab.py``): memory by entity, every unmemorised train or demo question about a
+(``rl/envs/collab.py``): two thirds of the subjects memorised (an agent that gets every
+answer right searches at best on a third of the questions, 3x fewer than always searching:
+inside the paper's 2-5x; with half, 2x was the best any agent could do, docs/RESULTS.md),
+memory by entity, every unmemorised train or demo question about a
 newly drawn name (3-syllable names, the first 1,000 spare names), 240 quizzes about unknown
 entities answered ``hedge``, every name one token of its own that the pretraining text
 spells, and the question writing the name as its word and spelt, calls and tool results
@@ -46,7 +49,7 @@ def get_config(stage='sft'):
   config.job = 'rl_rest' if stage == 'rest' else 'rl_sft'
   config.name = f'collab_{stage}'
   config.env = collab.default_config()
-  config.env.update(subjects_per_corpus=120, demo_fraction=0.25,
+  config.env.update(subjects_per_corpus=120, memorised_fraction=2 / 3, demo_fraction=0.25,
                     generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
                     unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
                     name_tokens=True, spare_names=1000, spelt_names=True,
