@@ -158,6 +158,24 @@ def bucket(n: int, multiple: int) -> int:
   return -(-size // multiple) * multiple
 
 
+def padded_width(rows: list, multiple: int = 16) -> int:
+  """The longest of ``rows`` (token id lists) rounded up to ``multiple``."""
+  return -(-max(map(len, rows)) // multiple) * multiple
+
+
+def pad_rows(rows: list, pad_id: int, multiple: int = 16, width: int = 0):
+  """``rows`` (token id lists) right-padded into int32 [2^k rows, ``width``] (default
+  ``padded_width(rows, multiple)``), and the lengths (1 for padding rows): few shapes, few
+  compiles."""
+  width = width or padded_width(rows, multiple)
+  tokens = np.full((bucket(len(rows), 1), width), pad_id, np.int32)
+  lengths = np.ones((len(tokens),), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+    lengths[i] = len(row)
+  return tokens, lengths
+
+
 def generate_turns(actor: Actor, contexts: list, formatter: Formatter, rng,
                    batch_multiple: int = 1, place: Callable = lambda x: x,
                    generate: Callable = decode.generate, stop_tokens=None) -> list:

@@ -24,6 +24,7 @@ from ml_collections import config_dict
 import numpy as np
 
 from model import decode
+from rl import episodes as ep
 from rl.envs import base
 
 
@@ -200,19 +201,6 @@ def verifier_loss():
 STOPS = ('newline', 'end', 'limit')  # how a sampled piece ended
 
 
-def _pad_rows(rows, pad_id, multiple=32):
-  """Right-padded [2^k rows, width multiple of 32] int32 and the lengths (few shapes,
-  few compiles)."""
-  n, width = len(rows), -(-max(len(r) for r in rows) // multiple) * multiple
-  size = 1 << max(0, (n - 1).bit_length())
-  tokens = np.full((size, width), pad_id, np.int32)
-  lengths = np.ones((size,), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r)] = r
-    lengths[i] = len(r)
-  return tokens, lengths
-
-
 class PolicySampler:
   """The policy continuing a problem after a prefix of steps (``env`` has one assistant
   turn, e.g. ``rl.envs.arith``): batched, KV-cached ``model.decode.generate``."""
@@ -244,8 +232,8 @@ class PolicySampler:
     out = []
     for start in range(0, len(requests), self.batch):
       chunk = requests[start:start + self.batch]
-      prompts, lengths = _pad_rows([self.context(p, prefix) for p, prefix in chunk],
-                                   self.formatter.tokenizer.pad_id)
+      prompts, lengths = ep.pad_rows([self.context(p, prefix) for p, prefix in chunk],
+                                     self.formatter.tokenizer.pad_id, 32)
       gen = decode.generate(self.model, self.variables, prompts, limit, self.sampling,
                             jax.random.fold_in(rng, start), stop_tokens=stops,
                             pad_id=self.formatter.tokenizer.pad_id, prompt_lengths=lengths)
@@ -303,7 +291,8 @@ class Verifier:
     out = []
     for start in range(0, len(candidates), self.batch):
       seqs = [state_sequence(self.sampler, *c) for c in candidates[start:start + self.batch]]
-      tokens, lengths = _pad_rows([ids for ids, _ in seqs], self.sampler.formatter.tokenizer.pad_id)
+      tokens, lengths = ep.pad_rows([ids for ids, _ in seqs],
+                                    self.sampler.formatter.tokenizer.pad_id, 32)
       width = tokens.shape[1]
       positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
       segments = (positions < lengths[:, None]).astype(np.int32)
@@ -443,7 +432,6 @@ def train_verifier(config, workdir):
   a ``WithValueHead`` initialised from the policy (head at zero: every Q starts at 0.5)."""
   import json  # pylint: disable=g-import-not-at-top
   from rl import envs  # pylint: disable=g-import-not-at-top
-  from rl import episodes as ep  # pylint: disable=g-import-not-at-top
   from rl import value as value_lib  # pylint: disable=g-import-not-at-top
   from training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top

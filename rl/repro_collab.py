@@ -154,19 +154,6 @@ def _continuation_pass(model, variables, cache, rows, tokens, lengths, context_l
   return jnp.sum(jnp.where(real, picked, 0.0), -1)
 
 
-def _width(rows):
-  """The padded width of ``rows`` (token id lists): their longest, to a multiple of 16."""
-  return -(-max(map(len, rows)) // 16) * 16
-
-
-def _padded(rows, pad_id, height, width=None):
-  """int32 [height, width]: ``rows`` right-padded (width default ``_width(rows)``)."""
-  out = np.full((height, width or _width(rows)), pad_id, np.int32)
-  for i, row in enumerate(rows):
-    out[i, :len(row)] = row
-  return out
-
-
 def continuation_logprobs(model, variables, pad_id, contexts, continuations, chunk=512):
   """log p(continuation | context), teacher-forced, one per pair of token id lists (each
   continuation non-empty). Each distinct context runs once and its continuations share its
@@ -179,13 +166,12 @@ def continuation_logprobs(model, variables, pad_id, contexts, continuations, chu
   index = {}
   group = np.asarray([index.setdefault(tuple(c), len(index)) for c in contexts])
   unique = [list(c) for c in index]
-  context_width = _width(unique)
-  max_len = context_width + _width(continuations)
+  context_width = ep.padded_width(unique)
+  max_len = context_width + ep.padded_width(continuations)
   firsts, caches = [], []
   for lo in range(0, len(unique), chunk):
     part = unique[lo:lo + chunk]
-    tokens = _padded(part, pad_id, ep.bucket(len(part), 1), context_width)
-    lengths = np.asarray([len(c) for c in part] + [1] * (len(tokens) - len(part)), np.int32)
+    tokens, lengths = ep.pad_rows(part, pad_id, width=context_width)
     first, cache = _context_pass(model, variables, tokens, lengths, max_len)
     firsts.append(np.asarray(first)[:len(part)])
     caches.append(jax.tree.map(lambda x, n=len(part): x[:n] if x.ndim else x, cache))
@@ -194,15 +180,12 @@ def continuation_logprobs(model, variables, pad_id, contexts, continuations, chu
   longer = [i for i, k in enumerate(continuations) if len(k) > 1]
   for lo in range(0, len(longer), chunk):
     part = longer[lo:lo + chunk]
-    height = ep.bucket(len(part), 1)
-    rows = np.zeros(height, np.int32)
+    tokens, lengths = ep.pad_rows([continuations[i] for i in part], pad_id)
+    rows, context_lengths = np.zeros((2, len(tokens)), np.int32)
     rows[:len(part)] = group[part]
-    lengths, context_lengths = np.ones(height, np.int32), np.zeros(height, np.int32)
-    lengths[:len(part)] = [len(continuations[i]) for i in part]
     context_lengths[:len(part)] = [len(contexts[i]) for i in part]
-    rest_logp = _continuation_pass(model, variables, cache, rows,
-                                   _padded([continuations[i] for i in part], pad_id, height),
-                                   lengths, context_lengths)
+    rest_logp = _continuation_pass(model, variables, cache, rows, tokens, lengths,
+                                   context_lengths)
     out[part] += np.asarray(rest_logp)[:len(part)]
   return out
 
