@@ -18,7 +18,12 @@ memorised and unmemorised questions, F1, searches per question, hedge rate, inva
 the hedge AUROC: over the split's questions, the score is the policy's probability that its
 final turn starts with ``hedge`` (the tokens of ``hedge``, teacher-forced on the context of
 that turn) and the label is wrongness, F1 of the final answer < 1 (a bare ``hedge`` or an
-invalid episode is wrong); ties count one half, NaN when one class is empty. The decision
+invalid episode is wrong); ties count one half, NaN when one class is empty (every answer
+right, as when the agent searches whatever it does not know). The closed-book hedge AUROC,
+hedging against the policy's parametric accuracy (the paper's calibration): over the split's
+questions, the score is the first action's log-odds of hedging over answering, log
+p(``hedge``) - log p(``answer``) (first tokens, at the question), and the label is the
+wrongness of the policy's closed-book answer (below: F1 < 1). The decision
 AUROC, threshold-free: over the split's questions, the score is the first action's log-odds
 of answering over searching, log p(``answer``) - log p(``search``) (first tokens, at the
 question), and the label is memorised; it says how well the policy ranks what it knows,
@@ -52,7 +57,8 @@ from training import workdir as workdir_lib
 
 POLICIES = ('in_context', 'action_supervised', 'rest_single')
 METRICS = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
-           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'decision_auroc', 'memory_recall',
+           'hedge_rate', 'invalid_rate', 'hedge_auroc', 'closed_book_hedge_auroc',
+           'decision_auroc', 'memory_recall',
            'reward', 'best_reward', 'best_search_rate_memorised')
 
 
@@ -218,13 +224,15 @@ def _first_turn_scores(model, variables, formatter, env, questions, replies, rol
                                continuations)
 
 
-def answer_margins(model, variables, formatter, env, questions, role='assistant'):
-  """Per question (a key of ``env.facts``), log p(``answer``) - log p(``search``) of
-  ``role``'s first action (the first token of each word) at the question."""
-  actions = [formatter.tokenizer.encode(a)[:1] for a in (collab.ANSWER, collab.SEARCH)]
-  logp = _first_turn_scores(model, variables, formatter, env, questions, lambda _: actions,
-                            role).reshape(-1, 2)
-  return logp[:, 0] - logp[:, 1]
+FIRST_ACTIONS = (collab.ANSWER, collab.SEARCH, collab.HEDGE)
+
+
+def first_action_logprobs(model, variables, formatter, env, questions, role='assistant'):
+  """Per question (a key of ``env.facts``), log p of each of ``FIRST_ACTIONS`` as
+  ``role``'s first action at the question (the first token of each word): [questions, 3]."""
+  actions = [formatter.tokenizer.encode(a)[:1] for a in FIRST_ACTIONS]
+  return _first_turn_scores(model, variables, formatter, env, questions, lambda _: actions,
+                            role).reshape(-1, len(FIRST_ACTIONS))
 
 
 def closed_book_answers(model, variables, formatter, env, questions, role='assistant'):
@@ -322,9 +330,13 @@ def deploy(policy_dir, env_config, splits, max_new_tokens, max_turns, seed, step
     answers = closed_book_answers(model, variables, formatter, env, questions)
     recall = [a == env.facts[q] for q, a in zip(questions, answers) if q in env.memorised]
     known = [q in env.memorised for q in questions]
-    margins = answer_margins(model, variables, formatter, env, questions)
+    logp = dict(zip(FIRST_ACTIONS, first_action_logprobs(model, variables, formatter, env,
+                                                         questions).T))
+    closed_book_wrong = [collab.f1(a, env.facts[q]) < 1 for q, a in zip(questions, answers)]
     out[split] = dict(env.summary(episodes), hedge_auroc=auroc(p_hedge, wrong),
-                      decision_auroc=auroc(margins, known),
+                      closed_book_hedge_auroc=auroc(logp[collab.HEDGE] - logp[collab.ANSWER],
+                                                    closed_book_wrong),
+                      decision_auroc=auroc(logp[collab.ANSWER] - logp[collab.SEARCH], known),
                       memory_recall=float(np.mean(recall)) if recall else float('nan'),
                       reward=float(np.mean([e.reward for e in episodes])),
                       **best_achievable(env, questions, answers), n=len(episodes))
@@ -346,7 +358,7 @@ def criteria(policies, split='test', ood='ood') -> dict:
   mean = lambda p, s, m: policies[p][s][m]['mean']
   searches = mean('rest_single', split, 'searches')
   ratio = mean('in_context', split, 'searches') / searches if searches else float('inf')
-  auroc_value = mean('rest_single', split, 'hedge_auroc')
+  defined = lambda value: None if np.isnan(value) else bool(value >= 0.8)
   return {
       'searches on >= 80% of unmemorised, <= 20% of memorised (test)': bool(
           mean('rest_single', split, 'search_rate_unmemorised') >= 0.8 and
@@ -354,7 +366,9 @@ def criteria(policies, split='test', ood='ood') -> dict:
       'F1 >= in-context F1 with 2-5x fewer searches (test)': bool(
           mean('rest_single', split, 'f1') >= mean('in_context', split, 'f1') and
           2 <= ratio <= 5),
-      'hedge AUROC >= 0.8 (test)': None if np.isnan(auroc_value) else bool(auroc_value >= 0.8),
+      'hedge AUROC >= 0.8 (test)': defined(mean('rest_single', split, 'hedge_auroc')),
+      'closed-book hedge AUROC >= 0.8 (test)': defined(
+          mean('rest_single', split, 'closed_book_hedge_auroc')),
       'F1 > action-supervised F1 (ood)': bool(
           mean('rest_single', ood, 'f1') > mean('action_supervised', ood, 'f1')),
   }
@@ -368,9 +382,9 @@ def report(results) -> str:
       return f"{value['mean']:.3f}"
     return f"{value['mean']:.3f} ± {np.std(value['per_seed'], ddof=1):.3f}"
   lines = ['| policy | split | n | search rate, memorised | search rate, unmemorised | F1 | '
-           'searches / question | hedge rate | invalid rate | hedge AUROC | decision AUROC | '
-           'memory recall | reward | best reward | best search rate, memorised |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           'searches / question | hedge rate | invalid rate | hedge AUROC | closed-book hedge '
+           'AUROC | decision AUROC | memory recall | reward | best reward | best search rate, '
+           'memorised |', '|---' * (3 + len(METRICS)) + '|']
   for split in results['splits']:
     for policy, by_split in results['policies'].items():
       s = by_split[split]
@@ -404,7 +418,7 @@ def plot(results, path):
   """One panel per metric: policies side by side on each split."""
   plt = figures.pyplot()
   metrics = ('search_rate_memorised', 'search_rate_unmemorised', 'f1', 'searches',
-             'hedge_auroc')
+             'hedge_auroc', 'closed_book_hedge_auroc')
   splits, policies = results['splits'], list(results['policies'])
   fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
   width = 0.8 / len(policies)

@@ -436,12 +436,13 @@ class CriteriaTest(absltest.TestCase):
       return {m: {'mean': float(np.mean(v)), 'per_seed': list(v)} if per_seed else {'mean': v}
               for m, v in values.items()}
     base = dict(search_rate_unmemorised=0.5, search_rate_memorised=0.5, f1=0.5, searches=0.9,
-                hedge_auroc=0.5)
+                hedge_auroc=0.5, closed_book_hedge_auroc=0.5)
     policies = {p: {s: metrics(False, **base) for s in ('test', 'ood')}
                 for p in ('in_context', 'action_supervised')}
     # seed 0 meets every criterion (ratio 0.9 / 0.3 = 3), seed 1 none
     rest_values = dict(search_rate_unmemorised=(0.9, 0.1), search_rate_memorised=(0.1, 0.9),
-                       f1=(0.8, 0.2), searches=(0.3, 0.9), hedge_auroc=(0.9, 0.4))
+                       f1=(0.8, 0.2), searches=(0.3, 0.9), hedge_auroc=(0.9, 0.4),
+                       closed_book_hedge_auroc=(0.85, 0.7))
     policies['rest_single'] = {s: metrics(True, **rest_values) for s in ('test', 'ood')}
     per_seed = [repro_collab.criteria(repro_collab.seed_view(policies, i)) for i in (0, 1)]
     self.assertTrue(all(per_seed[0].values()))
@@ -455,6 +456,9 @@ class CriteriaTest(absltest.TestCase):
     self.assertIsNone(undefined[0][name])
     self.assertIsNone(repro_collab.criteria(policies)[name])
     self.assertTrue(undefined[0]['F1 > action-supervised F1 (ood)'])
+    closed_book = 'closed-book hedge AUROC >= 0.8 (test)'  # defined: judged on its own
+    self.assertEqual([c[closed_book] for c in undefined], [True, False])
+    self.assertFalse(repro_collab.criteria(policies)[closed_book])  # mean 0.775
     results = {'policies': policies, 'splits': [], 'criteria': repro_collab.criteria(policies),
                'criteria_per_seed': undefined, 'timings_s': {}}
     self.assertIn(f'- is undefined on the means, in 0 of 2 seeds (undefined in 2): {name}',
@@ -476,7 +480,7 @@ class JobTest(absltest.TestCase):
     for policy in repro_collab.POLICIES:
       for split in config.splits:
         self.assertEqual(results['policies'][policy][split]['n']['mean'], len(env.splits[split]))
-    self.assertLen(results['criteria'], 4)
+    self.assertLen(results['criteria'], 5)
     self.assertLen(results['criteria_per_seed'], 2)
     f1 = results['policies']['rest_single']['test']['f1']
     self.assertLen(f1['per_seed'], 2)

@@ -154,7 +154,7 @@ class WorldTest(absltest.TestCase):
                          ('train_relations', ('age',)), ('search_cost', -0.1),
                          ('value_words', 3), ('memorise_by', 'relation'),
                          ('unknown_subjects', 'new'), ('name_syllables', 4),
-                         ('quiz_prompt', 'user')]:
+                         ('quiz_prompt', 'user'), ('delegation_cost', -0.1)]:
       with self.assertRaisesRegex(ConfigError, field):
         config = collab.default_config()
         config[field] = value
@@ -293,6 +293,38 @@ class EpisodeTest(parameterized.TestCase):
     self.assertEqual(demos, {'search', 'answer', 'hedge'})
     with self.assertRaisesRegex(ConfigError, 'asker_call_word'):
       make_env(_config(asker_call_word='ask'))
+
+  def test_delegation_cost_charges_each_delegation_of_the_asker(self):
+    env = _env(mode='society', asker_call_word='search', delegation_cost=0.05)
+    rng = np.random.default_rng(0)
+    known, unknown = _question(env, True), _question(env, False)
+    corpus, subject, relation = known
+    value = env.facts[known]
+    rewards = {}  # on a memorised question: answering beats delegating to a helper who knows
+    for name, turns in (('answer', [f'answer {value}']),
+                        ('delegate', [f'search {corpus} {subject} {relation}',
+                                      f'answer {value}', f'answer {value}']),
+                        ('delegate, search', [f'search {corpus} {subject} {relation}',
+                                              f'search {subject} {relation}',
+                                              f'answer {value}', f'answer {value}']),
+                        ('malformed delegation', ['search mars x job', f'answer {value}']),
+                        ('hedge after delegating', [f'search {corpus} {subject} {relation}',
+                                                    f'answer {value}', 'hedge'])):
+      episode = _play(env, env.reset(rng, question=known), turns)
+      rewards[name] = episode.reward
+      self.assertEqual(episode.info['delegations'], 0 if name == 'answer' else 1, name)
+    self.assertAlmostEqual(rewards['answer'], 1.0)
+    self.assertAlmostEqual(rewards['delegate'], 0.95)
+    self.assertAlmostEqual(rewards['delegate, search'], 0.85)
+    self.assertAlmostEqual(rewards['malformed delegation'], 0.95)  # a failed call costs d
+    self.assertAlmostEqual(rewards['hedge after delegating'], 0.3 - 0.05)  # bare hedge: h - d
+    # the oracle: answers what it knows, delegates (then the helper searches) what it does not
+    self.assertAlmostEqual(_oracle(env, env.reset(rng, question=known)).reward, 1.0)
+    self.assertAlmostEqual(_oracle(env, env.reset(rng, question=unknown)).reward, 0.85)
+    free = _env(mode='society', asker_call_word='search')  # the default: free delegations
+    self.assertAlmostEqual(_oracle(free, free.reset(rng, question=unknown)).reward, 0.9)
+    single = _env(mode='single', delegation_cost=0.05)  # no asker: the single agent's reward
+    self.assertAlmostEqual(_oracle(single, single.reset(rng, question=unknown)).reward, 0.9)
 
   def test_hedging_and_invalid_rewards(self):
     env = _env(mode='single')

@@ -31,8 +31,12 @@ newly drawn name (3-syllable names, the first 1,000 spare names), 240 quizzes ab
 entities answered ``hedge``, every name one token of its own that the pretraining text
 spells, and the question writing the name as its word and spelt, calls and tool results
 spelling it (``name_tokens``, ``spelt_names``), and the asker's delegation written as the
-single agent's call, ``search people SUBJECT RELATION`` (``asker_call_word``). The whole
-reproduction is ``configs/repro/collab.py``.
+single agent's call, ``search people SUBJECT RELATION`` (``asker_call_word``), and costing
+what that call costs the single agent (``delegation_cost`` = ``search_cost``): with free
+delegations the asker answering a memorised question and the asker delegating it to a helper
+that answers from memory earned the same, ReST kept either, and the single agent inherited
+the second as paid searches on memorised questions (docs/RESULTS.md, measurement 7). The
+whole reproduction is ``configs/repro/collab.py``.
 """
 from configs import base
 from rl import episodes, play, rest
@@ -53,7 +57,7 @@ def get_config(stage='sft'):
                     generic_actions=(0.5, 0.25, 0.25), memorise_by='subject',
                     unknown_subjects='fresh', name_syllables=3, quiz_unknown=240,
                     name_tokens=True, spare_names=1000, spelt_names=True,
-                    demo_ood_fraction=0.25, asker_call_word='search',
+                    demo_ood_fraction=0.25, asker_call_word='search', delegation_cost=0.1,
                     mode='society' if stage == 'rest' else 'single')
   config.tokenizer.update(kind='sentencepiece', vocab_size=2048,
                           reserved_tokens=episodes.reserved_tokens(ROLES))

@@ -104,20 +104,28 @@ Modes (``config.mode``):
                both (docs/RESULTS.md, measurement 5).
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
-against the fact's value (0 for a bare ``hedge``) and ``c = search_cost`` per search:
+against the fact's value (0 for a bare ``hedge``), ``c = search_cost`` per search and
+``d = delegation_cost`` per delegation of the asker (its calls to a helper, the tools of
+the asker in the paper's society):
 
-  answer   F1 - c * searches
-  hedge    (1 - h) * F1 + h * (1 - F1) - c * searches,    h = hedge_credit (0.3 by default)
+  answer   F1 - c * searches - d * delegations
+  hedge    (1 - h) * F1 + h * (1 - F1) - c * searches - d * delegations,
+           h = hedge_credit (0.3 by default)
 
 so hedging earns h exactly when the answer would be wrong and costs h when it would be
 right: with answer-correctness probability p, answering is better iff p > 1/2 (calibrated
-selective prediction). A malformed call (``search`` or ``delegate`` with arguments that do
-not parse, e.g. an unknown corpus) is a failed call: it counts against ``max_calls``, a
-malformed search costs c like any search, and the tool turn that follows is an error
-observation with the call's usage; a search that matches nothing returns ``result none``.
-Any other action that does not parse, a call beyond ``max_calls`` (searches and
-delegations), a role speaking out of turn or a turn cut at the token limit is invalid and
-ends the episode: reward ``-c * searches`` (F1 0, no hedge credit). ``oracle_turn`` is the action
+selective prediction). With ``d = 0`` a delegation is free, so on a memorised question the
+asker answering and the asker delegating to a helper that answers from memory (the same
+policy, the same memory) earn the same, and ReST keeps either; with
+``asker_call_word='search'`` the second is, in the single agent's words, a paid search
+(docs/RESULTS.md, measurement 7). A malformed call (``search`` or ``delegate`` with
+arguments that do not parse, e.g. an unknown corpus) is a failed call: it counts against
+``max_calls``, costs c (a search) or d (a delegation) like a well-formed one, and the tool
+turn that follows is an error observation with the call's usage; a search that matches
+nothing returns ``result none``. Any other action that does not parse, a call beyond
+``max_calls`` (searches and delegations), a role speaking out of turn or a turn cut at the
+token limit is invalid and ends the episode: reward ``-c * searches - d * delegations``
+(F1 0, no hedge credit). ``oracle_turn`` is the action
 supervision of the baseline: search exactly when the fact is not memorised.
 
 Demonstrations (``demonstration``, the SFT data of ``rl_sft``): behaviour ``oracle`` plays
@@ -216,6 +224,8 @@ def default_config() -> config_dict.ConfigDict:
       unknown_subjects='fixed',
       name_syllables=2,  # syllables per invented name: 2 gives 240 names, 3 gives 3,600
       search_cost=0.1,
+      # cost of each asker delegation in the society's group reward (docstring); 0: free
+      delegation_cost=0.0,
       hedge_credit=0.3,
       max_calls=2,
       train_relations=('job', 'river'),
@@ -276,6 +286,7 @@ class CollabEpisode(base.Episode):
   value: str = ''
   memorised: bool = False
   searches: int = 0
+  delegations: int = 0
   calls: int = 0
   helper: Optional[str] = None  # the helper working on a delegation (society)
   first_action: Optional[str] = None
@@ -369,8 +380,9 @@ class CollabEnv(base.Env):
     if config.test_fraction + config.demo_fraction >= 1:
       raise ValueError(f'test_fraction + demo_fraction must be < 1 (some questions for '
                        f"'train'), got {config.test_fraction} + {config.demo_fraction}.")
-    if config.search_cost < 0:
-      raise ValueError(f'search_cost must be >= 0, got {config.search_cost}.')
+    for field in ('search_cost', 'delegation_cost'):
+      if config.get(field, 0.0) < 0:
+        raise ValueError(f'{field} must be >= 0, got {config[field]}.')
     if config.max_calls < 1:
       raise ValueError(f'max_calls must be >= 1, got {config.max_calls}.')
     more, most = config.get('more_relations', 0), min(map(len, MORE_RELATIONS.values()))
@@ -634,7 +646,9 @@ class CollabEnv(base.Env):
       episode.calls += 1
       if episode.calls > self.config.max_calls:
         return self._end(episode, None)
-      if turn.role != 'asker':  # a search; the asker's calls are delegations
+      if turn.role == 'asker':  # the asker's calls are delegations
+        episode.delegations += 1
+      else:
         episode.searches += 1
       if malformed_call or parsed[0] == SEARCH:  # the tool answers (an error if malformed)
         episode.next_role = 'tool'
@@ -648,7 +662,8 @@ class CollabEnv(base.Env):
 
   def _end(self, episode: CollabEpisode, parsed: Optional[tuple]) -> None:
     """Ends the episode with the group reward (module docstring); None: invalid."""
-    cost = self.config.search_cost * episode.searches
+    cost = (self.config.search_cost * episode.searches +
+            self.config.get('delegation_cost', 0.0) * episode.delegations)
     h = self.config.hedge_credit
     if parsed is None:
       reward, correct, hedged = -cost, 0.0, False
@@ -659,7 +674,7 @@ class CollabEnv(base.Env):
       reward = ((1 - h) * correct + h * (1 - correct) if hedged else correct) - cost
     episode.done, episode.reward, episode.next_role = True, reward, None
     episode.info = {'f1': correct, 'hedged': hedged, 'searches': episode.searches,
-                    'memorised': episode.memorised, 'invalid': parsed is None,
+                    'delegations': episode.delegations, 'memorised': episode.memorised, 'invalid': parsed is None,
                     'first_action': episode.first_action}
 
   def best_action(self, closed_book_f1: float) -> tuple:
