@@ -493,6 +493,27 @@ class JobTest(absltest.TestCase):
       for policy in repro_collab.POLICIES:  # one search is always there: at least 1 - c
         best = results['policies'][policy][split]['best_reward']['mean']
         self.assertTrue(1 - env.config.search_cost - 1e-9 <= best <= 1, best)
+    # The first action's log-probabilities, in FIRST_ACTIONS' order (one forward each), from
+    # which the decision and closed-book hedge AUROCs are taken; the closed-book labels (the
+    # untrained tiny policy may recall nothing: then every closed-book answer is wrong and
+    # that AUROC is undefined, NaN).
+    single = copy.deepcopy(config.stages.sft.env)
+    single.mode = 'single'
+    model, variables, env, formatter = repro_collab.load_policy(workdir / 'sft', single)
+    questions = env.splits['test']
+    contexts = [formatter.context(env.view(env.reset(np.random.default_rng(0), question=q),
+                                           'assistant'), 'assistant') for q in questions]
+    expected = np.stack([repro_collab.continuation_logprobs(
+        model, variables, formatter.tokenizer.pad_id, contexts,
+        [formatter.tokenizer.encode(a)[:1]] * len(contexts)) for a in ('answer', 'search',
+                                                                        'hedge')], 1)
+    np.testing.assert_allclose(repro_collab.first_action_logprobs(
+        model, variables, formatter, env, questions), expected, rtol=1e-5, atol=1e-5)
+    answers = repro_collab.closed_book_answers(model, variables, formatter, env, questions)
+    wrong = [collab.f1(a, env.facts[q]) < 1 for q, a in zip(questions, answers)]
+    np.testing.assert_allclose(
+        results['policies']['in_context']['test']['closed_book_hedge_auroc']['mean'],
+        repro_collab.auroc(expected[:, 2] - expected[:, 0], wrong), atol=1e-6)
     # SFT transcripts: the facts; per demo the assistant (single) or the asker and, when it
     # delegated, the helper (society).
     sft = config.stages.sft
