@@ -674,8 +674,8 @@ class CollabEnv(base.Env):
       reward = ((1 - h) * correct + h * (1 - correct) if hedged else correct) - cost
     episode.done, episode.reward, episode.next_role = True, reward, None
     episode.info = {'f1': correct, 'hedged': hedged, 'searches': episode.searches,
-                    'delegations': episode.delegations, 'memorised': episode.memorised, 'invalid': parsed is None,
-                    'first_action': episode.first_action}
+                    'delegations': episode.delegations, 'memorised': episode.memorised,
+                    'invalid': parsed is None, 'first_action': episode.first_action}
 
   def best_action(self, closed_book_f1: float) -> tuple:
     """(action, group reward) of the best first action for a policy whose closed-book
