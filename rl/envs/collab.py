@@ -105,8 +105,7 @@ Modes (``config.mode``):
 
 Group reward (the whole society shares it), with F1 the word-level F1 of the final answer
 against the fact's value (0 for a bare ``hedge``), ``c = search_cost`` per search and
-``d = delegation_cost`` per delegation of the asker (its calls to a helper, the tools of
-the asker in the paper's society):
+``d = delegation_cost`` per delegation of the asker (its calls to a helper):
 
   answer   F1 - c * searches - d * delegations
   hedge    (1 - h) * F1 + h * (1 - F1) - c * searches - d * delegations,
