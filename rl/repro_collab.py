@@ -353,7 +353,7 @@ def seed_view(policies, i):
 
 def criteria(policies, split='test', ood='ood') -> dict:
   """The done-when criteria of the reproduction (on the policies' ``mean`` values): True or
-  False, or None where undefined (the hedge AUROC when no answer or every answer is wrong:
+  False, or None where undefined (a hedge AUROC when no answer or every answer is wrong:
   there is nothing to rank)."""
   mean = lambda p, s, m: policies[p][s][m]['mean']
   searches = mean('rest_single', split, 'searches')
